@@ -1,0 +1,21 @@
+# The two commands: `make lab` starts JupyterLab, `make test` runs every test.
+# Both set up .venv first; the set-up runs again only when its inputs change.
+VENV ?= .venv
+STAMP := $(VENV)/.workbench-ready
+
+.PHONY: lab test setup clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/setup-env.sh
+	VENV=$(VENV) scripts/setup-env.sh
+	touch $@
+
+lab: setup
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(LAB_ARGS)
+
+test: setup
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV)

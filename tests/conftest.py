@@ -1,0 +1,30 @@
+"""Shared fixtures. Every user path goes to a temporary WORKBENCH_HOME, and the tests
+run the real default model through the real worker process."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+
+# Before anything imports the workbench: keep the user's metrics log out of the tests.
+os.environ["WORKBENCH_HOME"] = tempfile.mkdtemp(prefix="workbench-test-home-")
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    from workbench.models.default import default_model_path
+
+    return default_model_path()
+
+
+@pytest.fixture()
+def loaded(default_model):
+    """The process's engine with the default model loaded (reused across tests)."""
+    import workbench
+
+    e = workbench.engine()
+    if not (e.alive and e.model is not None and e.model.path == str(default_model)):
+        workbench.load_model(progress=False, n_ctx=2048)
+    return e

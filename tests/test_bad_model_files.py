@@ -1,0 +1,85 @@
+"""Every kind of bad model file gives a WorkbenchError naming the path and the reason,
+the kernel keeps the model it had, and no worker is left crashed."""
+
+from __future__ import annotations
+
+import re
+import struct
+
+import psutil
+import pytest
+
+import workbench
+from workbench.errors import ModelFileError, WorkbenchError
+
+from gguf_edit import patched, truncated, with_strings
+
+
+def _children_alive() -> bool:
+    return all(c.status() != psutil.STATUS_ZOMBIE for c in psutil.Process().children())
+
+
+def _check(path, reason: str, loaded) -> WorkbenchError:
+    pid_before = loaded.pid
+    with pytest.raises(ModelFileError) as info:
+        workbench.load_model(path, progress=False)
+    err = info.value
+    assert str(path) in err.message
+    assert re.search(reason, err.message), err.message
+    assert err.hint
+    # nothing lost: the same worker still serves the model it had
+    assert loaded.pid == pid_before and loaded.alive
+    assert loaded.model is not None
+    assert _children_alive()
+    return err
+
+
+def test_missing_file(tmp_path, loaded):
+    _check(tmp_path / "nope.gguf", "model file not found", loaded)
+
+
+def test_directory(tmp_path, loaded):
+    (tmp_path / "a.gguf").write_bytes(b"")
+    err = _check(tmp_path, "is a directory", loaded)
+    assert "a.gguf" in err.hint
+
+
+def test_empty_file(tmp_path, loaded):
+    p = tmp_path / "empty.gguf"
+    p.write_bytes(b"")
+    _check(p, r"empty file \(0 bytes\)", loaded)
+
+
+def test_wrong_magic(tmp_path, loaded, default_model):
+    p = patched(default_model, tmp_path / "magic.gguf", 0, b"GGUX")
+    _check(p, re.escape("not a GGUF file: magic b'GGUX'"), loaded)
+
+
+def test_unsupported_version(tmp_path, loaded, default_model):
+    p = patched(default_model, tmp_path / "v9.gguf", 4, struct.pack("<I", 9))
+    _check(p, "GGUF version 9", loaded)
+
+
+@pytest.mark.parametrize("size", [6, 20, 1_204, 900_000, 1_785_000])
+def test_truncated_in_header(tmp_path, loaded, default_model, size):
+    p = truncated(default_model, tmp_path / f"cut{size}.gguf", size)
+    _check(p, rf"truncated: the file ends at byte {size:,}, inside the GGUF header", loaded)
+
+
+@pytest.mark.parametrize("size", [1_790_000, 50_000_000, 98_362_431])
+def test_truncated_in_data(tmp_path, loaded, default_model, size):
+    p = truncated(default_model, tmp_path / f"cut{size}.gguf", size)
+    _check(p, rf"truncated: {size:,} of 98,362,432 bytes", loaded)
+
+
+def test_unknown_architecture_fails_in_llama_cpp_and_worker_survives(tmp_path, loaded,
+                                                                     default_model):
+    p = with_strings(default_model, tmp_path / "arch.gguf", {"general.architecture": "nosuch"})
+    pid = loaded.pid
+    with pytest.raises(ModelFileError) as info:
+        workbench.load_model(p, progress=False)
+    assert "nosuch" in info.value.message and info.value.hint
+    assert loaded.pid == pid and loaded.alive
+    assert loaded.model is None and "was unloaded first" in info.value.hint
+    workbench.load_model(progress=False, n_ctx=2048)
+    assert workbench.generate("Hi", max_tokens=3, temperature=0).metrics.generated_tokens >= 1

@@ -1,0 +1,19 @@
+"""A Jupyter workbench for running, measuring and adapting local language models.
+
+`%load_ext workbench` registers the magics; the same work is available as plain
+functions: load_model, unload, generate, chat, metrics, dashboard, status.
+"""
+
+from .api import chat, dashboard, engine, generate, load_model, metrics, status, unload
+from .errors import WorkbenchError
+
+__version__ = "0.1.0"
+
+__all__ = ["WorkbenchError", "chat", "dashboard", "engine", "generate", "load_model",
+           "metrics", "status", "unload", "load_ipython_extension"]
+
+
+def load_ipython_extension(ipython) -> None:  # noqa: ANN001
+    from .magics import register
+
+    register(ipython)

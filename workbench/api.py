@@ -1,0 +1,143 @@
+"""The public Python API. Everything the magics do goes through these functions,
+which work the same in a script without IPython."""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import _paths
+from .config import GenerationConfig, LoadConfig, build
+from .engine.client import Engine, TokenStream
+from .errors import GenerationError
+from .models.default import default_model_path
+from .progress import progress_bar
+from .results import Completion, EngineStatus, LoadedModel, MetricsTable
+
+_engine: Engine | None = None
+_engine_lock = threading.Lock()
+
+
+def engine() -> Engine:
+    """The workbench's engine in this process (created on first use)."""
+    global _engine
+    with _engine_lock:
+        if _engine is None:
+            _engine = Engine()
+            atexit.register(_engine.close)
+        return _engine
+
+
+def resolve_model(model: str | os.PathLike | None) -> Path:
+    """`None` or "default" -> the bundled default model; anything else is a path."""
+    if model is None or str(model) in ("", "default"):
+        return default_model_path()
+    return Path(model).expanduser()
+
+
+def load_model(model: str | os.PathLike | None = None, *, progress: bool = True,
+               **settings: Any) -> LoadedModel:
+    """Load a GGUF model into the background worker (replacing the current one).
+
+    `model`: a path, or None / "default" for SmolLM2-135M-Instruct.
+    `settings`: fields of `LoadConfig` (n_ctx, n_gpu_layers, threads, n_batch, ...).
+    """
+    config: LoadConfig = build(LoadConfig, settings)
+    path = resolve_model(model)
+    bar = progress_bar(f"Loading {path.name}", enabled=progress)
+    info = engine().load(path, config, on_progress=bar)
+    bar.close(f"{info.load_seconds:.1f} s")
+    return LoadedModel(info)
+
+
+def unload() -> None:
+    """Free the loaded model (the worker process stays up)."""
+    engine().unload()
+
+
+def _messages(message: str | Sequence[Any], system: str | None) -> tuple[tuple[str, str], ...]:
+    if isinstance(message, str):
+        msgs: list[tuple[str, str]] = [("user", message)]
+    else:
+        msgs = []
+        for m in message:
+            if isinstance(m, dict):
+                msgs.append((str(m["role"]), str(m["content"])))
+            else:
+                role, content = m
+                msgs.append((str(role), str(content)))
+    if not msgs:
+        raise GenerationError("no messages to answer", "Pass a string or a list of "
+                              "{'role': ..., 'content': ...} messages.")
+    if system is not None:
+        msgs = [("system", system)] + [m for m in msgs if m[0] != "system"]
+    return tuple(msgs)
+
+
+def generate(prompt: str | Sequence[int], *, stream: bool = False,
+             **params: Any) -> Completion | TokenStream:
+    """Complete raw text, or a list of token ids taken as they are. `params` are `GenerationConfig` fields (max_tokens, temperature,
+    top_p, top_k, min_p, repeat_penalty, seed, stop). With `stream=True`, returns a
+    `TokenStream` to iterate (sync or async) instead of the finished `Completion`."""
+    config: GenerationConfig = build(GenerationConfig, params)
+    payload = str(prompt) if isinstance(prompt, str) else tuple(int(t) for t in prompt)
+    s = engine().stream("generate", payload, config)
+    return s if stream else _finish(s)
+
+
+def chat(message: str | Sequence[Any], *, system: str | None = None, stream: bool = False,
+         **params: Any) -> Completion | TokenStream:
+    """Answer a message (or a list of {role, content} messages) with the model's own chat
+    template. Parameters as for `generate`."""
+    config: GenerationConfig = build(GenerationConfig, params)
+    s = engine().stream("chat", _messages(message, system), config)
+    return s if stream else _finish(s)
+
+
+def _finish(s: TokenStream) -> Completion:
+    s.result()
+    return Completion(s.text, s.metrics)
+
+
+def metrics(all_sessions: bool = False) -> MetricsTable:
+    """Per-request metrics: this session's, or with `all_sessions` every record in the
+    metrics log ($WORKBENCH_HOME/metrics.jsonl)."""
+    if not all_sessions:
+        return MetricsTable(engine().records)
+    path = _paths.metrics_log()
+    if not path.exists():
+        return MetricsTable([])
+    with open(path, encoding="utf-8") as f:
+        return MetricsTable(json.loads(line) for line in f if line.strip())
+
+
+def dashboard() -> Any:
+    """The live dashboard widget of this engine: throughput, TTFT and worker memory."""
+    from .dashboard import Dashboard
+
+    return Dashboard.for_engine(engine())
+
+
+def status() -> EngineStatus:
+    """The engine's state: worker process, model, restarts."""
+    e = engine()
+    w, m, st = e.worker, e.model, e.last_stats
+    return EngineStatus(
+        state="ready" if e.alive and m else "no model" if e.alive else
+        "crashed (restarts on next call)" if e.last_crash else "not started",
+        worker_pid=e.pid if e.alive else None,
+        model=m.name if m else None,
+        context=f"{m.n_ctx:,} tokens" if m else None,
+        threads=m.threads if m else None,
+        gpu_layers=m.n_gpu_layers if m else None,
+        worker_memory=f"{st.rss_bytes / 2**20:,.0f} MiB" if st and e.alive else None,
+        requests=len(e.records),
+        restarts=e.restarts,
+        last_crash=e.last_crash,
+        llama_cpp_python=w.llama_cpp_version if w else None,
+        gpu_offload=w.supports_gpu_offload if w else None,
+    )

@@ -1,0 +1,123 @@
+"""Settings, defined once.
+
+Each field carries its help text and bounds; the magics' flags, the CLI's options
+and the validation errors are all derived from these definitions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import GenerationError, WorkbenchError
+
+
+def setting(default: Any, help: str, *, lo: float | None = None, hi: float | None = None,
+            lo_open: bool = False, flag: bool = True) -> Any:
+    """A dataclass field with help text and inclusive bounds (`lo_open` excludes `lo`)."""
+    return field(default=default, metadata={"help": help, "lo": lo, "hi": hi,
+                                            "lo_open": lo_open, "flag": flag})
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    """How the worker loads a model and builds its context."""
+
+    n_ctx: int = setting(4096, "context length in tokens", lo=16, hi=1 << 20)
+    n_gpu_layers: int | None = setting(
+        None, "layers offloaded to the GPU (-1 = all; default: all with a GPU build, else 0)",
+        lo=-1)
+    threads: int | None = setting(None, "CPU threads (default: physical cores)", lo=1, hi=1024)
+    n_batch: int = setting(512, "prompt tokens per llama_decode call", lo=1, hi=1 << 16)
+    n_ubatch: int = setting(512, "physical micro-batch size", lo=1, hi=1 << 16)
+    flash_attn: str = setting("auto", "flash attention: auto, on or off")
+
+    def validate(self) -> "LoadConfig":
+        _check_bounds(self, WorkbenchError)
+        if self.flash_attn not in ("auto", "on", "off"):
+            raise WorkbenchError(f"flash_attn must be auto, on or off (got {self.flash_attn!r})",
+                                 "Use --flash-attn auto, on or off.")
+        return self
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How one request samples. temperature=0 means greedy decoding."""
+
+    max_tokens: int = setting(256, "largest number of tokens to generate", lo=1)
+    temperature: float = setting(0.7, "sampling temperature (0 = greedy)", lo=0.0, hi=100.0)
+    top_p: float = setting(0.95, "nucleus sampling mass, in (0, 1]", lo=0.0, hi=1.0, lo_open=True)
+    top_k: int = setting(40, "sample among the k most likely tokens (0 = all)", lo=0)
+    min_p: float = setting(0.05, "drop tokens below this fraction of the top probability",
+                           lo=0.0, hi=1.0)
+    repeat_penalty: float = setting(1.0, "penalty for repeated tokens (1 = off)", lo=0.0,
+                                    lo_open=True, hi=10.0)
+    seed: int | None = setting(None, "sampling seed (default: random)", lo=0, hi=2**32 - 1)
+    stop: tuple[str, ...] = setting((), "stop when any of these strings is generated",
+                                    flag=False)
+    ignore_eos: bool = setting(False, "keep generating past end-of-sequence (benchmarks)")
+
+    def validate(self) -> "GenerationConfig":
+        _check_bounds(self, GenerationError)
+        return self
+
+
+def _check_bounds(cfg: Any, error: type[WorkbenchError]) -> None:
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value is None:
+            continue
+        base = _base_type(hints[f.name])
+        if base in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                     or (base is int and not float(value).is_integer())):
+            raise error(f"{f.name} must be {'an integer' if base is int else 'a number'} "
+                        f"(got {value!r})", f"Pass a number for {f.name}.")
+        if base not in (int, float):
+            continue
+        lo, hi, lo_open = f.metadata.get("lo"), f.metadata.get("hi"), f.metadata.get("lo_open")
+        bad = (isinstance(value, float) and math.isnan(value)) \
+            or (lo is not None and (value <= lo if lo_open else value < lo)) \
+            or (hi is not None and value > hi)
+        if bad:
+            raise error(f"{f.name} must be {_describe_range(lo, hi, lo_open)} (got {value!r})",
+                        f"{f.name}: {f.metadata['help']}.")
+
+
+def _describe_range(lo: float | None, hi: float | None, lo_open: bool) -> str:
+    if lo is not None and hi is not None:
+        return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
+    if lo is not None:
+        return f"{'>' if lo_open else '>='} {lo:g}"
+    return f"<= {hi:g}"
+
+
+def _base_type(tp: Any) -> Any:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return args[0] if args else tp
+    return typing.get_origin(tp) or tp
+
+
+def flag_fields(cls: type) -> list[tuple[str, type, dataclasses.Field]]:
+    """(flag name, python type, field) for each field shown as a command-line flag."""
+    hints = typing.get_type_hints(cls)
+    return [("--" + f.name.replace("_", "-"), _base_type(hints[f.name]), f)
+            for f in dataclasses.fields(cls) if f.metadata.get("flag", True)]
+
+
+def build(cls: type, values: dict[str, Any]) -> Any:
+    """Make a config from keyword values, rejecting unknown names with a clear error."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise WorkbenchError(f"unknown setting {unknown[0]!r} for {cls.__name__}",
+                             f"Known settings: {', '.join(sorted(names))}.")
+    if "stop" in values and isinstance(values["stop"], str):
+        values = {**values, "stop": (values["stop"],)}
+    elif "stop" in values and values["stop"] is not None:
+        values = {**values, "stop": tuple(values["stop"])}
+    return cls(**{k: v for k, v in values.items() if v is not None or k == "seed"}).validate()

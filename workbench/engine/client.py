@@ -1,0 +1,450 @@
+"""Kernel side of the engine: spawns and supervises the worker, streams, cancels.
+
+The kernel never holds llama.cpp objects. A receiver thread reads every reply
+from the worker and routes it by request id to the call waiting for it, so any
+number of requests can be in flight. If the worker dies, each outstanding call
+fails with an `EngineCrashed` that says how it died and what it was serving; the
+next call starts a new worker and reloads the last model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import json
+import logging
+import multiprocessing as mp
+import os
+import queue
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Iterator
+
+from .. import _paths
+from ..config import GenerationConfig, LoadConfig
+from ..errors import EngineCrashed, GenerationError, ModelFileError, WorkbenchError
+from ..models.gguf_file import read_header
+from . import protocol as P
+
+log = logging.getLogger(__name__)
+
+_START_TIMEOUT_S = 120.0
+_POLL_S = 0.2
+_CANCEL_WAIT_S = 30.0
+_ERRORS: dict[str, type[WorkbenchError]] = {
+    c.__name__: c for c in (WorkbenchError, ModelFileError, GenerationError, EngineCrashed)}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Crash:
+    error: EngineCrashed
+
+
+class _Call:
+    """One request in flight: its replies arrive on `q` (or on an asyncio queue)."""
+
+    def __init__(self, request: P.Message, description: str) -> None:
+        self.request = request
+        self.description = description
+        self.q: queue.Queue[Any] = queue.Queue()
+        self.submitted = time.monotonic()
+        self.first_token_at: float | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._aq: asyncio.Queue[Any] | None = None
+        self._lock = threading.Lock()
+
+    def deliver(self, msg: Any) -> None:
+        with self._lock:
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._aq.put_nowait, msg)  # type: ignore
+            else:
+                self.q.put(msg)
+
+    def to_asyncio(self) -> asyncio.Queue[Any]:
+        with self._lock:
+            if self._aq is None:
+                self._loop = asyncio.get_running_loop()
+                self._aq = asyncio.Queue()
+                while not self.q.empty():
+                    self._aq.put_nowait(self.q.get_nowait())
+            return self._aq
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "stopped answering"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        extra = " (the system sends this when memory runs out, or someone killed it)" \
+            if -code == signal.SIGKILL else ""
+        return f"was killed by {name}{extra}"
+    return f"exited with code {code}"
+
+
+class Engine:
+    """A supervised worker process running one model."""
+
+    def __init__(self) -> None:
+        self._mp = mp.get_context("spawn")
+        self._lock = threading.RLock()
+        self._proc: Any = None
+        self._requests: Any = None
+        self._calls: dict[str, _Call] = {}
+        self._ids = itertools.count(1)
+        self._listeners: list[Callable[[str, Any], None]] = []
+        self._last_load: P.LoadModel | None = None
+        self.worker: P.WorkerReady | None = None
+        self.model: P.ModelInfo | None = None
+        self.records: list[P.RequestMetrics] = []
+        self.last_stats: P.WorkerStats | None = None
+        self.restarts = 0
+        self.last_crash: str | None = None
+
+    # ---- events for dashboards -------------------------------------------
+
+    def subscribe(self, fn: Callable[[str, Any], None]) -> Callable[[], None]:
+        """Call `fn(kind, payload)` for events: "submitted", "token", "finished", "stats".
+        Runs on the receiver thread; returns a function that unsubscribes."""
+        self._listeners.append(fn)
+        return lambda: self._listeners.remove(fn) if fn in self._listeners else None
+
+    def _emit(self, kind: str, payload: Any) -> None:
+        for fn in list(self._listeners):
+            try:
+                fn(kind, payload)
+            except Exception:  # a broken widget must not stop the engine
+                log.exception("engine listener failed")
+
+    # ---- worker lifecycle --------------------------------------------------
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.is_alive()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def _new_id(self, prefix: str) -> str:
+        return f"{prefix}-{next(self._ids)}"
+
+    def _start(self) -> None:
+        from . import worker
+
+        requests, replies = self._mp.Queue(), self._mp.Queue()
+        proc = self._mp.Process(target=worker.main, args=(requests, replies),
+                                name="workbench-engine", daemon=True)
+        proc.start()
+        ready: queue.Queue[Any] = queue.Queue()
+        self._proc, self._requests = proc, requests
+        threading.Thread(target=self._receive, args=(proc, replies, ready),
+                         name="workbench-receiver", daemon=True).start()
+        try:
+            msg = ready.get(timeout=_START_TIMEOUT_S)
+        except queue.Empty:
+            self._kill()
+            raise EngineCrashed("the engine worker did not start within "
+                                f"{_START_TIMEOUT_S:.0f} s", "Check the kernel's log.") from None
+        if isinstance(msg, _Crash):
+            raise msg.error
+        self.worker = msg
+
+    def _ensure(self) -> None:
+        """Start the worker if needed; after a crash, reload the last model."""
+        with self._lock:
+            if self.alive:
+                return
+            restarting = self._proc is not None
+            self._start()
+            if restarting:
+                self.restarts += 1
+                if self._last_load is not None:
+                    self._load(self._last_load, None)
+
+    def _kill(self) -> None:
+        proc = self._proc
+        if proc is not None and proc.is_alive():
+            proc.kill()
+            proc.join(5)
+
+    def close(self) -> None:
+        """Stop the worker (politely, then by force)."""
+        with self._lock:
+            proc = self._proc
+            if proc is None:
+                return
+            if proc.is_alive():
+                try:
+                    self._requests.put(P.Shutdown(id=self._new_id("shutdown")))
+                    proc.join(5)
+                except Exception:
+                    pass
+            self._kill()
+            self._proc = None
+            self.model = None
+
+    def kill_worker(self) -> None:
+        """Kill the worker with SIGKILL, as a crash would (for tests and the stop button)."""
+        if self.alive:
+            os.kill(self._proc.pid, signal.SIGKILL)
+
+    # ---- the receiver thread ---------------------------------------------------
+
+    def _receive(self, proc: Any, replies: Any, ready: queue.Queue[Any]) -> None:
+        while True:
+            try:
+                msg = replies.get(timeout=_POLL_S)
+            except queue.Empty:
+                if proc.is_alive():
+                    continue
+                self._on_death(proc, ready)
+                return
+            except (EOFError, OSError):
+                self._on_death(proc, ready)
+                return
+            msg = P.check(msg, P.REPLIES)
+            if isinstance(msg, P.WorkerReady):
+                ready.put(msg)
+            elif isinstance(msg, P.WorkerStats):
+                self.last_stats = msg
+                self._emit("stats", msg)
+            else:
+                self._route(msg)
+
+    def _route(self, msg: P.Message) -> None:
+        call = self._calls.get(msg.id)
+        if call is None:
+            return  # a reply to a call that gave up waiting (e.g. a Cancel's ack)
+        if isinstance(msg, P.Token):
+            if call.first_token_at is None:
+                call.first_token_at = time.monotonic()
+            self._emit("token", msg)
+        elif isinstance(msg, P.Finished):
+            ttft = (call.first_token_at or time.monotonic()) - call.submitted
+            msg = dataclasses.replace(msg, metrics=dataclasses.replace(msg.metrics, ttft_s=ttft))
+            self._record(msg.metrics)
+        if isinstance(msg, (P.Finished, P.Failed, P.Done, P.ModelLoaded)):
+            self._calls.pop(msg.id, None)
+        call.deliver(msg)
+
+    def _record(self, m: P.RequestMetrics) -> None:
+        self.records.append(m)
+        try:
+            with open(_paths.metrics_log(), "a", encoding="utf-8") as f:
+                f.write(json.dumps(dataclasses.asdict(m)) + "\n")
+        except OSError as e:
+            log.warning("could not append to the metrics log: %s", e)
+        self._emit("finished", m)
+
+    def _on_death(self, proc: Any, ready: queue.Queue[Any]) -> None:
+        proc.join(1)
+        how = _describe_exit(proc.exitcode)
+        calls = [c for c in list(self._calls.values())]
+        self._calls.clear()
+        serving = ", ".join(f"{c.request.id} ({c.description})" for c in calls)
+        model = self._last_load.path if self._last_load else None
+        hint = ("The next call restarts the worker" +
+                (f" and reloads {Path(model).name}." if model else "."))
+        message = f"the engine worker (pid {proc.pid}) {how}"
+        message += f" while serving request {serving}" if serving else ""
+        self.last_crash = message
+        self.model = None
+        err = EngineCrashed(message, hint)
+        ready.put(_Crash(err))
+        for c in calls:
+            c.deliver(_Crash(EngineCrashed(message, hint)))
+        self._emit("crashed", message)
+
+    # ---- requests ------------------------------------------------------------------
+
+    def _submit(self, request: P.Message, description: str) -> _Call:
+        call = _Call(request, description)
+        self._calls[request.id] = call
+        self._requests.put(request)
+        self._emit("submitted", request)
+        return call
+
+    @staticmethod
+    def _wait(call: _Call, on_progress: Callable[[float], None] | None = None) -> Any:
+        while True:
+            msg = call.q.get()
+            if isinstance(msg, _Crash):
+                raise msg.error
+            if isinstance(msg, P.Failed):
+                raise _to_error(msg)
+            if isinstance(msg, P.LoadProgress):
+                if on_progress:
+                    on_progress(msg.fraction)
+                continue
+            return msg
+
+    def load(self, path: str | os.PathLike, config: LoadConfig,
+             on_progress: Callable[[float], None] | None = None) -> P.ModelInfo:
+        """Load a GGUF model in the worker (replacing any loaded one)."""
+        header = read_header(path)  # bad files fail here, before any worker sees them
+        with self._lock:
+            self._ensure()
+            assert self.worker is not None
+            resolved = dataclasses.replace(
+                config,
+                threads=config.threads or _physical_cores(),
+                n_gpu_layers=config.n_gpu_layers if config.n_gpu_layers is not None
+                else (-1 if self.worker.supports_gpu_offload else 0))
+            req = P.LoadModel(id=self._new_id("load"), path=str(header.path), config=resolved)
+            return self._load(req, on_progress)
+
+    def _load(self, req: P.LoadModel, on_progress: Callable[[float], None] | None) -> P.ModelInfo:
+        call = self._submit(req, f"load {Path(req.path).name}")
+        try:
+            msg = self._wait(call, on_progress)
+        except WorkbenchError as e:
+            # The worker frees the old model before loading a new one, to need memory for
+            # one model only; say so.
+            previous = self.model
+            self.model, self._last_load = None, None
+            if previous is not None and previous.path != req.path and e.hint:
+                e.hint += f" ({previous.name} was unloaded first: load it again to go on.)"
+            raise
+        self.model = msg.info
+        self._last_load = req
+        return msg.info
+
+    def unload(self) -> None:
+        with self._lock:
+            self._last_load = None
+            if self.alive and self.model is not None:
+                self._wait(self._submit(P.Unload(id=self._new_id("unload")), "unload"))
+            self.model = None
+
+    def stream(self, request_kind: str, payload: Any, config: GenerationConfig) -> "TokenStream":
+        """Start a generation; returns a stream of its tokens."""
+        with self._lock:
+            if self._last_load is None:
+                raise GenerationError("no model is loaded",
+                                      "Load one first with `%load_model` (no argument loads "
+                                      "the default model).")
+            self._ensure()
+            rid = self._new_id(request_kind)
+            if request_kind == "chat":
+                req: P.Message = P.Chat(id=rid, messages=payload, config=config)
+            else:
+                req = P.Generate(id=rid, prompt=payload, config=config)
+            call = self._submit(req, request_kind)
+        return TokenStream(self, call)
+
+    def cancel(self, call: _Call) -> None:
+        if self.alive and call.request.id in self._calls:
+            try:
+                self._requests.put(P.Cancel(id=self._new_id("cancel"), target=call.request.id))
+            except Exception:
+                pass
+
+
+def _to_error(msg: P.Failed) -> Exception:
+    if msg.kind == "bug":
+        return RuntimeError(f"engine worker error:\n{msg.message}")
+    return _ERRORS.get(msg.kind, WorkbenchError)(msg.message, msg.hint)
+
+
+def _physical_cores() -> int:
+    import psutil
+
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+class TokenStream:
+    """The tokens of one request as they are produced.
+
+    Iterate it (`for text in stream`) or iterate it asynchronously (`async for`).
+    Interrupting the iteration (KeyboardInterrupt, or cancelling the task) cancels
+    the request in the worker, which stops before its next token.
+    When the stream ends, `text` and `metrics` hold the result.
+    """
+
+    def __init__(self, engine: Engine, call: _Call) -> None:
+        self._engine = engine
+        self._call = call
+        self.id = call.request.id
+        self.text = ""
+        self.metrics: P.RequestMetrics | None = None
+        self.finish_reason: str | None = None
+        self._done = False
+        self._parts: list[str] = []
+
+    def _handle(self, msg: Any) -> str | None:
+        """Return the token text, or None when the stream has ended."""
+        if isinstance(msg, P.Token):
+            self._parts.append(msg.text)
+            return msg.text
+        self._done = True
+        if isinstance(msg, P.Finished):
+            self.text, self.metrics = msg.text, msg.metrics
+            self.finish_reason = msg.metrics.finish_reason
+            return None
+        self.text = "".join(self._parts)
+        if isinstance(msg, _Crash):
+            raise msg.error
+        if isinstance(msg, P.Failed):
+            raise _to_error(msg)
+        raise TypeError(f"unexpected reply {msg!r}")
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        if self._done:
+            raise StopIteration
+        try:
+            msg = self._call.q.get()
+        except KeyboardInterrupt:
+            self.cancel()
+            raise
+        text = self._handle(msg)
+        if text is None:
+            raise StopIteration
+        return text
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self
+
+    async def __anext__(self) -> str:
+        if self._done:
+            raise StopAsyncIteration
+        aq = self._call.to_asyncio()
+        try:
+            msg = await aq.get()
+        except asyncio.CancelledError:
+            self._engine.cancel(self._call)
+            raise
+        text = self._handle(msg)
+        if text is None:
+            raise StopAsyncIteration
+        return text
+
+    def cancel(self) -> None:
+        """Stop the request and wait until the worker has stopped it."""
+        if self._done:
+            return
+        self._engine.cancel(self._call)
+        deadline = time.monotonic() + _CANCEL_WAIT_S
+        while not self._done and time.monotonic() < deadline:
+            try:
+                msg = self._call.q.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            try:
+                self._handle(msg)
+            except WorkbenchError:
+                break
+
+    def result(self) -> "TokenStream":
+        """Consume the rest of the stream; returns self with `text` and `metrics` set."""
+        for _ in self:
+            pass
+        return self

@@ -1,0 +1,166 @@
+"""Messages between the kernel and the worker process.
+
+This is the only module both sides share with each other. Every message is a
+frozen dataclass carrying the protocol version and the id of the request it
+belongs to; several requests may be in flight at once, so replies are matched
+by id, never by order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..config import GenerationConfig, LoadConfig
+
+PROTOCOL_VERSION = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class Message:
+    id: str
+    v: int = PROTOCOL_VERSION
+
+
+# ---- kernel -> worker -------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class LoadModel(Message):
+    path: str
+    config: LoadConfig  # fully resolved: no None left for threads / n_gpu_layers
+
+
+@dataclass(frozen=True, kw_only=True)
+class Generate(Message):
+    """Complete `prompt`: raw text (no template; BOS added as the model asks), or
+    token ids used exactly as given."""
+    prompt: str | tuple[int, ...]
+    config: GenerationConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class Chat(Message):
+    """Render `messages` with the model's chat template, then generate."""
+    messages: tuple[tuple[str, str], ...]  # (role, content)
+    config: GenerationConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class Cancel(Message):
+    target: str  # the id of the request to stop
+
+
+@dataclass(frozen=True, kw_only=True)
+class Unload(Message):
+    pass
+
+
+@dataclass(frozen=True, kw_only=True)
+class Shutdown(Message):
+    pass
+
+
+# ---- worker -> kernel -------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerReady(Message):
+    pid: int
+    llama_cpp_version: str
+    supports_gpu_offload: bool
+    system_info: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadProgress(Message):
+    fraction: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelInfo:
+    path: str
+    name: str
+    architecture: str
+    quantization: str
+    n_params: int
+    file_bytes: int
+    n_layers: int
+    n_ctx_train: int
+    n_ctx: int
+    n_gpu_layers: int
+    threads: int
+    n_batch: int
+    has_chat_template: bool
+    load_seconds: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelLoaded(Message):
+    info: ModelInfo
+
+
+@dataclass(frozen=True, kw_only=True)
+class Token(Message):
+    text: str       # decoded text of this token (may be "" mid-way through a UTF-8 character)
+    token: int
+    index: int      # 0 for the first generated token
+    t: float        # time.monotonic() in the worker, comparable across processes
+
+
+@dataclass(frozen=True, kw_only=True)
+class RequestMetrics:
+    """What one request cost. Times in seconds, rates in tokens/s, memory in bytes."""
+    request_id: str
+    kind: str
+    model: str
+    prompt_tokens: int
+    prompt_seconds: float
+    prompt_tps: float
+    ttft_s: float           # submission to first token, measured by the worker
+    generated_tokens: int
+    decode_seconds: float
+    decode_tps: float       # tokens after the first / time from first to last token
+    total_s: float
+    finish_reason: str      # stop | length | stop_string | cancelled | context_full
+    rss_bytes: int
+    gpu_bytes: int | None
+    n_threads: int
+    n_ctx: int
+    wall_time: float = field(default=0.0)  # time.time() at the end
+
+
+@dataclass(frozen=True, kw_only=True)
+class Finished(Message):
+    text: str
+    metrics: RequestMetrics
+
+
+@dataclass(frozen=True, kw_only=True)
+class Failed(Message):
+    """A request failed. `kind` names the WorkbenchError subclass to raise."""
+    kind: str
+    message: str
+    hint: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Done(Message):
+    """A request with no other reply (Unload, Cancel) completed."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerStats(Message):
+    rss_bytes: int
+    gpu_bytes: int | None
+    t: float
+
+
+REQUESTS = (LoadModel, Generate, Chat, Cancel, Unload, Shutdown)
+REPLIES = (WorkerReady, LoadProgress, ModelLoaded, Token, Finished, Failed, Done, WorkerStats)
+
+
+def check(msg: object, expected: tuple[type, ...]) -> Message:
+    """Reject anything that is not a known message of this protocol version."""
+    if not isinstance(msg, expected):
+        raise TypeError(f"unknown engine message: {msg!r}")
+    if msg.v != PROTOCOL_VERSION:  # type: ignore[attr-defined]
+        raise TypeError(f"engine protocol version {msg.v} != {PROTOCOL_VERSION}")  # type: ignore
+    return msg  # type: ignore[return-value]

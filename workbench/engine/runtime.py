@@ -1,0 +1,319 @@
+"""The one module that owns llama.cpp objects. It runs only inside the worker process.
+
+Every llama.cpp failure is turned into a typed `WorkbenchError` here. The decode
+loop uses llama.cpp's native sampler chain and does no per-token Python work
+beyond handing each token on.
+"""
+
+from __future__ import annotations
+
+import codecs
+import collections
+import ctypes
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import llama_cpp as L
+
+from ..config import GenerationConfig, LoadConfig
+from ..errors import GenerationError, ModelFileError
+from ..models.gguf_file import read_header
+from .protocol import ModelInfo
+from .template import render_chat
+
+_FLASH_ATTN = {"auto": L.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+               "off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED}
+_DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp: pick a random seed
+
+
+class _Log:
+    """Keeps llama.cpp's recent log lines, so a failure can quote its real cause."""
+
+    def __init__(self, echo: bool) -> None:
+        self.lines: collections.deque[str] = collections.deque(maxlen=200)
+        self.echo = echo
+        self._cb = L.llama_log_callback(self._on_log)  # keep a reference: C holds it
+        L.llama_log_set(self._cb, None)
+
+    def _on_log(self, level: int, text: bytes, _user: object) -> None:
+        s = text.decode("utf-8", errors="replace")
+        self.lines.append(s)
+        if self.echo:
+            print(s, end="", flush=True)
+
+    def last_error(self) -> str:
+        text = "".join(self.lines)
+        for line in reversed(text.splitlines()):
+            low = line.lower()
+            if "error" in low or "failed" in low or "unknown" in low or "invalid" in low:
+                return line.strip()
+        return ""
+
+
+@dataclass
+class RunResult:
+    text: str
+    prompt_tokens: int
+    prompt_seconds: float
+    t_received: float
+    t_first: float
+    t_last: float
+    generated: int
+    finish_reason: str
+
+
+class Runtime:
+    """A loaded model and its context, with generation on top."""
+
+    def __init__(self, echo_log: bool = False) -> None:
+        self.log = _Log(echo_log)
+        L.llama_backend_init()
+        self.model = None
+        self.ctx = None
+        self.vocab = None
+        self.info: ModelInfo | None = None
+        self.template: str | None = None
+        self._bos_text = ""
+        self._eos_text = ""
+        self._pieces: dict[int, bytes] = {}
+        self._piece_buf = ctypes.create_string_buffer(512)
+
+    # ---- loading --------------------------------------------------------
+
+    def load(self, path: str, cfg: LoadConfig, progress: Callable[[float], None]) -> ModelInfo:
+        self.unload()
+        header = read_header(path)  # a clear error before llama.cpp sees a bad file
+        t0 = time.monotonic()
+        mparams = L.llama_model_default_params()
+        mparams.n_gpu_layers = cfg.n_gpu_layers if cfg.n_gpu_layers is not None else 0
+
+        def on_progress(fraction: float, _user: object) -> bool:
+            progress(fraction)
+            return True
+
+        cb = L.llama_progress_callback(on_progress)
+        mparams.progress_callback = cb
+        self.log.lines.clear()
+        model = L.llama_model_load_from_file(str(path).encode(), mparams)
+        if not model:
+            raise ModelFileError(
+                f"llama.cpp could not load {path}: {self.log.last_error() or 'no reason given'}",
+                "The file's header is valid, so llama.cpp may not support this architecture "
+                f"({header.architecture!r}) or quantization ({header.quantization}); "
+                "try a newer llama-cpp-python.")
+        cparams = L.llama_context_default_params()
+        cparams.n_ctx = cfg.n_ctx
+        cparams.n_batch = cfg.n_batch
+        cparams.n_ubatch = min(cfg.n_ubatch, cfg.n_batch)
+        cparams.n_seq_max = 1
+        cparams.n_threads = cfg.threads or 1
+        cparams.n_threads_batch = cfg.threads or 1
+        cparams.flash_attn_type = _FLASH_ATTN[cfg.flash_attn]
+        cparams.no_perf = True
+        ctx = L.llama_init_from_model(model, cparams)
+        if not ctx:
+            L.llama_model_free(model)
+            raise GenerationError(
+                f"llama.cpp could not create a context of {cfg.n_ctx:,} tokens for {path}: "
+                f"{self.log.last_error() or 'no reason given'}",
+                "Try a smaller --n-ctx, or fewer --n-gpu-layers.")
+        self.model, self.ctx = model, ctx
+        self.vocab = L.llama_model_get_vocab(model)
+        self._pieces = {}
+        self.template = header.chat_template
+        self._bos_text = self._special_text(L.llama_vocab_bos(self.vocab))
+        self._eos_text = self._special_text(L.llama_vocab_eos(self.vocab))
+        name = Path(path).name
+        self.info = ModelInfo(
+            path=str(path), name=str(name), architecture=header.architecture,
+            quantization=header.quantization, n_params=header.n_params,
+            file_bytes=header.file_size,
+            n_layers=int(header.arch_value("block_count", 0)),
+            n_ctx_train=int(header.arch_value("context_length", 0)),
+            n_ctx=L.llama_n_ctx(ctx), n_gpu_layers=mparams.n_gpu_layers,
+            threads=cparams.n_threads, n_batch=cfg.n_batch,
+            has_chat_template=bool(self.template),
+            load_seconds=time.monotonic() - t0)
+        return self.info
+
+    def _special_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        n = L.llama_token_to_piece(self.vocab, token, self._piece_buf, 512, 0, True)
+        return self._piece_buf.raw[:max(n, 0)].decode("utf-8", errors="replace")
+
+    def unload(self) -> None:
+        if self.ctx:
+            L.llama_free(self.ctx)
+        if self.model:
+            L.llama_model_free(self.model)
+        self.model = self.ctx = self.vocab = None
+        self.info = None
+
+    # ---- text <-> tokens ------------------------------------------------
+
+    def tokenize(self, text: str, add_special: bool) -> list[int]:
+        raw = text.encode("utf-8")
+        cap = len(raw) + 8
+        buf = (L.llama_token * cap)()
+        n = L.llama_tokenize(self.vocab, raw, len(raw), buf, cap, add_special, True)
+        if n < 0:
+            cap = -n
+            buf = (L.llama_token * cap)()
+            n = L.llama_tokenize(self.vocab, raw, len(raw), buf, cap, add_special, True)
+        return list(buf[:n])
+
+    def check_tokens(self, tokens: tuple[int, ...]) -> list[int]:
+        n_vocab = L.llama_vocab_n_tokens(self.vocab)
+        bad = [t for t in tokens if not 0 <= t < n_vocab]
+        if bad:
+            raise GenerationError(f"token id {bad[0]} is outside the vocabulary (0..{n_vocab - 1})",
+                                  "Pass token ids from this model's tokenizer.")
+        return list(tokens)
+
+    def _piece(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            n = L.llama_token_to_piece(self.vocab, token, self._piece_buf, 512, 0, False)
+            piece = self._piece_buf.raw[:max(n, 0)]
+            self._pieces[token] = piece
+        return piece
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> tuple[str, bool]:
+        """Render the model's chat template; returns (text, add_bos)."""
+        assert self.info is not None
+        if not self.template:
+            raise GenerationError(f"{self.info.name} has no chat template in its GGUF file",
+                                  "Use %%generate (or workbench.generate) with a raw prompt.")
+        text = render_chat(self.template, messages, self._bos_text, self._eos_text,
+                           self.info.name)
+        # A template that writes the BOS text itself must not get a second one.
+        add_bos = not (self._bos_text and text.startswith(self._bos_text))
+        return text, add_bos
+
+    # ---- generation -----------------------------------------------------
+
+    def _sampler(self, g: GenerationConfig):
+        params = L.llama_sampler_chain_default_params()
+        params.no_perf = True
+        chain = L.llama_sampler_chain_init(params)
+        add = L.llama_sampler_chain_add
+        if g.temperature == 0:
+            add(chain, L.llama_sampler_init_greedy())
+            return chain
+        if g.repeat_penalty != 1.0:
+            add(chain, L.llama_sampler_init_penalties(64, g.repeat_penalty, 0.0, 0.0))
+        if g.top_k > 0:
+            add(chain, L.llama_sampler_init_top_k(g.top_k))
+        add(chain, L.llama_sampler_init_top_p(g.top_p, 1))
+        add(chain, L.llama_sampler_init_min_p(g.min_p, 1))
+        add(chain, L.llama_sampler_init_temp(g.temperature))
+        add(chain, L.llama_sampler_init_dist(_DEFAULT_SEED if g.seed is None else g.seed))
+        return chain
+
+    def _check_decode(self, rc: int, where: str) -> None:
+        if rc == 0:
+            return
+        if rc == 1:
+            raise GenerationError(f"the context is full ({where})",
+                                  "Reload the model with a larger --n-ctx.")
+        if rc == 2:
+            raise GenerationError("generation was aborted", "Run the request again.")
+        raise GenerationError(f"llama_decode failed with code {rc} ({where}): "
+                              f"{self.log.last_error()}", "Reload the model and try again.")
+
+    def run(self, tokens: list[int], g: GenerationConfig, t_received: float,
+            emit: Callable[[str, int, int, float], None],
+            cancelled: Callable[[], bool]) -> RunResult:
+        """Decode `tokens`, then sample until a stop condition; `emit(text, token, index, t)`
+        is called for each generated token as soon as it exists."""
+        if self.ctx is None or self.info is None:
+            raise GenerationError("no model is loaded", "Load one first with `%load_model`.")
+        ctx, vocab = self.ctx, self.vocab
+        n_ctx, n_batch = self.info.n_ctx, self.info.n_batch
+        n_prompt = len(tokens)
+        if n_prompt == 0:
+            raise GenerationError("the prompt is empty", "Give some text to complete.")
+        if n_prompt >= n_ctx:
+            raise GenerationError(
+                f"the prompt is {n_prompt:,} tokens, longer than the context of {n_ctx:,} tokens",
+                "Shorten the prompt, or reload with a larger context: "
+                f"`%load_model ... --n-ctx {1 << (n_prompt + g.max_tokens).bit_length()}`.")
+        L.llama_memory_clear(L.llama_get_memory(ctx), True)
+        chain = self._sampler(g)
+        try:
+            return self._run(ctx, vocab, chain, tokens, n_ctx, n_batch, g, t_received, emit,
+                             cancelled)
+        finally:
+            L.llama_sampler_free(chain)
+
+    def _run(self, ctx, vocab, chain, tokens, n_ctx, n_batch, g, t_received, emit, cancelled):
+        now = time.monotonic
+        n_prompt = len(tokens)
+        arr = (L.llama_token * n_prompt)(*tokens)
+        base = ctypes.addressof(arr)
+        tp = ctypes.POINTER(L.llama_token)
+        t0 = now()
+        for start in range(0, n_prompt, n_batch):
+            if cancelled():
+                return RunResult("", n_prompt, now() - t0, t_received, now(), now(), 0,
+                                 "cancelled")
+            n = min(n_batch, n_prompt - start)
+            batch = L.llama_batch_get_one(ctypes.cast(base + start * 4, tp), n)
+            self._check_decode(L.llama_decode(ctx, batch), "prompt")
+
+        # The hot loop: C calls, a dict lookup and one queue put per token.
+        decode, sample, is_eog = L.llama_decode, L.llama_sampler_sample, L.llama_vocab_is_eog
+        piece_of, pieces = self._piece, self._pieces
+        utf8 = codecs.getincrementaldecoder("utf-8")("replace").decode
+        one = (L.llama_token * 1)()
+        batch1 = L.llama_batch_get_one(one, 1)
+        stops, hold = g.stop, max((len(s) for s in g.stop), default=0)
+        ignore_eos, max_tokens = g.ignore_eos, g.max_tokens
+        out: list[str] = []
+        pending = ""  # text held back while it could still start a stop string
+        n_gen, reason = 0, "length"
+        tok = sample(chain, ctx, -1)
+        t_first = t_last = now()
+        prompt_seconds = t_first - t0
+        while True:
+            if not ignore_eos and is_eog(vocab, tok):
+                reason = "stop"
+                break
+            piece = pieces.get(tok) or piece_of(tok)
+            text = utf8(piece)
+            t_last = now()
+            if stops:
+                pending += text
+                cut = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
+                if cut >= 0:
+                    text, reason = pending[:cut], "stop_string"
+                    out.append(text)
+                    emit(text, tok, n_gen, t_last)
+                    n_gen += 1
+                    break
+                text, pending = (pending[:-hold + 1], pending[-hold + 1:]) if hold > 1 \
+                    else (pending, "")
+            out.append(text)
+            emit(text, tok, n_gen, t_last)
+            n_gen += 1
+            if n_gen >= max_tokens:
+                break
+            if cancelled():
+                reason = "cancelled"
+                break
+            if n_prompt + n_gen >= n_ctx:
+                reason = "context_full"
+                break
+            one[0] = tok
+            rc = decode(ctx, batch1)
+            if rc:
+                self._check_decode(rc, f"token {n_gen}")
+            tok = sample(chain, ctx, -1)
+        if pending and reason != "stop_string":
+            out.append(pending)
+            emit(pending, -1, n_gen, now())
+        return RunResult("".join(out), n_prompt, prompt_seconds, t_received, t_first, t_last,
+                         n_gen, reason)

@@ -1,0 +1,178 @@
+"""The worker process: owns the llama.cpp runtime and serves requests from a queue.
+
+Threads here:
+- the main thread runs one request at a time (load, generate, chat);
+- a reader thread takes requests off the queue, so a Cancel is seen while a
+  generation runs and stops it before the next token;
+- a stats thread reports the process's memory once a second.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+import traceback
+from typing import Any
+
+from ..errors import WorkbenchError
+from . import protocol as P
+
+_STATS_PERIOD_S = 1.0
+
+
+class _GpuMemory:
+    """GPU memory used by this process, where NVML sees an NVIDIA GPU; else None."""
+
+    def __init__(self) -> None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+            self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i)
+                             for i in range(pynvml.nvmlDeviceGetCount())]
+        except Exception:
+            self._nvml, self._handles = None, []
+
+    def used(self) -> int | None:
+        if not self._handles:
+            return None
+        pid, used = os.getpid(), 0
+        for h in self._handles:
+            try:
+                for p in self._nvml.nvmlDeviceGetComputeRunningProcesses(h):
+                    if p.pid == pid and p.usedGpuMemory:
+                        used += p.usedGpuMemory
+            except Exception:
+                return None
+        return used
+
+
+class Worker:
+    def __init__(self, requests: Any, replies: Any) -> None:
+        import llama_cpp
+        import psutil
+
+        from .devices import has_gpu
+        from .runtime import Runtime
+
+        self.requests, self.replies = requests, replies
+        self.runtime = Runtime(echo_log=bool(os.environ.get("WORKBENCH_LLAMA_LOG")))
+        self.pending: queue.Queue[P.Message] = queue.Queue()
+        self.cancelled: set[str] = set()
+        self.proc = psutil.Process()
+        self.gpu = _GpuMemory()
+        self.stopping = threading.Event()
+        self.send(P.WorkerReady(
+            id="", pid=os.getpid(), llama_cpp_version=llama_cpp.__version__,
+            supports_gpu_offload=has_gpu(),
+            system_info=llama_cpp.llama_print_system_info().decode(errors="replace")))
+
+    def send(self, msg: P.Message) -> None:
+        self.replies.put(msg)
+
+    # ---- threads ----------------------------------------------------------
+
+    def _read(self) -> None:
+        while not self.stopping.is_set():
+            msg = P.check(self.requests.get(), P.REQUESTS)
+            if isinstance(msg, P.Cancel):
+                self.cancelled.add(msg.target)
+                self.send(P.Done(id=msg.id))
+                continue
+            self.pending.put(msg)
+            if isinstance(msg, P.Shutdown):
+                return
+
+    def _stats(self) -> None:
+        while not self.stopping.wait(_STATS_PERIOD_S):
+            self.send(P.WorkerStats(id="", rss_bytes=self.proc.memory_info().rss,
+                                    gpu_bytes=self.gpu.used(), t=time.monotonic()))
+
+    # ---- main loop --------------------------------------------------------
+
+    def serve(self) -> None:
+        threading.Thread(target=self._read, name="requests", daemon=True).start()
+        threading.Thread(target=self._stats, name="stats", daemon=True).start()
+        while True:
+            msg = self.pending.get()
+            if isinstance(msg, P.Shutdown):
+                self.stopping.set()
+                self.runtime.unload()
+                self.send(P.Done(id=msg.id))
+                return
+            try:
+                self._handle(msg)
+            except WorkbenchError as e:
+                self.send(P.Failed(id=msg.id, kind=type(e).__name__, message=e.message,
+                                   hint=e.hint))
+            except Exception:  # a bug: keep its traceback for the kernel side
+                self.send(P.Failed(id=msg.id, kind="bug", message=traceback.format_exc(),
+                                   hint=""))
+            finally:
+                self.cancelled.discard(msg.id)
+
+    def _handle(self, msg: P.Message) -> None:
+        if isinstance(msg, P.LoadModel):
+            last = [-1.0]
+
+            def progress(fraction: float) -> None:
+                if fraction - last[0] >= 0.02 or fraction >= 1.0:
+                    last[0] = fraction
+                    self.send(P.LoadProgress(id=msg.id, fraction=fraction))
+
+            info = self.runtime.load(msg.path, msg.config, progress)
+            self.send(P.ModelLoaded(id=msg.id, info=info))
+        elif isinstance(msg, P.Unload):
+            self.runtime.unload()
+            self.send(P.Done(id=msg.id))
+        elif isinstance(msg, (P.Generate, P.Chat)):
+            self._generate(msg)
+        else:
+            raise TypeError(f"unhandled request {msg!r}")
+
+    def _generate(self, msg: P.Generate | P.Chat) -> None:
+        t_received = time.monotonic()
+        rt = self.runtime
+        if rt.info is None:
+            from ..errors import GenerationError
+
+            raise GenerationError("no model is loaded", "Load one first with `%load_model`.")
+        if isinstance(msg, P.Chat):
+            text, add_bos = rt.chat_prompt([{"role": r, "content": c} for r, c in msg.messages])
+            kind = "chat"
+            tokens = rt.tokenize(text, add_special=add_bos)
+        elif isinstance(msg.prompt, tuple):
+            tokens, kind = rt.check_tokens(msg.prompt), "generate"
+        else:
+            tokens, kind = rt.tokenize(msg.prompt, add_special=True), "generate"
+        rid, put, Token = msg.id, self.replies.put, P.Token
+        cancelled = self.cancelled
+
+        def emit(piece: str, token: int, index: int, t: float) -> None:
+            put(Token(id=rid, text=piece, token=token, index=index, t=t))
+
+        r = rt.run(tokens, msg.config, t_received, emit, lambda: rid in cancelled)
+        decode_s = r.t_last - r.t_first
+        info = rt.info
+        metrics = P.RequestMetrics(
+            request_id=rid, kind=kind, model=info.name, prompt_tokens=r.prompt_tokens,
+            prompt_seconds=r.prompt_seconds,
+            prompt_tps=r.prompt_tokens / r.prompt_seconds if r.prompt_seconds > 0 else 0.0,
+            ttft_s=r.t_first - t_received, generated_tokens=r.generated,
+            decode_seconds=decode_s,
+            decode_tps=(r.generated - 1) / decode_s if r.generated > 1 and decode_s > 0 else 0.0,
+            total_s=time.monotonic() - t_received, finish_reason=r.finish_reason,
+            rss_bytes=self.proc.memory_info().rss, gpu_bytes=self.gpu.used(),
+            n_threads=info.threads, n_ctx=info.n_ctx, wall_time=time.time())
+        self.send(P.Finished(id=rid, text=r.text, metrics=metrics))
+
+
+def main(requests: Any, replies: Any) -> None:
+    """Entry point of the spawned worker process."""
+    import faulthandler
+
+    faulthandler.enable()  # a segfault in llama.cpp leaves a Python stack in the log
+    Worker(requests, replies).serve()

@@ -1,0 +1,38 @@
+"""The one error type users see.
+
+A `WorkbenchError` carries a message and a hint. The magics show both without a
+traceback; anything else that escapes is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class WorkbenchError(Exception):
+    """A user-facing failure: what went wrong (`message`) and what to do (`hint`)."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message}\nHint: {self.hint}" if self.hint else self.message
+
+    def _render_traceback_(self) -> list[str]:
+        # IPython calls this instead of printing a traceback.
+        lines = [f"WorkbenchError: {self.message}"]
+        if self.hint:
+            lines.append(f"Hint: {self.hint}")
+        return lines
+
+
+class ModelFileError(WorkbenchError):
+    """The model file is missing, not GGUF, or damaged."""
+
+
+class EngineCrashed(WorkbenchError):
+    """The worker process died while it served a request."""
+
+
+class GenerationError(WorkbenchError):
+    """A request could not run: bad parameters, too long a prompt, no model."""

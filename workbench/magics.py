@@ -1,0 +1,170 @@
+"""IPython magics. Each one parses its line into settings, calls the public API and
+returns a result that displays itself; errors show as one message and a hint."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from typing import Any
+
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+
+from . import api
+from .config import GenerationConfig, LoadConfig, flag_fields
+from .errors import WorkbenchError
+from .results import Completion
+
+_FLUSH_S = 0.05
+
+
+class _HelpShown(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise WorkbenchError(f"{self.prog}: {message}", f"Run `{self.prog} --help` for usage.")
+
+    def exit(self, status: int = 0, message: str | None = None) -> None:  # type: ignore
+        if message:
+            sys.stdout.write(message)
+        raise _HelpShown
+
+
+def _parser(prog: str, description: str, *configs: type) -> _Parser:
+    p = _Parser(prog=prog, description=description, add_help=True)
+    for cls in configs:
+        for flag, typ, f in flag_fields(cls):
+            if typ is bool:
+                p.add_argument(flag, dest=f.name, action="store_true", default=None,
+                               help=f.metadata["help"])
+                continue
+            p.add_argument(flag, dest=f.name, type=typ, default=None, metavar=f.name.upper(),
+                           help=f.metadata["help"] + (f" (default: {f.default})"
+                                                      if f.default is not None else ""))
+    return p
+
+
+def _settings(ns: argparse.Namespace, cls: type) -> dict[str, Any]:
+    return {f.name: getattr(ns, f.name) for _, _, f in flag_fields(cls)
+            if getattr(ns, f.name) is not None}
+
+
+def _load_parser() -> _Parser:
+    p = _parser("%load_model", "Load a GGUF model into the background worker.", LoadConfig)
+    p.add_argument("model", nargs="?", default=None,
+                   help="path of a .gguf file, or 'default' (SmolLM2-135M-Instruct Q4_1)")
+    return p
+
+
+def _gen_parser(prog: str, description: str) -> _Parser:
+    p = _parser(prog, description, GenerationConfig)
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop at this text (repeatable)")
+    p.add_argument("--dashboard", action="store_true",
+                   help="show the live dashboard above the answer")
+    if prog == "%%chat":
+        p.add_argument("--system", default=None, metavar="TEXT", help="system prompt")
+    return p
+
+
+PARSERS = {
+    "load_model": _load_parser(),
+    "chat": _gen_parser("%%chat", "Answer the cell's text with the model's chat template, "
+                        "streaming the answer."),
+    "generate": _gen_parser("%%generate", "Continue the cell's text (no chat template), "
+                            "streaming the output."),
+    "unload_model": _Parser(prog="%unload_model", description="Free the loaded model."),
+    "workbench": _Parser(prog="%workbench", description="Show the engine's status."),
+}
+
+
+def parse(name: str, line: str) -> argparse.Namespace | None:
+    """Parse a magic's line; None when --help was shown."""
+    try:
+        return PARSERS[name].parse_args(shlex.split(line))
+    except _HelpShown:
+        return None
+    except ValueError as e:  # shlex: unbalanced quotes
+        raise WorkbenchError(f"%{name}: cannot parse the line: {e}",
+                             "Check the quotes in the line.") from None
+
+
+def show_stream(stream: Any, dashboard: bool = False) -> Completion:
+    """Write a stream's text as it arrives; interrupting cancels it and keeps the text."""
+    if dashboard:
+        from IPython.display import display
+
+        display(api.dashboard())
+    out = sys.stdout
+    last_flush = time.monotonic()
+    try:
+        for piece in stream:
+            out.write(piece)
+            now = time.monotonic()
+            if now - last_flush > _FLUSH_S:
+                out.flush()
+                last_flush = now
+    except KeyboardInterrupt:
+        stream.cancel()
+        out.write(f"\n[cancelled after {stream.metrics.generated_tokens if stream.metrics else 0}"
+                  " tokens]\n")
+        out.flush()
+        return Completion(stream.text, stream.metrics, streamed=True, finish_reason="cancelled")
+    out.write("\n")
+    out.flush()
+    return Completion(stream.text, stream.metrics, streamed=True)
+
+
+@magics_class
+class WorkbenchMagics(Magics):
+    @line_magic
+    def load_model(self, line: str) -> Any:
+        """%load_model [PATH | default] [--n-ctx N] [--n-gpu-layers N] [--threads N] ..."""
+        ns = parse("load_model", line)
+        if ns is None:
+            return None
+        return api.load_model(ns.model, **_settings(ns, LoadConfig))
+
+    @line_magic
+    def unload_model(self, line: str) -> None:
+        """%unload_model: free the loaded model."""
+        if parse("unload_model", line) is not None:
+            api.unload()
+            print("model unloaded")
+
+    @line_magic
+    def workbench(self, line: str) -> Any:
+        """%workbench: the engine's status."""
+        if parse("workbench", line) is None:
+            return None
+        return api.status()
+
+    def _stream(self, name: str, line: str, cell: str) -> Any:
+        ns = parse(name, line)
+        if ns is None:
+            return None
+        params = _settings(ns, GenerationConfig)
+        if ns.stop:
+            params["stop"] = tuple(ns.stop)
+        if name == "chat":
+            s = api.chat(cell.strip(), system=ns.system, stream=True, **params)
+        else:
+            s = api.generate(cell, stream=True, **params)
+        return show_stream(s, dashboard=ns.dashboard)
+
+    @cell_magic
+    def chat(self, line: str, cell: str) -> Any:
+        """%%chat [--max-tokens N] [--temperature T] [--system TEXT] [--dashboard] ..."""
+        return self._stream("chat", line, cell)
+
+    @cell_magic
+    def generate(self, line: str, cell: str) -> Any:
+        """%%generate [--max-tokens N] [--temperature T] [--dashboard] ..."""
+        return self._stream("generate", line, cell)
+
+
+def register(ipython: Any) -> None:
+    ipython.register_magics(WorkbenchMagics)

@@ -1,0 +1,1 @@
+"""Model files: GGUF headers, the default model."""

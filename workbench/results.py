@@ -1,0 +1,158 @@
+"""Results that display themselves: as HTML in a notebook, as text elsewhere."""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+from typing import Any, Iterable, Sequence
+
+from .engine.protocol import ModelInfo, RequestMetrics
+
+
+def _mib(n: int | None) -> str:
+    return "—" if n is None else f"{n / 2**20:,.0f} MiB"
+
+
+def _table_html(rows: Sequence[tuple[str, Any]]) -> str:
+    body = "".join(f"<tr><th style='text-align:left'>{html.escape(str(k))}</th>"
+                   f"<td style='text-align:left'>{html.escape(str(v))}</td></tr>" for k, v in rows)
+    return f"<table>{body}</table>"
+
+
+def _table_text(rows: Sequence[tuple[str, Any]]) -> str:
+    width = max((len(k) for k, _ in rows), default=0)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+class _KeyValue:
+    title = ""
+
+    def rows(self) -> list[tuple[str, Any]]:
+        raise NotImplementedError
+
+    def _repr_html_(self) -> str:
+        return f"<b>{html.escape(self.title)}</b>{_table_html(self.rows())}"
+
+    def __repr__(self) -> str:
+        return f"{self.title}\n{_table_text(self.rows())}"
+
+
+class LoadedModel(_KeyValue):
+    """What `load_model` returns: the model and how it was placed."""
+
+    title = "Model loaded"
+
+    def __init__(self, info: ModelInfo) -> None:
+        self.info = info
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.info, name)
+
+    def rows(self) -> list[tuple[str, Any]]:
+        i = self.info
+        return [("model", i.name), ("architecture", i.architecture),
+                ("quantization", i.quantization), ("parameters", f"{i.n_params / 1e6:,.1f} M"),
+                ("file", f"{i.file_bytes / 2**20:,.1f} MiB"), ("layers", i.n_layers),
+                ("context", f"{i.n_ctx:,} tokens (trained {i.n_ctx_train:,})"),
+                ("GPU layers", i.n_gpu_layers), ("threads", i.threads),
+                ("load time", f"{i.load_seconds:.2f} s"), ("path", i.path)]
+
+
+def _metrics_line(m: RequestMetrics) -> str:
+    return (f"{m.generated_tokens} tokens · {m.decode_tps:,.1f} tok/s · "
+            f"TTFT {m.ttft_s * 1000:,.0f} ms · prompt {m.prompt_tokens} tokens at "
+            f"{m.prompt_tps:,.0f} tok/s · {m.finish_reason}")
+
+
+class Completion:
+    """A finished generation: `text` and its `metrics`. `str()` gives the text."""
+
+    def __init__(self, text: str, metrics: RequestMetrics | None, streamed: bool = False,
+                 finish_reason: str | None = None) -> None:
+        self.text = text
+        self.metrics = metrics
+        self.finish_reason = finish_reason or (metrics.finish_reason if metrics else None)
+        # A streamed completion has already shown its text: display only the numbers.
+        self._streamed = streamed
+
+    def __str__(self) -> str:
+        return self.text
+
+    def _footer(self) -> str:
+        return _metrics_line(self.metrics) if self.metrics else (self.finish_reason or "")
+
+    def __repr__(self) -> str:
+        return self._footer() if self._streamed else f"{self.text}\n— {self._footer()}"
+
+    def _repr_html_(self) -> str:
+        foot = f"<div style='color:#777;font-size:85%'>{html.escape(self._footer())}</div>"
+        if self._streamed:
+            return foot
+        return f"<div style='white-space:pre-wrap'>{html.escape(self.text)}</div>{foot}"
+
+
+class MetricsTable:
+    """Per-request metrics as a table; `records` holds them as dicts."""
+
+    columns = ("request_id", "kind", "model", "prompt_tokens", "prompt_tps", "ttft_s",
+               "generated_tokens", "decode_tps", "finish_reason", "rss_bytes", "gpu_bytes")
+
+    def __init__(self, records: Iterable[RequestMetrics | dict[str, Any]]) -> None:
+        self.records = [dataclasses.asdict(r) if dataclasses.is_dataclass(r) else dict(r)
+                        for r in records]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.records[i]
+
+    def column(self, name: str) -> list[Any]:
+        return [r.get(name) for r in self.records]
+
+    def to_pandas(self) -> Any:
+        import pandas as pd
+
+        return pd.DataFrame.from_records(self.records)
+
+    @staticmethod
+    def _cell(name: str, v: Any) -> str:
+        if v is None:
+            return "—"
+        if name.endswith("_bytes"):
+            return _mib(v)
+        if name == "ttft_s":
+            return f"{v * 1000:,.0f} ms"
+        if isinstance(v, float):
+            return f"{v:,.1f}"
+        return str(v)
+
+    def _rows(self) -> list[list[str]]:
+        return [[self._cell(c, r.get(c)) for c in self.columns] for r in self.records]
+
+    def _repr_html_(self) -> str:
+        head = "".join(f"<th>{c}</th>" for c in self.columns)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>"
+                       for row in self._rows())
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+    def __repr__(self) -> str:
+        rows = [list(self.columns)] + self._rows()
+        widths = [max(len(r[i]) for r in rows) for i in range(len(self.columns))]
+        return "\n".join("  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows)
+
+
+class EngineStatus(_KeyValue):
+    title = "Workbench engine"
+
+    def __init__(self, **fields: Any) -> None:
+        self.fields = fields
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["fields"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def rows(self) -> list[tuple[str, Any]]:
+        return [(k.replace("_", " "), "—" if v is None else v) for k, v in self.fields.items()]
