@@ -7,7 +7,7 @@ STAMP := $(VENV)/.workbench-ready
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/setup-env.sh
+$(STAMP): pyproject.toml scripts/setup-env.sh scripts/llama-cmake-args.sh
 	VENV=$(VENV) scripts/setup-env.sh
 	touch $@
 

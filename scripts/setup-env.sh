@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv and installs the workbench with everything it needs.
-# llama-cpp-python is compiled from source with llama.cpp's RPC backend, and with
-# CUDA when both nvcc and an NVIDIA GPU are present (compiling CUDA kernels for a
-# machine with no GPU costs an hour and gives nothing). WORKBENCH_CUDA=1/0 overrides.
+# llama-cpp-python is compiled from source with the arguments that
+# scripts/llama-cmake-args.sh gives (RPC backend on; CUDA where there is a GPU).
 # The compiled wheel is cached per build variant, so a second set-up takes seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,21 +9,7 @@ cd "$(dirname "$0")/.."
 venv=${VENV:-.venv}
 python=${PYTHON:-python3}
 
-want_cuda=${WORKBENCH_CUDA:-auto}
-if [ "$want_cuda" = auto ]; then
-    want_cuda=0
-    if command -v nvcc >/dev/null 2>&1 && command -v nvidia-smi >/dev/null 2>&1 \
-        && nvidia-smi -L >/dev/null 2>&1; then
-        want_cuda=1
-    fi
-fi
-cmake_args="-DGGML_RPC=on"
-# llama.cpp's AMX matmul path (picked by -march=native on Xeons with AMX) crashes on
-# multi-token batches of this model with this llama.cpp; build without it.
-if [ "$(uname -m)" = x86_64 ]; then
-    cmake_args="$cmake_args -DCMAKE_C_FLAGS=-mno-amx-int8 -DCMAKE_CXX_FLAGS=-mno-amx-int8"
-fi
-[ "$want_cuda" = 1 ] && cmake_args="$cmake_args -DGGML_CUDA=on"
+cmake_args=$(scripts/llama-cmake-args.sh)
 
 llama_pin=$(grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)
 variant=$(printf '%s %s %s' "$llama_pin" "$cmake_args" "$("$python" -c 'import sys,platform;print(sys.version_info[:2],platform.machine())')" | sha256sum | cut -c1-12)
@@ -40,5 +25,10 @@ if ! ls "$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
     rm -rf "$wheels" && mv "$wheels.tmp" "$wheels"
 fi
 
+# A venv that holds a llama-cpp-python of another build variant gets this one.
+if [ "$(cat "$venv/.llama-variant" 2>/dev/null)" != "$variant" ]; then
+    "$venv/bin/pip" install --force-reinstall --no-deps "$wheels"/llama_cpp_python-*.whl
+    echo "$variant" > "$venv/.llama-variant"
+fi
 "$venv/bin/pip" install --find-links "$wheels" -e '.[test]'
-"$venv/bin/python" -m workbench.models.default
+"$venv/bin/workbench" check

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import workbench
-from workbench.dashboard import Dashboard
+from workbench.dashboards import Dashboard
 
 
 def test_dashboard_updates_during_generation(loaded):

