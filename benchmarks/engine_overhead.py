@@ -82,9 +82,10 @@ def build_llama_bench(gpu: bool) -> Path:
     return exe
 
 
-def run_native(exe: Path, model: Path, threads: int, ngl: int) -> dict[str, float]:
+def run_native(exe: Path, model: Path, threads: int, ngl: int, fa: str) -> dict[str, float]:
     out = subprocess.run(
-        [str(exe), "-m", str(model), "-t", str(threads), "-ngl", str(ngl), "-p", str(N_PROMPT),
+        [str(exe), "-m", str(model), "-t", str(threads), "-ngl", str(ngl), "-fa", fa,
+         "-p", str(N_PROMPT),
          "-n", str(N_GEN), "-d", "0,512", "-r", "1", "-o", "json"],
         capture_output=True, text=True, check=True).stdout
     res: dict[str, float] = {}
@@ -139,6 +140,8 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="GGUF file (default: the default model)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--flash-attn", choices=("on", "off", "auto"), default=None,
+                    help="for all three paths (default: off on the CPU, on with --gpu)")
     args = ap.parse_args()
 
     import llama_cpp
@@ -151,13 +154,17 @@ def main() -> None:
     threads = args.threads or (psutil.cpu_count(logical=False) or 2)
     reps = args.reps or (3 if args.quick else 5)
     ngl = 999 if args.gpu else 0
+    fa = args.flash_attn or ("on" if args.gpu else "off")
     exe = build_llama_bench(args.gpu)
 
-    n_ctx = 2048
+    # llama-bench sizes its context to what a test needs: 512 + 128 for tg128 at depth 512.
+    # The KV cache's size changes decode speed, so (b) and (c) use the same.
+    n_ctx = N_PROMPT + N_GEN
     llm = llama_cpp.Llama(str(model), n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
-                          n_threads_batch=threads, n_gpu_layers=ngl, verbose=False)
+                          n_threads_batch=threads, n_gpu_layers=ngl, verbose=False,
+                          flash_attn=fa == "on")
     workbench.load_model(model, progress=False, n_ctx=n_ctx, threads=threads,
-                         n_gpu_layers=-1 if args.gpu else 0)
+                         n_gpu_layers=-1 if args.gpu else 0, flash_attn=fa)
     tokens = prompt_tokens(llm)
     # warm-up of (b) and (c): page in weights, build graphs
     run_llama_cpp_python(llm, tokens)
@@ -167,7 +174,7 @@ def main() -> None:
                                                "workbench": []}
     for rep in range(reps):
         # alternate the order, so no path always runs right after another
-        order = [("native", lambda: run_native(exe, model, threads, ngl)),
+        order = [("native", lambda: run_native(exe, model, threads, ngl, fa)),
                  ("llama_cpp_python", lambda: run_llama_cpp_python(llm, tokens)),
                  ("workbench", lambda: run_workbench(tokens))]
         if rep % 2:
@@ -207,8 +214,8 @@ def main() -> None:
         "model": {"path": str(model), "name": model.name, "sha256": _provenance.sha256(model),
                   "bytes": model.stat().st_size},
         "params": {"threads": threads, "n_prompt": N_PROMPT, "n_gen": N_GEN, "n_ctx": n_ctx,
-                   "n_gpu_layers": ngl, "sampling": "greedy", "reps": reps,
-                   "llama_bench": str(exe), "llama_bench_args": "-p 512 -n 128 -d 0,512 -r 1"},
+                   "n_gpu_layers": ngl, "flash_attn": fa, "sampling": "greedy", "reps": reps,
+                   "llama_bench": str(exe), "llama_bench_args": f"-p 512 -n 128 -d 0,512 -r 1 -fa {fa}"},
         "medians": medians, "ratios": ratios, "ratio_runs": ratio_runs, "runs": runs,
     })
     result = {"decode_vs_native": ratios["decode_vs_native"],

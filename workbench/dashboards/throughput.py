@@ -23,11 +23,11 @@ class ThroughputPlot(LivePlot):
         self.figure.add_scatter(mode="lines", line={"width": 2, "color": "#1f77b4"})
 
     def on_event(self, kind: str, payload: Any) -> None:
-        if kind == "token":
+        if kind == "tokens":
             now = time.monotonic()
             if not self.arrivals:
                 self.run_start = now
-            self.arrivals.append(now)
+            self.arrivals.extend([now] * len(payload.pieces))
 
     def sample(self, now: float | None = None) -> float | None:
         """Add a point: tokens/s over the last second (None when idle)."""

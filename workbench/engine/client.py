@@ -10,11 +10,13 @@ next call starts a new worker and reloads the last model.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import itertools
 import json
 import logging
 import multiprocessing as mp
+import multiprocessing.connection as mp_connection
 import os
 import queue
 import signal
@@ -32,7 +34,6 @@ from . import protocol as P
 log = logging.getLogger(__name__)
 
 _START_TIMEOUT_S = 120.0
-_POLL_S = 0.2
 _CANCEL_WAIT_S = 30.0
 _ERRORS: dict[str, type[WorkbenchError]] = {
     c.__name__: c for c in (WorkbenchError, ModelFileError, GenerationError, EngineCrashed)}
@@ -120,7 +121,7 @@ class Engine:
     # ---- events for dashboards -------------------------------------------
 
     def subscribe(self, fn: Callable[[str, Any], None]) -> Callable[[], None]:
-        """Call `fn(kind, payload)` for events: "submitted", "token", "finished", "stats".
+        """Call `fn(kind, payload)` for events: "submitted", "tokens", "finished", "stats", "crashed".
         Runs on the receiver thread; returns a function that unsubscribes."""
         self._listeners.append(fn)
         return lambda: self._listeners.remove(fn) if fn in self._listeners else None
@@ -148,10 +149,12 @@ class Engine:
     def _start(self) -> None:
         from . import worker
 
-        requests, replies = self._mp.Queue(), self._mp.Queue()
-        proc = self._mp.Process(target=worker.main, args=(requests, replies),
+        requests = self._mp.Queue()
+        replies, replies_writer = self._mp.Pipe(duplex=False)
+        proc = self._mp.Process(target=worker.main, args=(requests, replies_writer),
                                 name="workbench-engine", daemon=True)
         proc.start()
+        replies_writer.close()  # only the worker writes: its death then reads as EOF
         ready: queue.Queue[Any] = queue.Queue()
         self._proc, self._requests = proc, requests
         threading.Thread(target=self._receive, args=(proc, replies, ready),
@@ -210,13 +213,12 @@ class Engine:
     def _receive(self, proc: Any, replies: Any, ready: queue.Queue[Any]) -> None:
         while True:
             try:
-                msg = replies.get(timeout=_POLL_S)
-            except queue.Empty:
-                if proc.is_alive():
-                    continue
-                self._on_death(proc, ready)
-                return
+                ready_now = mp_connection.wait([replies, proc.sentinel])
+                if replies not in ready_now:
+                    raise EOFError  # the process ended and left nothing to read
+                msg = replies.recv()
             except (EOFError, OSError):
+                replies.close()
                 self._on_death(proc, ready)
                 return
             try:
@@ -237,10 +239,10 @@ class Engine:
         call = self._calls.get(msg.id)
         if call is None:
             return  # a reply to a call that gave up waiting (e.g. a Cancel's ack)
-        if isinstance(msg, P.Token):
+        if isinstance(msg, P.Tokens):
             if call.first_token_at is None:
                 call.first_token_at = time.monotonic()
-            self._emit("token", msg)
+            self._emit("tokens", msg)
         elif isinstance(msg, P.Finished):
             ttft = (call.first_token_at or time.monotonic()) - call.submitted
             msg = dataclasses.replace(msg, metrics=dataclasses.replace(msg.metrics, ttft_s=ttft))
@@ -307,11 +309,14 @@ class Engine:
         with self._lock:
             self._ensure()
             assert self.worker is not None
-            resolved = dataclasses.replace(
-                config,
-                threads=config.threads or _physical_cores(),
-                n_gpu_layers=config.n_gpu_layers if config.n_gpu_layers is not None
-                else (-1 if self.worker.supports_gpu_offload else 0))
+            ngl = config.n_gpu_layers if config.n_gpu_layers is not None \
+                else (-1 if self.worker.supports_gpu_offload else 0)
+            # Flash attention "auto" is on where layers run on a GPU and off on the CPU,
+            # where it decoded 30% slower at depth 512 (benchmarks/engine_overhead.py,
+            # --flash-attn on vs off).
+            fa = config.flash_attn if config.flash_attn != "auto" else ("on" if ngl else "off")
+            resolved = dataclasses.replace(config, threads=config.threads or _physical_cores(),
+                                           n_gpu_layers=ngl, flash_attn=fa)
             req = P.LoadModel(id=self._new_id("load"), path=str(header.path), config=resolved)
             return self._load(req, on_progress)
 
@@ -377,10 +382,10 @@ def _physical_cores() -> int:
 class TokenStream:
     """The tokens of one request as they are produced.
 
-    Iterate it (`for text in stream`) or iterate it asynchronously (`async for`).
-    Interrupting the iteration (KeyboardInterrupt, or cancelling the task) cancels
-    the request in the worker, which stops before its next token.
-    When the stream ends, `text` and `metrics` hold the result.
+    Iterate it (`for text in stream`: one decoded piece per token) or iterate it
+    asynchronously (`async for`). Interrupting the iteration (KeyboardInterrupt, or
+    cancelling the task) cancels the request in the worker, which stops before its
+    next token. When the stream ends, `text` and `metrics` hold the result.
     """
 
     def __init__(self, engine: Engine, call: _Call) -> None:
@@ -390,19 +395,22 @@ class TokenStream:
         self.text = ""
         self.metrics: P.RequestMetrics | None = None
         self.finish_reason: str | None = None
+        self.token_ids: list[int] = []
         self._done = False
         self._parts: list[str] = []
+        self._ready: collections.deque[str] = collections.deque()
 
-    def _handle(self, msg: Any) -> str | None:
-        """Return the token text, or None when the stream has ended."""
-        if isinstance(msg, P.Token):
-            self._parts.append(msg.text)
-            return msg.text
+    def _handle(self, msg: Any) -> None:
+        if isinstance(msg, P.Tokens):
+            self._parts.extend(msg.pieces)
+            self.token_ids.extend(msg.token_ids)
+            self._ready.extend(msg.pieces)
+            return
         self._done = True
         if isinstance(msg, P.Finished):
             self.text, self.metrics = msg.text, msg.metrics
             self.finish_reason = msg.metrics.finish_reason
-            return None
+            return
         self.text = "".join(self._parts)
         if isinstance(msg, _Crash):
             raise msg.error
@@ -414,35 +422,33 @@ class TokenStream:
         return self
 
     def __next__(self) -> str:
-        if self._done:
-            raise StopIteration
-        try:
-            msg = self._call.q.get()
-        except KeyboardInterrupt:
-            self.cancel()
-            raise
-        text = self._handle(msg)
-        if text is None:
-            raise StopIteration
-        return text
+        while not self._ready:
+            if self._done:
+                raise StopIteration
+            try:
+                msg = self._call.q.get()
+            except KeyboardInterrupt:
+                self.cancel()
+                raise
+            self._handle(msg)
+        return self._ready.popleft()
 
     def __aiter__(self) -> AsyncIterator[str]:
         return self
 
     async def __anext__(self) -> str:
-        if self._done:
-            raise StopAsyncIteration
-        aq = self._call.to_asyncio()
-        try:
-            msg = await aq.get()
-        except asyncio.CancelledError:
-            self._engine.cancel(self._call)
-            self._call.to_sync()
-            raise
-        text = self._handle(msg)
-        if text is None:
-            raise StopAsyncIteration
-        return text
+        while not self._ready:
+            if self._done:
+                raise StopAsyncIteration
+            aq = self._call.to_asyncio()
+            try:
+                msg = await aq.get()
+            except asyncio.CancelledError:
+                self._engine.cancel(self._call)
+                self._call.to_sync()
+                raise
+            self._handle(msg)
+        return self._ready.popleft()
 
     def cancel(self) -> None:
         """Stop the request and wait until the worker has stopped it."""
@@ -459,6 +465,7 @@ class TokenStream:
                 self._handle(msg)
             except WorkbenchError:
                 break
+        self._ready.clear()
 
     def result(self) -> "TokenStream":
         """Consume the rest of the stream; returns self with `text` and `metrics` set."""

@@ -98,11 +98,14 @@ class ModelLoaded(Message):
 
 
 @dataclass(frozen=True, kw_only=True)
-class Token(Message):
-    text: str       # decoded text of this token (may be "" mid-way through a UTF-8 character)
-    token: int
-    index: int      # 0 for the first generated token
-    t: float        # time.monotonic() in the worker, comparable across processes
+class Tokens(Message):
+    """Generated tokens, in order. The first token of a request travels alone, at once;
+    later ones are grouped over a few tens of milliseconds, so a fast model does not pay
+    a process wake-up per token."""
+    pieces: tuple[str, ...]   # decoded text of each token ("" mid-way through a character)
+    token_ids: tuple[int, ...]
+    index: int                # index of the first of these among the generated tokens
+    t: float                  # time.monotonic() in the worker when the last was produced
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -154,7 +157,7 @@ class WorkerStats(Message):
 
 
 REQUESTS = (LoadModel, Generate, Chat, Cancel, Unload, Shutdown)
-REPLIES = (WorkerReady, LoadProgress, ModelLoaded, Token, Finished, Failed, Done, WorkerStats)
+REPLIES = (WorkerReady, LoadProgress, ModelLoaded, Tokens, Finished, Failed, Done, WorkerStats)
 
 
 def check(msg: object, expected: tuple[type, ...]) -> Message:

@@ -20,6 +20,10 @@ from ..errors import WorkbenchError
 from . import protocol as P
 
 _STATS_PERIOD_S = 1.0
+# Tokens produced within _GROUP_S of the last send travel together, unless tokens come
+# slower than one per _HOLD_MAX_S: holding one then would delay it visibly.
+_GROUP_S = 0.03
+_HOLD_MAX_S = 0.05
 
 
 class _GpuMemory:
@@ -65,13 +69,16 @@ class Worker:
         self.proc = psutil.Process()
         self.gpu = _GpuMemory()
         self.stopping = threading.Event()
+        self._send_lock = threading.Lock()
         self.send(P.WorkerReady(
             id="", pid=os.getpid(), llama_cpp_version=llama_cpp.__version__,
             supports_gpu_offload=has_gpu(),
             system_info=llama_cpp.llama_print_system_info().decode(errors="replace")))
 
     def send(self, msg: P.Message) -> None:
-        self.replies.put(msg)
+        # One pipe, written by three threads; no feeder thread, so no extra wake-up.
+        with self._send_lock:
+            self.replies.send(msg)
 
     # ---- threads ----------------------------------------------------------
 
@@ -148,13 +155,32 @@ class Worker:
             tokens, kind = rt.check_tokens(msg.prompt), "generate"
         else:
             tokens, kind = rt.tokenize(msg.prompt, add_special=True), "generate"
-        rid, put, Token = msg.id, self.replies.put, P.Token
+        rid, send, Tokens = msg.id, self.send, P.Tokens
         cancelled = self.cancelled
+        pieces: list[str] = []
+        ids: list[int] = []
+        state = {"first": 0, "last_send": 0.0, "prev": 0.0}
+
+        def flush(t: float) -> None:
+            send(Tokens(id=rid, pieces=tuple(pieces), token_ids=tuple(ids),
+                        index=state["first"], t=t))
+            state["first"] += len(pieces)
+            state["last_send"] = t
+            pieces.clear()
+            ids.clear()
 
         def emit(piece: str, token: int, index: int, t: float) -> None:
-            put(Token(id=rid, text=piece, token=token, index=index, t=t))
+            pieces.append(piece)
+            ids.append(token)
+            dt, state["prev"] = t - state["prev"], t
+            if index == 0 or dt >= _HOLD_MAX_S or t - state["last_send"] >= _GROUP_S:
+                flush(t)
 
-        r = rt.run(tokens, msg.config, t_received, emit, lambda: rid in cancelled)
+        try:
+            r = rt.run(tokens, msg.config, t_received, emit, lambda: rid in cancelled)
+        finally:
+            if pieces:
+                flush(time.monotonic())
         decode_s = r.t_last - r.t_first
         info = rt.info
         metrics = P.RequestMetrics(
