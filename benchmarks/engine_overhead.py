@@ -120,6 +120,33 @@ def run_workbench(tokens: list[int]) -> dict[str, float]:
     return {"prompt_s": m.ttft_s, "decode_tps": m.decode_tps, "prompt_tps": m.prompt_tps}
 
 
+def synthetic_model(shape: str, vocab: str | None) -> Path:
+    """A Q4_1 model of `shape` with random weights (cached)."""
+    import ctypes
+
+    import llama_cpp
+
+    from workbench.api import resolve_model
+    from workbench.models.synthetic import make_synthetic
+
+    out = CACHE / f"synthetic-{shape}.Q4_1.gguf"
+    if out.exists():
+        return out
+    CACHE.mkdir(parents=True, exist_ok=True)
+    f16 = make_synthetic(CACHE / f"synthetic-{shape}.F16.gguf", shape,
+                         tokenizer_from=vocab or resolve_model(None))
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1
+    params.nthread = os.cpu_count() or 2
+    tmp = out.with_name(out.name + ".partial")
+    if llama_cpp.llama_model_quantize(str(f16).encode(), str(tmp).encode(),
+                                      ctypes.byref(params)) != 0:
+        raise SystemExit(f"quantizing {f16} failed")
+    os.replace(tmp, out)
+    f16.unlink()
+    return out
+
+
 def prompt_tokens(llm) -> list[int]:
     import inspect
 
@@ -138,8 +165,17 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="3 repetitions instead of 5")
     ap.add_argument("--gpu", action="store_true", help="offload all layers to the GPU")
     ap.add_argument("--model", default=None, help="GGUF file (default: the default model)")
+    ap.add_argument("--synthetic", default=None, metavar="SHAPE",
+                    help="instead of --model: random weights of this shape (e.g. smollm2-135m), "
+                         "quantized to Q4_1 like the default model")
+    ap.add_argument("--vocab", default=None,
+                    help="GGUF file whose tokenizer the synthetic model copies "
+                         "(default: the default model)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--backend-sampling", choices=("on", "off", "auto"), default="auto",
+                    help="for (c): sample inside the graph (auto: on with --gpu)")
+    ap.add_argument("--tag", default="", help="suffix for the results file name")
     ap.add_argument("--flash-attn", choices=("on", "off", "auto"), default=None,
                     help="for all three paths (default: off on the CPU, on with --gpu)")
     args = ap.parse_args()
@@ -150,7 +186,8 @@ def main() -> None:
     import workbench
     from workbench.api import resolve_model
 
-    model = resolve_model(args.model)
+    model = synthetic_model(args.synthetic, args.vocab) if args.synthetic \
+        else resolve_model(args.model)
     threads = args.threads or (psutil.cpu_count(logical=False) or 2)
     reps = args.reps or (3 if args.quick else 5)
     ngl = 999 if args.gpu else 0
@@ -164,7 +201,8 @@ def main() -> None:
                           n_threads_batch=threads, n_gpu_layers=ngl, verbose=False,
                           flash_attn=fa == "on")
     workbench.load_model(model, progress=False, n_ctx=n_ctx, threads=threads,
-                         n_gpu_layers=-1 if args.gpu else 0, flash_attn=fa)
+                         n_gpu_layers=-1 if args.gpu else 0, flash_attn=fa,
+                         backend_sampling=args.backend_sampling)
     tokens = prompt_tokens(llm)
     # warm-up of (b) and (c): page in weights, build graphs
     run_llama_cpp_python(llm, tokens)
@@ -208,13 +246,16 @@ def main() -> None:
         "workbench": {"decode_tps": c_tg, "ttft_s": c_prompt,
                       "prompt_tps": med("workbench", "prompt_tps")},
     }
-    name = "engine_overhead_gpu" if args.gpu else "engine_overhead"
+    name = ("engine_overhead_gpu" if args.gpu else "engine_overhead") + args.tag
     _provenance.write(name, {
         "machine": _provenance.machine(),
         "model": {"path": str(model), "name": model.name, "sha256": _provenance.sha256(model),
-                  "bytes": model.stat().st_size},
+                  "bytes": model.stat().st_size,
+                  "synthetic": {"shape": args.synthetic, "vocab": args.vocab}
+                  if args.synthetic else None},
         "params": {"threads": threads, "n_prompt": N_PROMPT, "n_gen": N_GEN, "n_ctx": n_ctx,
                    "n_gpu_layers": ngl, "flash_attn": fa, "sampling": "greedy", "reps": reps,
+                   "backend_sampling": workbench.engine().model and args.backend_sampling,
                    "llama_bench": str(exe), "llama_bench_args": f"-p 512 -n 128 -d 0,512 -r 1 -fa {fa}"},
         "medians": medians, "ratios": ratios, "ratio_runs": ratio_runs, "runs": runs,
     })

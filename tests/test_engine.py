@@ -208,3 +208,13 @@ def test_metrics_table_and_log(loaded):
     lines = _paths.metrics_log().read_text().splitlines()
     assert json.loads(lines[-1])["request_id"] == last["request_id"]
     assert len(workbench.metrics(all_sessions=True)) >= len(table)
+
+
+def test_backend_sampling_gives_the_same_greedy_tokens(loaded, default_model):
+    host = workbench.generate("The capital of France is", max_tokens=10, temperature=0)
+    workbench.load_model(progress=False, n_ctx=2048, backend_sampling="on")
+    try:
+        backend = workbench.generate("The capital of France is", max_tokens=10, temperature=0)
+        assert backend.text == host.text
+    finally:
+        workbench.load_model(progress=False, n_ctx=2048)

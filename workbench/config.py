@@ -34,12 +34,16 @@ class LoadConfig:
     n_batch: int = setting(512, "prompt tokens per llama_decode call", lo=1, hi=1 << 16)
     n_ubatch: int = setting(512, "physical micro-batch size", lo=1, hi=1 << 16)
     flash_attn: str = setting("auto", "flash attention: auto, on or off")
+    backend_sampling: str = setting(
+        "auto", "sample on the backend, so only the token id leaves the GPU: auto, on or off")
 
     def validate(self) -> "LoadConfig":
         _check_bounds(self, WorkbenchError)
-        if self.flash_attn not in ("auto", "on", "off"):
-            raise WorkbenchError(f"flash_attn must be auto, on or off (got {self.flash_attn!r})",
-                                 "Use --flash-attn auto, on or off.")
+        for name in ("flash_attn", "backend_sampling"):
+            value = getattr(self, name)
+            if value not in ("auto", "on", "off"):
+                raise WorkbenchError(f"{name} must be auto, on or off (got {value!r})",
+                                     f"Use --{name.replace('_', '-')} auto, on or off.")
         return self
 
 

@@ -315,8 +315,12 @@ class Engine:
             # where it decoded 30% slower at depth 512 (benchmarks/engine_overhead.py,
             # --flash-attn on vs off).
             fa = config.flash_attn if config.flash_attn != "auto" else ("on" if ngl else "off")
+            # Backend sampling pays where the logits live on a GPU; on the CPU the sampler
+            # chain on the host was as fast or faster.
+            bs = config.backend_sampling if config.backend_sampling != "auto" \
+                else ("on" if ngl else "off")
             resolved = dataclasses.replace(config, threads=config.threads or _physical_cores(),
-                                           n_gpu_layers=ngl, flash_attn=fa)
+                                           n_gpu_layers=ngl, flash_attn=fa, backend_sampling=bs)
             req = P.LoadModel(id=self._new_id("load"), path=str(header.path), config=resolved)
             return self._load(req, on_progress)
 

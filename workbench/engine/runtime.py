@@ -87,6 +87,7 @@ class Runtime:
         self._eos_text = ""
         self._pieces: dict[int, bytes] = {}
         self._piece_buf = ctypes.create_string_buffer(512)
+        self.backend_sampling = False
 
     # ---- loading --------------------------------------------------------
 
@@ -128,6 +129,7 @@ class Runtime:
                 f"{self.log.last_error() or 'no reason given'}",
                 "Try a smaller --n-ctx, or fewer --n-gpu-layers.")
         self.model, self.ctx = model, ctx
+        self.backend_sampling = cfg.backend_sampling == "on"
         self.vocab = L.llama_model_get_vocab(model)
         self._pieces = {}
         self.template = header.chat_template
@@ -252,13 +254,28 @@ class Runtime:
         L.llama_memory_clear(L.llama_get_memory(ctx), True)
         self.log.lines.clear()
         chain = self._sampler(g)
+        # On the backend the chain runs inside the graph and only the token id comes back;
+        # llama.cpp refuses chains it cannot run there, which then sample on the host.
+        on_backend = self.backend_sampling and L.llama_set_sampler(ctx, 0, chain)
         try:
-            return self._run(ctx, vocab, chain, tokens, n_ctx, n_batch, g, t_received, emit,
-                             cancelled)
+            if on_backend:
+                get, accept = L.llama_get_sampled_token_ith, L.llama_sampler_accept
+
+                def sample(chain, ctx, i):  # noqa: ANN001 - same signature as the host path
+                    tok = get(ctx, i)
+                    accept(chain, tok)
+                    return tok
+            else:
+                sample = L.llama_sampler_sample
+            return self._run(ctx, vocab, chain, sample, tokens, n_ctx, n_batch, g, t_received,
+                             emit, cancelled)
         finally:
+            if on_backend:
+                L.llama_set_sampler(ctx, 0, None)
             L.llama_sampler_free(chain)
 
-    def _run(self, ctx, vocab, chain, tokens, n_ctx, n_batch, g, t_received, emit, cancelled):
+    def _run(self, ctx, vocab, chain, sample, tokens, n_ctx, n_batch, g, t_received, emit,
+             cancelled):
         now = time.monotonic
         n_prompt = len(tokens)
         arr = (L.llama_token * n_prompt)(*tokens)
@@ -274,7 +291,7 @@ class Runtime:
             self._check_decode(L.llama_decode(ctx, batch), "prompt")
 
         # The hot loop: C calls, a dict lookup and one queue put per token.
-        decode, sample, is_eog = L.llama_decode, L.llama_sampler_sample, L.llama_vocab_is_eog
+        decode, is_eog = L.llama_decode, L.llama_vocab_is_eog
         piece_of, pieces = self._piece, self._pieces
         utf8 = codecs.getincrementaldecoder("utf-8")("replace").decode
         one = (L.llama_token * 1)()
