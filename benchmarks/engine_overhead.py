@@ -255,7 +255,7 @@ def main() -> None:
                   if args.synthetic else None},
         "params": {"threads": threads, "n_prompt": N_PROMPT, "n_gen": N_GEN, "n_ctx": n_ctx,
                    "n_gpu_layers": ngl, "flash_attn": fa, "sampling": "greedy", "reps": reps,
-                   "backend_sampling": workbench.engine().model and args.backend_sampling,
+                   "backend_sampling": args.backend_sampling,
                    "llama_bench": str(exe), "llama_bench_args": f"-p 512 -n 128 -d 0,512 -r 1 -fa {fa}"},
         "medians": medians, "ratios": ratios, "ratio_runs": ratio_runs, "runs": runs,
     })
