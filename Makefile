@@ -11,8 +11,11 @@ $(STAMP): pyproject.toml scripts/setup-env.sh scripts/llama-cmake-args.sh
 	VENV=$(VENV) scripts/setup-env.sh
 	touch $@
 
+# JupyterLab refuses to run as root unless told; containers and lab VMs often are root.
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
+
 lab: setup
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(LAB_ARGS)
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(ROOT_FLAG) $(LAB_ARGS)
 
 test: setup
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

@@ -23,7 +23,7 @@ class LivePlot:
         self._lock = threading.Lock()
         self._dirty = False
         self.figure = go.FigureWidget(layout=go.Layout(
-            title={"text": self.title, "font": {"size": 13}}, height=240, width=360,
+            title={"text": self.title, "font": {"size": 13}}, height=240, width=330,
             margin={"l": 50, "r": 10, "t": 36, "b": 36}, showlegend=False,
             yaxis={"title": {"text": self.y_title}, "rangemode": "tozero"},
             xaxis={"title": {"text": self.x_title()}}))

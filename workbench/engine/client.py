@@ -167,6 +167,9 @@ class Engine:
                                 f"{_START_TIMEOUT_S:.0f} s", "Check the kernel's log.") from None
         if isinstance(msg, _Crash):
             raise msg.error
+        if isinstance(msg, P.Failed):
+            self._kill()
+            raise _to_error(msg)
         self.worker = msg
 
     def _ensure(self) -> None:
@@ -227,7 +230,7 @@ class Engine:
                 log.exception("engine receiver could not handle %r", msg)
 
     def _dispatch(self, msg: P.Message, ready: queue.Queue[Any]) -> None:
-        if isinstance(msg, P.WorkerReady):
+        if isinstance(msg, P.WorkerReady) or (isinstance(msg, P.Failed) and not msg.id):
             ready.put(msg)
         elif isinstance(msg, P.WorkerStats):
             self.last_stats = msg

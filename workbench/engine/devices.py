@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
+from pathlib import Path
 
 _TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel", 4: "meta"}
 
@@ -17,10 +18,21 @@ class BackendDevice:
     memory_total: int  # bytes
 
 
-def _lib() -> ctypes.CDLL:
+def _load_ggml() -> ctypes.CDLL:
+    """libggml: beside libllama wherever that was loaded from (LLAMA_CPP_LIB_PATH included)."""
+    from llama_cpp import llama_cpp as bindings
+
+    here = Path(bindings._lib._name).parent
+    for name in ("libggml.so", "libggml.dylib", "ggml.dll"):
+        if (here / name).exists():
+            return ctypes.CDLL(str(here / name))
     from llama_cpp import _ggml
 
-    lib = _ggml.libggml
+    return _ggml.libggml
+
+
+def _lib() -> ctypes.CDLL:
+    lib = _load_ggml()
     lib.ggml_backend_dev_count.restype = ctypes.c_size_t
     lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
     lib.ggml_backend_dev_get.restype = ctypes.c_void_p

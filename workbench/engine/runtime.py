@@ -130,6 +130,7 @@ class Runtime:
                 "Try a smaller --n-ctx, or fewer --n-gpu-layers.")
         self.model, self.ctx = model, ctx
         self.backend_sampling = cfg.backend_sampling == "on"
+        self._warm_up()
         self.vocab = L.llama_model_get_vocab(model)
         self._pieces = {}
         self.template = header.chat_template
@@ -147,6 +148,17 @@ class Runtime:
             has_chat_template=bool(self.template),
             load_seconds=time.monotonic() - t0)
         return self.info
+
+    def _warm_up(self) -> None:
+        """One decode of two tokens, so the first request does not pay for paging in the
+        weights and building the compute graph (a second or more on a cold start)."""
+        vocab = L.llama_model_get_vocab(self.model)
+        bos = max(L.llama_vocab_bos(vocab), 0)
+        eos = max(L.llama_vocab_eos(vocab), 0)
+        arr = (L.llama_token * 2)(bos, eos)
+        L.llama_decode(self.ctx, L.llama_batch_get_one(arr, 2))
+        L.llama_synchronize(self.ctx)
+        L.llama_memory_clear(L.llama_get_memory(self.ctx), True)
 
     def _special_text(self, token: int) -> str:
         if token < 0:

@@ -201,4 +201,9 @@ def main(requests: Any, replies: Any) -> None:
     import faulthandler
 
     faulthandler.enable()  # a segfault in llama.cpp leaves a Python stack in the log
-    Worker(requests, replies).serve()
+    try:
+        worker = Worker(requests, replies)
+    except Exception:  # report why the worker could not start, then exit
+        replies.send(P.Failed(id="", kind="bug", message=traceback.format_exc(), hint=""))
+        raise SystemExit(1) from None
+    worker.serve()
