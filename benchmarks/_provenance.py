@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -16,15 +15,10 @@ from typing import Any
 RESULTS = Path(__file__).parent / "results"
 
 
-def sha256(path: str | os.PathLike, _cache: dict[str, str] = {}) -> str:
-    key = f"{path}:{os.path.getmtime(path)}"
-    if key not in _cache:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _cache[key] = h.hexdigest()
-    return _cache[key]
+def sha256(path: str | os.PathLike) -> str:
+    from workbench.models.hashing import file_sha256
+
+    return file_sha256(path)
 
 
 def _cpu_model() -> str:

@@ -110,3 +110,20 @@ def test_interrupting_a_chat_cell_cancels_and_keeps_the_kernel(shell, capsys):
     assert "[cancelled after" in capsys.readouterr().out
     r = run(shell, "%%generate --max-tokens 3\nHi")
     assert r.success and r.result.metrics.generated_tokens >= 1
+
+
+def test_kv_magics(shell, capsys):
+    run(shell, "%load_model --n-ctx 2048")
+    run(shell, "%%generate --max-tokens 4 --temperature 0\n" + "The history of the printing "
+        "press begins in the fifteenth century, when movable type changed how books were "
+        "made, sold and read across Europe and beyond.")
+    r = run(shell, "%kv save press")
+    assert r.success, r.error_in_exec
+    assert r.result["tokens"] >= 32
+    r = run(shell, "%kv ls")
+    assert "session press" in repr(r.result) and "RAM tier" in repr(r.result)
+    assert run(shell, "%kv load press").success
+    assert run(shell, "%kv rm press").success
+    _shows_without_traceback(shell, "%kv save ../press", capsys, "invalid session name")
+    _shows_without_traceback(shell, "%kv load", capsys, "needs a session name")
+    _shows_without_traceback(shell, "%kv frobnicate", capsys, "invalid choice")

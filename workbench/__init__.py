@@ -4,13 +4,15 @@
 functions: load_model, unload, generate, chat, metrics, dashboard, status.
 """
 
-from .api import chat, dashboard, engine, generate, load_model, metrics, status, unload
+from .api import (chat, dashboard, engine, generate, kv_list, kv_load, kv_remove, kv_save,
+                  kv_stats, load_model, metrics, status, unload)
 from .errors import WorkbenchError
 
 __version__ = "0.1.0"
 
-__all__ = ["WorkbenchError", "chat", "dashboard", "engine", "generate", "load_model",
-           "metrics", "status", "unload", "load_ipython_extension"]
+__all__ = ["WorkbenchError", "chat", "dashboard", "engine", "generate", "kv_list", "kv_load",
+           "kv_remove", "kv_save", "kv_stats", "load_model", "metrics", "status", "unload",
+           "load_ipython_extension"]
 
 
 def load_ipython_extension(ipython) -> None:  # noqa: ANN001

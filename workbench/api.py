@@ -16,7 +16,7 @@ from .engine.client import Engine, TokenStream
 from .errors import GenerationError
 from .models.default import default_model_path
 from .progress import progress_bar
-from .results import Completion, EngineStatus, LoadedModel, MetricsTable
+from .results import Completion, EngineStatus, KVReport, LoadedModel, MetricsTable
 
 _engine: Engine | None = None
 _engine_lock = threading.Lock()
@@ -141,3 +141,37 @@ def status() -> EngineStatus:
         llama_cpp_python=w.llama_cpp_version if w else None,
         gpu_offload=w.supports_gpu_offload if w else None,
     )
+
+
+# ---- the prefix cache and named KV sessions ------------------------------------------
+
+def _session(name: str) -> str:
+    from .kvcache.cache import check_session_name
+
+    return check_session_name(name)
+
+
+def kv_save(name: str) -> KVReport:
+    """Save the KV state of the last request as a named session (survives restarts)."""
+    return KVReport(f"saved session {name!r}", engine().kv("save", _session(name)))
+
+
+def kv_load(name: str) -> KVReport:
+    """Load a named session into the RAM tier: requests that start with its tokens
+    restore it instead of computing them."""
+    return KVReport(f"loaded session {name!r}", engine().kv("load", _session(name)))
+
+
+def kv_remove(name: str) -> KVReport:
+    """Delete a named session."""
+    return KVReport(f"removed session {name!r}", engine().kv("rm", _session(name)))
+
+
+def kv_list() -> KVReport:
+    """The named sessions, and the prefix cache's tiers and hit counts."""
+    return KVReport("KV cache", engine().kv("ls"))
+
+
+def kv_stats() -> KVReport:
+    """The prefix cache's occupancy, hits and measured rates."""
+    return KVReport("KV cache", engine().kv("stats"))

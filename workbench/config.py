@@ -22,6 +22,9 @@ def setting(default: Any, help: str, *, lo: float | None = None, hi: float | Non
                                             "lo_open": lo_open, "flag": flag})
 
 
+KV_TYPES = ("f16", "q8_0", "q4_0")
+
+
 @dataclass(frozen=True)
 class LoadConfig:
     """How the worker loads a model and builds its context."""
@@ -36,14 +39,25 @@ class LoadConfig:
     flash_attn: str = setting("auto", "flash attention: auto, on or off")
     backend_sampling: str = setting(
         "auto", "sample on the backend, so only the token id leaves the GPU: auto, on or off")
+    type_k: str = setting("f16", "KV cache type of keys: f16, q8_0 or q4_0")
+    type_v: str = setting("f16", "KV cache type of values: f16, q8_0 or q4_0 (needs flash "
+                          "attention)")
+    kv_cache: str = setting("on", "prefix cache of KV states in RAM and on disk: on or off")
+    kv_ram_mib: int = setting(1024, "RAM budget of the prefix cache, MiB", lo=0)
+    kv_disk_mib: int = setting(4096, "disk budget of the prefix cache, MiB (0: RAM only)", lo=0)
+    kv_dir: str | None = setting(None, "folder of the prefix cache's disk tier "
+                                 "(default: $WORKBENCH_HOME/kv)")
 
     def validate(self) -> "LoadConfig":
         _check_bounds(self, WorkbenchError)
-        for name in ("flash_attn", "backend_sampling"):
+        for name, allowed in (("flash_attn", ("auto", "on", "off")),
+                              ("backend_sampling", ("auto", "on", "off")),
+                              ("kv_cache", ("on", "off")),
+                              ("type_k", KV_TYPES), ("type_v", KV_TYPES)):
             value = getattr(self, name)
-            if value not in ("auto", "on", "off"):
-                raise WorkbenchError(f"{name} must be auto, on or off (got {value!r})",
-                                     f"Use --{name.replace('_', '-')} auto, on or off.")
+            if value not in allowed:
+                raise WorkbenchError(f"{name} must be {', '.join(allowed)} (got {value!r})",
+                                     f"Use --{name.replace('_', '-')} {' or '.join(allowed)}.")
         return self
 
 

@@ -70,6 +70,14 @@ def _gen_parser(prog: str, description: str) -> _Parser:
     return p
 
 
+def _kv_parser() -> _Parser:
+    p = _Parser(prog="%kv", description="Named KV sessions and the prefix cache: save the "
+                "last request's KV state, load it back (also after a restart), list, remove.")
+    p.add_argument("op", choices=("save", "load", "ls", "rm", "stats"))
+    p.add_argument("name", nargs="?", default=None, help="session name (save, load, rm)")
+    return p
+
+
 PARSERS = {
     "load_model": _load_parser(),
     "chat": _gen_parser("%%chat", "Answer the cell's text with the model's chat template, "
@@ -78,6 +86,7 @@ PARSERS = {
                             "streaming the output."),
     "unload_model": _Parser(prog="%unload_model", description="Free the loaded model."),
     "workbench": _Parser(prog="%workbench", description="Show the engine's status."),
+    "kv": _kv_parser(),
 }
 
 
@@ -141,6 +150,19 @@ class WorkbenchMagics(Magics):
         if parse("workbench", line) is None:
             return None
         return api.status()
+
+    @line_magic
+    def kv(self, line: str) -> Any:
+        """%kv save|load|rm NAME, %kv ls, %kv stats"""
+        ns = parse("kv", line)
+        if ns is None:
+            return None
+        if ns.op in ("save", "load", "rm"):
+            if not ns.name:
+                raise WorkbenchError(f"%kv {ns.op} needs a session name",
+                                     f"Write `%kv {ns.op} NAME`.")
+            return {"save": api.kv_save, "load": api.kv_load, "rm": api.kv_remove}[ns.op](ns.name)
+        return api.kv_list() if ns.op == "ls" else api.kv_stats()
 
     def _stream(self, name: str, line: str, cell: str) -> Any:
         ns = parse(name, line)

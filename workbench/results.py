@@ -37,6 +37,38 @@ class _KeyValue:
         return f"{self.title}\n{_table_text(self.rows())}"
 
 
+class KVReport(_KeyValue):
+    """What a `%kv` command did, with the cache's state."""
+
+    def __init__(self, title: str, data: dict[str, Any]) -> None:
+        self.title = title
+        self.data = data
+
+    def __getitem__(self, key: str) -> Any:
+        return self.data[key]
+
+    def rows(self) -> list[tuple[str, Any]]:
+        d = self.data
+        rows: list[tuple[str, Any]] = []
+        for s in d.get("sessions", []):
+            note = "" if s.get("this_model", True) else " (another model or settings)"
+            rows.append((f"session {s['name']}", f"{s['tokens']:,} tokens, "
+                         f"{_mib(s['file_bytes'])}{note}"))
+        if "tokens" in d and "name" in d:
+            rows.append((d["name"], f"{d['tokens']:,} tokens, {_mib(d['file_bytes'])}"))
+        if "ram_bytes" in d:
+            rows += [
+                ("RAM tier", f"{d['ram_entries']} entries, {_mib(d['ram_bytes'])} of "
+                             f"{_mib(d['ram_budget'])}"),
+                ("disk tier", f"{d['disk_entries']} entries, {_mib(d['disk_bytes'])} of "
+                              f"{_mib(d['disk_budget'])}" if d["disk_on"] else "off"),
+                ("hits", f"{d['hits_ram']} from RAM, {d['hits_disk']} from disk, "
+                         f"{d['misses']} misses"),
+                ("prompt tokens not recomputed", f"{d['tokens_saved']:,}"),
+            ]
+        return rows
+
+
 class LoadedModel(_KeyValue):
     """What `load_model` returns: the model and how it was placed."""
 
@@ -55,6 +87,8 @@ class LoadedModel(_KeyValue):
                 ("file", f"{i.file_bytes / 2**20:,.1f} MiB"), ("layers", i.n_layers),
                 ("context", f"{i.n_ctx:,} tokens (trained {i.n_ctx_train:,})"),
                 ("GPU layers", i.n_gpu_layers), ("threads", i.threads),
+                ("KV cache", f"K {i.type_k}, V {i.type_v}: {i.kv_bytes_per_token:,} bytes/token, "
+                             f"{i.kv_bytes_per_token * i.n_ctx / 2**20:,.0f} MiB at full context"),
                 ("load time", f"{i.load_seconds:.2f} s"), ("path", i.path)]
 
 

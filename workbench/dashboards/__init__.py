@@ -14,11 +14,12 @@ from typing import Any
 
 import ipywidgets as widgets
 
+from .cache import CachePlot
 from .memory import MemoryPlot
 from .throughput import ThroughputPlot
 from .ttft import TTFTPlot
 
-__all__ = ["Dashboard", "MemoryPlot", "ThroughputPlot", "TTFTPlot"]
+__all__ = ["CachePlot", "Dashboard", "MemoryPlot", "ThroughputPlot", "TTFTPlot"]
 
 REFRESH_S = 0.25
 
@@ -42,13 +43,15 @@ class Dashboard(widgets.VBox):
         self.throughput = ThroughputPlot(t0)
         self.ttft = TTFTPlot(t0)
         self.memory = MemoryPlot(t0)
-        self.plots = (self.throughput, self.ttft, self.memory)
+        self.cache = CachePlot(t0)
+        self.plots = (self.throughput, self.ttft, self.memory, self.cache)
         self.header = widgets.HTML()
         self.stop_button = widgets.Button(description="Stop updates", icon="pause",
                                           layout=widgets.Layout(width="140px"))
         self.stop_button.on_click(lambda _b: self.stop())
         super().__init__([widgets.HBox([self.header, self.stop_button]),
-                          widgets.HBox([p.figure for p in self.plots])])
+                          widgets.HBox([p.figure for p in self.plots[:3]]),
+                          widgets.HBox([self.cache.figure])])
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._unsubscribe: Any = None

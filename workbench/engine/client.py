@@ -22,6 +22,7 @@ import queue
 import signal
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator
 
@@ -117,6 +118,7 @@ class Engine:
         self.last_stats: P.WorkerStats | None = None
         self.restarts = 0
         self.last_crash: str | None = None
+        self.notices: list[str] = []
 
     # ---- events for dashboards -------------------------------------------
 
@@ -235,6 +237,10 @@ class Engine:
         elif isinstance(msg, P.WorkerStats):
             self.last_stats = msg
             self._emit("stats", msg)
+        elif isinstance(msg, P.Notice):
+            warnings.warn(msg.text, RuntimeWarning, stacklevel=1)
+            self.notices.append(msg.text)
+            self._emit("notice", msg.text)
         else:
             self._route(msg)
 
@@ -250,7 +256,7 @@ class Engine:
             ttft = (call.first_token_at or time.monotonic()) - call.submitted
             msg = dataclasses.replace(msg, metrics=dataclasses.replace(msg.metrics, ttft_s=ttft))
             self._record(msg.metrics)
-        if isinstance(msg, (P.Finished, P.Failed, P.Done, P.ModelLoaded)):
+        if isinstance(msg, (P.Finished, P.Failed, P.Done, P.ModelLoaded, P.KVResult)):
             self._calls.pop(msg.id, None)
         call.deliver(msg)
 
@@ -318,6 +324,12 @@ class Engine:
             # where it decoded 30% slower at depth 512 (benchmarks/engine_overhead.py,
             # --flash-attn on vs off).
             fa = config.flash_attn if config.flash_attn != "auto" else ("on" if ngl else "off")
+            if config.type_v != "f16":  # llama.cpp quantizes V only with flash attention
+                if config.flash_attn == "off":
+                    raise WorkbenchError(
+                        f"a {config.type_v} V cache needs flash attention, which is off",
+                        "Drop --flash-attn off, or keep --type-v f16.")
+                fa = "on"
             # Backend sampling pays where the logits live on a GPU; on the CPU the sampler
             # chain on the host was as fast or faster.
             bs = config.backend_sampling if config.backend_sampling != "auto" \
@@ -365,6 +377,15 @@ class Engine:
                 req = P.Generate(id=rid, prompt=payload, config=config)
             call = self._submit(req, request_kind)
         return TokenStream(self, call)
+
+    def kv(self, op: str, name: str = "") -> dict:
+        """Run a prefix cache / named session operation in the worker."""
+        with self._lock:
+            if self._last_load is None:
+                raise GenerationError("no model is loaded", "Load one first with `%load_model`.")
+            self._ensure()
+            call = self._submit(P.KVCommand(id=self._new_id("kv"), op=op, name=name), f"kv {op}")
+        return self._wait(call).data
 
     def cancel(self, call: _Call) -> None:
         if self.alive and call.request.id in self._calls:

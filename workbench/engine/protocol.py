@@ -59,6 +59,13 @@ class Shutdown(Message):
     pass
 
 
+@dataclass(frozen=True, kw_only=True)
+class KVCommand(Message):
+    """Prefix cache and named sessions: op is save | load | ls | rm | clear_ram | stats."""
+    op: str
+    name: str = ""
+
+
 # ---- worker -> kernel -------------------------------------------------------
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,6 +97,9 @@ class ModelInfo:
     n_batch: int
     has_chat_template: bool
     load_seconds: float
+    type_k: str = "f16"
+    type_v: str = "f16"
+    kv_bytes_per_token: int = 0  # KV cache memory per token of context, all layers
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -128,6 +138,8 @@ class RequestMetrics:
     n_threads: int
     n_ctx: int
     wall_time: float = field(default=0.0)  # time.time() at the end
+    cached_tokens: int = 0  # prompt tokens restored from the prefix cache, not computed
+    cache_tier: str = ""    # "ram" or "disk" on a hit
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -150,14 +162,27 @@ class Done(Message):
 
 
 @dataclass(frozen=True, kw_only=True)
+class KVResult(Message):
+    data: dict
+
+
+@dataclass(frozen=True, kw_only=True)
+class Notice(Message):
+    """Something the user should hear about once (e.g. the cache's disk is full)."""
+    text: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class WorkerStats(Message):
     rss_bytes: int
     gpu_bytes: int | None
     t: float
+    kv: dict | None = None  # prefix cache occupancy and hit counts
 
 
-REQUESTS = (LoadModel, Generate, Chat, Cancel, Unload, Shutdown)
-REPLIES = (WorkerReady, LoadProgress, ModelLoaded, Tokens, Finished, Failed, Done, WorkerStats)
+REQUESTS = (LoadModel, Generate, Chat, Cancel, Unload, Shutdown, KVCommand)
+REPLIES = (WorkerReady, LoadProgress, ModelLoaded, Tokens, Finished, Failed, Done, WorkerStats,
+           KVResult, Notice)
 
 
 def check(msg: object, expected: tuple[type, ...]) -> Message:

@@ -17,6 +17,7 @@ from typing import Callable
 
 import llama_cpp as L
 
+from .. import _paths
 from ..config import GenerationConfig, LoadConfig
 from ..errors import GenerationError, ModelFileError
 from ..models.gguf_file import read_header
@@ -26,6 +27,8 @@ from .template import render_chat
 _FLASH_ATTN = {"auto": L.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED,
                "off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED}
 _DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp: pick a random seed
+_GGML_TYPES = {"f16": L.GGML_TYPE_F16, "q8_0": L.GGML_TYPE_Q8_0, "q4_0": L.GGML_TYPE_Q4_0}
+_TYPE_BYTES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}  # bytes per element
 
 
 class _Log:
@@ -70,6 +73,8 @@ class RunResult:
     t_last: float
     generated: int
     finish_reason: str
+    cached_tokens: int = 0
+    cache_tier: str = ""
 
 
 class Runtime:
@@ -88,6 +93,9 @@ class Runtime:
         self._pieces: dict[int, bytes] = {}
         self._piece_buf = ctypes.create_string_buffer(512)
         self.backend_sampling = False
+        self.cache = None  # PrefixCache, when on
+        self.last_tokens: tuple[int, ...] = ()  # whose KV state the context holds now
+        self.notice: Callable[[str], None] = lambda text: None
 
     # ---- loading --------------------------------------------------------
 
@@ -120,6 +128,8 @@ class Runtime:
         cparams.n_threads = cfg.threads or 1
         cparams.n_threads_batch = cfg.threads or 1
         cparams.flash_attn_type = _FLASH_ATTN[cfg.flash_attn]
+        cparams.type_k = _GGML_TYPES[cfg.type_k]
+        cparams.type_v = _GGML_TYPES[cfg.type_v]
         cparams.no_perf = True
         ctx = L.llama_init_from_model(model, cparams)
         if not ctx:
@@ -137,6 +147,17 @@ class Runtime:
         self._bos_text = self._special_text(L.llama_vocab_bos(self.vocab))
         self._eos_text = self._special_text(L.llama_vocab_eos(self.vocab))
         name = Path(path).name
+        if cfg.kv_cache == "on":
+            self.cache = self._open_cache(path, cfg)
+        hd_k = int(header.arch_value("attention.key_length", 0)) or \
+            int(header.arch_value("embedding_length", 0)) // max(1, int(
+                header.arch_value("attention.head_count", 1)))
+        hd_v = int(header.arch_value("attention.value_length", 0)) or hd_k
+        n_kv = header.arch_value("attention.head_count_kv", header.arch_value(
+            "attention.head_count", 1))
+        n_kv = max(n_kv) if isinstance(n_kv, list) else int(n_kv)
+        kv_per_token = int(int(header.arch_value("block_count", 0)) * n_kv * (
+            hd_k * _TYPE_BYTES[cfg.type_k] + hd_v * _TYPE_BYTES[cfg.type_v]))
         self.info = ModelInfo(
             path=str(path), name=str(name), architecture=header.architecture,
             quantization=header.quantization, n_params=header.n_params,
@@ -146,8 +167,42 @@ class Runtime:
             n_ctx=L.llama_n_ctx(ctx), n_gpu_layers=mparams.n_gpu_layers,
             threads=cparams.n_threads, n_batch=cfg.n_batch,
             has_chat_template=bool(self.template),
-            load_seconds=time.monotonic() - t0)
+            load_seconds=time.monotonic() - t0, type_k=cfg.type_k, type_v=cfg.type_v,
+            kv_bytes_per_token=kv_per_token)
         return self.info
+
+    def _open_cache(self, path: str, cfg: LoadConfig):
+        import hashlib
+
+        from ..kvcache.cache import PrefixCache
+        from ..models.hashing import file_sha256
+
+        sha = file_sha256(path)
+        namespace = hashlib.sha256(
+            f"{sha}|k={cfg.type_k}|v={cfg.type_v}|fa={cfg.flash_attn}|lora=".encode()
+        ).hexdigest()
+        root = Path(cfg.kv_dir).expanduser() if cfg.kv_dir else _paths.home() / "kv"
+        return PrefixCache(root, namespace=namespace, model_sha256=sha,
+                           llama_cpp=L.__version__, ram_bytes=cfg.kv_ram_mib << 20,
+                           disk_bytes=cfg.kv_disk_mib << 20, notice=self.notice)
+
+    # ---- KV state -------------------------------------------------------
+
+    def snapshot(self) -> bytes:
+        """The context's KV state of sequence 0 (what `last_tokens` produced)."""
+        n = L.llama_state_seq_get_size(self.ctx, 0)
+        buf = (ctypes.c_uint8 * n)()
+        got = L.llama_state_seq_get_data(self.ctx, buf, n, 0)
+        return bytes(memoryview(buf)[:got])
+
+    def restore(self, state: bytes) -> bool:
+        buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        return L.llama_state_seq_set_data(self.ctx, buf, len(state), 0) > 0
+
+    def offer_last(self) -> None:
+        """Offer the state of the last request to the prefix cache (after replying)."""
+        if self.cache is not None and self.last_tokens:
+            self.cache.offer(self.last_tokens, self.snapshot)
 
     def _warm_up(self) -> None:
         """One decode of two tokens, so the first request does not pay for paging in the
@@ -167,6 +222,10 @@ class Runtime:
         return self._piece_buf.raw[:max(n, 0)].decode("utf-8", errors="replace")
 
     def unload(self) -> None:
+        if self.cache is not None:
+            self.cache.close()
+            self.cache = None
+        self.last_tokens = ()
         if self.ctx:
             L.llama_free(self.ctx)
         if self.model:
@@ -263,8 +322,11 @@ class Runtime:
                 f"the prompt is {n_prompt:,} tokens, longer than the context of {n_ctx:,} tokens",
                 "Shorten the prompt, or reload with a larger context: "
                 f"`%load_model ... --n-ctx {1 << (n_prompt + g.max_tokens).bit_length()}`.")
-        L.llama_memory_clear(L.llama_get_memory(ctx), True)
+        mem = L.llama_get_memory(ctx)
+        L.llama_memory_clear(mem, True)
+        self.last_tokens = ()
         self.log.lines.clear()
+        start, tier = self._restore_prefix(tokens, mem)
         chain = self._sampler(g)
         # On the backend the chain runs inside the graph and only the token id comes back;
         # llama.cpp refuses chains it cannot run there, which then sample on the host.
@@ -279,28 +341,49 @@ class Runtime:
                     return tok
             else:
                 sample = L.llama_sampler_sample
-            return self._run(ctx, vocab, chain, sample, tokens, n_ctx, n_batch, g, t_received,
-                             emit, cancelled)
+            r = self._run(ctx, vocab, chain, sample, tokens, start, n_ctx, n_batch, g,
+                          t_received, emit, cancelled)
+            r.cached_tokens, r.cache_tier = start, tier
+            if self.cache is not None and start == 0 and r.finish_reason != "cancelled":
+                self.cache.record_prompt(len(tokens), r.prompt_seconds)
+            return r
         finally:
             if on_backend:
                 L.llama_set_sampler(ctx, 0, None)
             L.llama_sampler_free(chain)
 
-    def _run(self, ctx, vocab, chain, sample, tokens, n_ctx, n_batch, g, t_received, emit,
-             cancelled):
+    def _restore_prefix(self, tokens: list[int], mem) -> tuple[int, str]:
+        """Restore the longest cached prefix of `tokens`; returns (its length, tier)."""
+        if self.cache is None:
+            return 0, ""
+        hit = self.cache.lookup(tokens)
+        if hit is None:
+            return 0, ""
+        n, state, tier = hit
+        t0 = time.monotonic()
+        if not self.restore(state):
+            L.llama_memory_clear(mem, True)
+            return 0, ""
+        L.llama_memory_seq_rm(mem, 0, n, -1)  # keep only the shared prefix
+        self.cache.record_restore(tier, len(state), time.monotonic() - t0)
+        return n, tier
+
+    def _run(self, ctx, vocab, chain, sample, tokens, start, n_ctx, n_batch, g, t_received,
+             emit, cancelled):
         now = time.monotonic
         n_prompt = len(tokens)
         arr = (L.llama_token * n_prompt)(*tokens)
         base = ctypes.addressof(arr)
         tp = ctypes.POINTER(L.llama_token)
         t0 = now()
-        for start in range(0, n_prompt, n_batch):
+        for pos in range(start, n_prompt, n_batch):
             if cancelled():
                 return RunResult("", n_prompt, now() - t0, t_received, now(), now(), 0,
                                  "cancelled")
-            n = min(n_batch, n_prompt - start)
-            batch = L.llama_batch_get_one(ctypes.cast(base + start * 4, tp), n)
+            n = min(n_batch, n_prompt - pos)
+            batch = L.llama_batch_get_one(ctypes.cast(base + pos * 4, tp), n)
             self._check_decode(L.llama_decode(ctx, batch), "prompt")
+        fed = list(tokens)  # the tokens whose KV state the context holds
 
         # The hot loop: C calls, a dict lookup and one queue put per token.
         decode, is_eog = L.llama_decode, L.llama_vocab_is_eog
@@ -346,6 +429,7 @@ class Runtime:
                 reason = "context_full"
                 break
             one[0] = tok
+            fed.append(tok)
             rc = decode(ctx, batch1)
             if rc:
                 self._check_decode(rc, f"token {n_gen}")
@@ -353,5 +437,6 @@ class Runtime:
         if pending and reason != "stop_string":
             out.append(pending)
             emit(pending, -1, n_gen, now())
+        self.last_tokens = tuple(fed)
         return RunResult("".join(out), n_prompt, prompt_seconds, t_received, t_first, t_last,
                          n_gen, reason)

@@ -64,6 +64,7 @@ class Worker:
 
         self.requests, self.replies = requests, replies
         self.runtime = Runtime(echo_log=bool(os.environ.get("WORKBENCH_LLAMA_LOG")))
+        self.runtime.notice = lambda text: self.send(P.Notice(id="", text=text))
         self.pending: queue.Queue[P.Message] = queue.Queue()
         self.cancelled: set[str] = set()
         self.proc = psutil.Process()
@@ -95,8 +96,10 @@ class Worker:
 
     def _stats(self) -> None:
         while not self.stopping.wait(_STATS_PERIOD_S):
+            cache = self.runtime.cache
             self.send(P.WorkerStats(id="", rss_bytes=self.proc.memory_info().rss,
-                                    gpu_bytes=self.gpu.used(), t=time.monotonic()))
+                                    gpu_bytes=self.gpu.used(), t=time.monotonic(),
+                                    kv=cache.occupancy() if cache is not None else None))
 
     # ---- main loop --------------------------------------------------------
 
@@ -137,8 +140,43 @@ class Worker:
             self.send(P.Done(id=msg.id))
         elif isinstance(msg, (P.Generate, P.Chat)):
             self._generate(msg)
+            try:  # after the reply: the request never waits for this
+                self.runtime.offer_last()
+            except Exception:
+                traceback.print_exc()
+        elif isinstance(msg, P.KVCommand):
+            self.send(P.KVResult(id=msg.id, data=self._kv(msg)))
         else:
             raise TypeError(f"unhandled request {msg!r}")
+
+    def _kv(self, msg: P.KVCommand) -> dict:
+        from ..errors import WorkbenchError
+
+        rt = self.runtime
+        cache = rt.cache
+        if cache is None:
+            raise WorkbenchError("the prefix cache is off" if rt.info else "no model is loaded",
+                                 "Load a model with `%load_model ... --kv-cache on`.")
+        if msg.op == "save":
+            if not rt.last_tokens:
+                raise WorkbenchError("there is no KV state to save yet",
+                                     "Run a request (%%chat or %%generate) first.")
+            return cache.save_session(msg.name, rt.last_tokens, rt.snapshot())
+        if msg.op == "load":
+            return cache.load_session(msg.name)
+        if msg.op == "ls":
+            return {"sessions": cache.list_sessions(), **cache.occupancy()}
+        if msg.op == "rm":
+            cache.remove_session(msg.name)
+            return {"removed": msg.name}
+        if msg.op == "clear_ram":
+            cache.clear_ram()
+            return cache.occupancy()
+        if msg.op == "stats":
+            cache.flush()
+            return cache.occupancy()
+        raise WorkbenchError(f"unknown KV operation {msg.op!r}",
+                             "Use save, load, ls, rm, clear_ram or stats.")
 
     def _generate(self, msg: P.Generate | P.Chat) -> None:
         t_received = time.monotonic()
@@ -192,7 +230,8 @@ class Worker:
             decode_tps=(r.generated - 1) / decode_s if r.generated > 1 and decode_s > 0 else 0.0,
             total_s=time.monotonic() - t_received, finish_reason=r.finish_reason,
             rss_bytes=self.proc.memory_info().rss, gpu_bytes=self.gpu.used(),
-            n_threads=info.threads, n_ctx=info.n_ctx, wall_time=time.time())
+            n_threads=info.threads, n_ctx=info.n_ctx, wall_time=time.time(),
+            cached_tokens=r.cached_tokens, cache_tier=r.cache_tier)
         self.send(P.Finished(id=rid, text=r.text, metrics=metrics))
 
 
