@@ -195,14 +195,21 @@ class Runtime:
         got = L.llama_state_seq_get_data(self.ctx, buf, n, 0)
         return bytes(memoryview(buf)[:got])
 
-    def restore(self, state: bytes) -> bool:
-        buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
-        return L.llama_state_seq_set_data(self.ctx, buf, len(state), 0) > 0
+    def restore(self, state) -> bool:
+        """Load a KV state (bytes or a uint8 array) into sequence 0, without copying it."""
+        u8p = ctypes.POINTER(ctypes.c_uint8)
+        if isinstance(state, bytes):
+            ptr = ctypes.cast(ctypes.c_char_p(state), u8p)
+        else:
+            ptr = state.ctypes.data_as(u8p)
+        return L.llama_state_seq_set_data(self.ctx, ptr, len(state), 0) > 0
 
     def offer_last(self) -> None:
         """Offer the state of the last request to the prefix cache (after replying)."""
-        if self.cache is not None and self.last_tokens:
-            self.cache.offer(self.last_tokens, self.snapshot)
+        if self.cache is not None:
+            self.cache.after_request()
+            if self.last_tokens:
+                self.cache.offer(self.last_tokens, self.snapshot)
 
     def _warm_up(self) -> None:
         """One decode of two tokens, so the first request does not pay for paging in the

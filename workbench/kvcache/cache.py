@@ -68,8 +68,11 @@ class PrefixCache:
         self.stats = {"hits_ram": 0, "hits_disk": 0, "misses": 0, "tokens_saved": 0,
                       "stored": 0, "demoted": 0, "discarded": 0}
         self._lock = threading.RLock()
-        self._demote: queue.Queue[tuple[str, Entry] | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._demoter, name="kv-demoter", daemon=True)
+        self._promotion: tuple[str, Entry, Any] | None = None
+        # background work: ("demote", key, entry), None to stop
+        self._work: queue.Queue[tuple[str, str, Entry] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._background, name="kv-tiers",
+                                        daemon=True)
         self._thread.start()
 
     # ---- measurements ---------------------------------------------------------
@@ -124,12 +127,23 @@ class PrefixCache:
                 self.stats["hits_" + tier] += 1
                 self.stats["tokens_saved"] += common
                 if tier == "disk" and self.worth_it("ram", len(e.tokens), len(state)):
-                    self._put_ram(key, Entry(e.tokens, len(state), state))  # promote
+                    self._promotion = (key, e, state)  # done by after_request()
                 return common, state, tier
             self.stats["misses"] += 1
             return None
 
     # ---- storing ----------------------------------------------------------------
+
+    def after_request(self) -> None:
+        """Work that must not delay a request: promote the last disk hit to RAM (its state
+        still sits in the disk tier's read buffers), while the engine is otherwise idle."""
+        promotion, self._promotion = self._promotion, None
+        if promotion is not None:
+            key, e, state = promotion
+            raw = state if isinstance(state, bytes) else state.tobytes()
+            with self._lock:
+                if key not in self.ram:
+                    self._put_ram(key, Entry(e.tokens, len(raw), raw))
 
     def offer(self, tokens: tuple[int, ...], get_state: Callable[[], bytes]) -> bool:
         """Keep the KV state of `tokens` if restoring it would beat recomputing it."""
@@ -148,30 +162,36 @@ class PrefixCache:
             return True
 
     def _put_ram(self, key: str, entry: Entry) -> None:
-        for evicted in self.ram.put(key, entry):
-            self._demote.put(evicted)
+        for k, e in self.ram.put(key, entry):
+            self._work.put(("demote", k, e))
 
-    def _demoter(self) -> None:
+    def _background(self) -> None:
         while True:
-            item = self._demote.get()
+            item = self._work.get()
             try:
                 if item is None:
                     return
-                key, e = item
-                disk = self.disk
-                if disk is None or e.state is None or key in disk.index:
-                    continue
-                if not self.worth_it("disk", len(e.tokens), e.nbytes):
-                    continue
-                try:
-                    disk.put(key, e.tokens, e.state)
-                    self.stats["demoted"] += 1
-                except DiskFull as err:
-                    self._disk_off(f"the disk is full ({err}); the KV cache keeps to RAM")
-                except OSError as err:
-                    log.warning("KV cache: could not write %s: %s", key, err)
+                _, key, e = item
+                self._demote_one(key, e)
+            except Exception:  # keep the thread alive whatever one entry does
+                log.exception("KV cache: background %s failed", item[0] if item else "")
             finally:
-                self._demote.task_done()
+                self._work.task_done()
+
+    def _demote_one(self, key: str, e: Entry) -> None:
+        disk = self.disk
+        if disk is None or e.state is None or key in disk.index:
+            return
+        if not self.worth_it("disk", len(e.tokens), e.nbytes):
+            return
+        try:
+            info = disk.put(key, e.tokens, e.state)
+            self.stats["demoted"] += 1
+            disk.scratch.reserve(info.file_bytes, e.nbytes)
+        except DiskFull as err:
+            self._disk_off(f"the disk is full ({err}); the KV cache keeps to RAM")
+        except OSError as err:
+            log.warning("KV cache: could not write %s: %s", key, err)
 
     def _disk_off(self, message: str) -> None:
         """Go on with RAM only, and say so once."""
@@ -181,19 +201,19 @@ class PrefixCache:
         self.disk = None
 
     def flush(self) -> None:
-        """Wait until every demotion queued so far has been written."""
-        self._demote.join()
+        """Wait until the background work queued so far (writes, promotions) is done."""
+        self._work.join()
 
     def clear_ram(self) -> None:
         """Move every unpinned RAM entry to disk (and wait for the writes)."""
         with self._lock:
-            for item in self.ram.clear():
-                self._demote.put(item)
+            for k, e in self.ram.clear():
+                self._work.put(("demote", k, e))
         self.flush()
 
     def close(self) -> None:
         self.flush()
-        self._demote.put(None)
+        self._work.put(None)
         self._thread.join(5)
 
     def occupancy(self) -> dict[str, Any]:

@@ -1,7 +1,11 @@
 """The on-disk format of a KV cache entry, and its codecs. No pickle.
 
     b"WBKV" | u16 format | u16 0 | u32 header length | header (JSON, UTF-8)
-    | payload (the state bytes, compressed) | sha256 of everything before it (32 bytes)
+    | payload (the state bytes, compressed) | sha256 of the prefix and header (32 bytes)
+
+The payload carries its own checksum: zstd and lz4 frames hold a content checksum
+that decompression verifies, and an uncompressed payload's sha256 is in the header.
+Checking the frame instead of hashing the whole file again saves a pass over it.
 
 The header names the model (sha256), the cache namespace, the llama.cpp version and
 the token ids whose KV state the payload holds. Any mismatch, a short file or a
@@ -39,37 +43,51 @@ class BadEntry(Exception):
 def _shuffle(raw: bytes) -> bytes:
     n = len(raw) // 2 * 2
     a = np.frombuffer(raw, dtype=np.uint8, count=n).reshape(-1, 2)
-    return a[:, 0].tobytes() + a[:, 1].tobytes() + raw[n:]
+    return a[:, 0].tobytes() + a[:, 1].tobytes() + bytes(raw[n:])
 
 
-def _unshuffle(data: bytes) -> bytes:
+def _unshuffle(data: bytes) -> np.ndarray:
+    """The inverse of _shuffle, written straight into one array (no intermediate copies)."""
     n = len(data) // 2 * 2
     half = n // 2
-    a = np.empty((half, 2), dtype=np.uint8)
-    a[:, 0] = np.frombuffer(data, dtype=np.uint8, count=half)
-    a[:, 1] = np.frombuffer(data, dtype=np.uint8, count=half, offset=half)
-    return a.tobytes() + data[n:]
+    src = np.frombuffer(data, dtype=np.uint8)
+    out = np.empty(len(data), dtype=np.uint8)
+    out[0:n:2] = src[:half]
+    out[1:n:2] = src[half:n]
+    out[n:] = src[n:]
+    return out
 
 
 def compress(raw: bytes, codec: str) -> bytes:
     if codec == "zstd-shuffle":
         import zstandard
 
-        return zstandard.ZstdCompressor(level=1).compress(_shuffle(raw))
+        return zstandard.ZstdCompressor(level=1, write_checksum=True).compress(_shuffle(raw))
     if codec == "zstd":
         import zstandard
 
-        return zstandard.ZstdCompressor(level=1).compress(raw)
+        return zstandard.ZstdCompressor(level=1, write_checksum=True).compress(raw)
     if codec == "lz4":
         import lz4.frame
 
-        return lz4.frame.compress(raw)
+        return lz4.frame.compress(raw, content_checksum=True)
     if codec == "none":
         return raw
     raise ValueError(f"unknown codec {codec!r}")
 
 
-def decompress(data: bytes, codec: str) -> bytes:
+def decompress(data: bytes | memoryview, codec: str) -> bytes | np.ndarray:
+    """The raw state: bytes, or a uint8 array (both usable as a buffer). A damaged
+    frame raises BadEntry."""
+    try:
+        return _decompress(data, codec)
+    except BadEntry:
+        raise
+    except Exception as e:  # zstd / lz4 errors: bad checksum, cut-off frame
+        raise BadEntry(f"damaged payload: {e}") from None
+
+
+def _decompress(data: bytes | memoryview, codec: str) -> bytes | np.ndarray:
     if codec == "zstd-shuffle":
         import zstandard
 
@@ -88,6 +106,59 @@ def decompress(data: bytes, codec: str) -> bytes:
 
 
 CODECS = ("zstd-shuffle", "zstd", "lz4", "none")
+
+
+class Scratch:
+    """Reusable buffers for reading entries. A restore is on the request path: fresh
+    buffers of tens of MB cost a page fault per 4 KiB, more than the decompression."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, size: int) -> np.ndarray:
+        buf = self._bufs.get(name)
+        if buf is None or len(buf) < size:
+            buf = self._bufs[name] = np.empty(size, dtype=np.uint8)
+        return buf[:size]
+
+    def reserve(self, file_bytes: int, raw_bytes: int) -> None:
+        """Allocate and touch the buffers a read of this size needs (in the background,
+        so that the first restore from disk is as fast as the next ones)."""
+        for name, size in (("file", file_bytes), ("frame", raw_bytes), ("state", raw_bytes)):
+            buf = self._bufs.get(name)
+            if buf is None or len(buf) < size:
+                fresh = np.empty(size, dtype=np.uint8)
+                fresh.fill(0)  # touch every page now, not on the request path
+                self._bufs[name] = fresh
+
+
+def _decompress_into(data: memoryview, codec: str, raw_bytes: int,
+                     scratch: Scratch) -> np.ndarray:
+    if codec not in ("zstd", "zstd-shuffle"):
+        out = np.frombuffer(_decompress(data, codec), dtype=np.uint8)
+        return out
+    import zstandard
+
+    dest = scratch.get("frame", raw_bytes)
+    view = memoryview(dest)
+    got = 0
+    with zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True) as r:
+        while got < raw_bytes:
+            n = r.readinto(view[got:])
+            if not n:
+                break
+            got += n
+        if got != raw_bytes or r.read(1):
+            raise BadEntry("payload size does not match the header")
+    if codec == "zstd":
+        return dest
+    out = scratch.get("state", raw_bytes)
+    n = raw_bytes // 2 * 2
+    half = n // 2
+    out[0:n:2] = dest[:half]
+    out[1:n:2] = dest[half:n]
+    out[n:] = dest[n:]
+    return out
 
 
 # ---- entries ------------------------------------------------------------------
@@ -111,13 +182,13 @@ def write_entry(path: Path, *, namespace: str, model_sha256: str, llama_cpp: str
     """Write an entry atomically: a temporary file, fsync, then rename."""
     payload = compress(state, codec)
     header = json.dumps({
+        "payload_sha256": hashlib.sha256(payload).hexdigest() if codec == "none" else None,
         "namespace": namespace, "model_sha256": model_sha256, "llama_cpp": llama_cpp,
         "tokens": list(tokens), "codec": codec, "raw_bytes": len(state),
         "payload_bytes": len(payload), "created": time.time(), "name": name,
     }).encode()
     head = _PREFIX.pack(MAGIC, FORMAT, 0, len(header)) + header
     digest = hashlib.sha256(head)
-    digest.update(payload)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -146,7 +217,7 @@ def _parse_header(path: Path, blob: bytes) -> tuple[dict[str, Any], int]:
     if len(blob) < end:
         raise BadEntry(f"{path.name}: truncated header")
     try:
-        header = json.loads(blob[_PREFIX.size:end])
+        header = json.loads(bytes(blob[_PREFIX.size:end]))
     except ValueError:
         raise BadEntry(f"{path.name}: damaged header") from None
     return header, end
@@ -172,22 +243,46 @@ def read_info(path: Path) -> EntryInfo:
         raise BadEntry(f"{path.name}: damaged header") from None
 
 
-def read_entry(path: Path, *, namespace: str, model_sha256: str,
-               llama_cpp: str) -> tuple[EntryInfo, bytes]:
-    """Read, verify and decompress an entry; raise BadEntry if it must not be used."""
-    blob = path.read_bytes()
+def read_entry(path: Path, *, namespace: str, model_sha256: str, llama_cpp: str,
+               scratch: Scratch | None = None) -> tuple[EntryInfo, bytes | np.ndarray]:
+    """Read, verify and decompress an entry; raise BadEntry if it must not be used.
+    With `scratch`, the state returned lives in its buffers until the next read."""
+    if scratch is None:
+        blob = path.read_bytes()
+    else:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            buf = scratch.get("file", size)
+            got = f.readinto(memoryview(buf))
+        blob = memoryview(buf)[:got]
     if len(blob) < _PREFIX.size + _DIGEST:
         raise BadEntry(f"{path.name}: truncated")
-    if hashlib.sha256(blob[:-_DIGEST]).digest() != blob[-_DIGEST:]:
-        raise BadEntry(f"{path.name}: checksum mismatch (truncated or damaged)")
+    view = memoryview(blob)  # slices of a view copy nothing
     h, end = _parse_header(path, blob)
+    if hashlib.sha256(view[:end]).digest() != blob[-_DIGEST:]:
+        raise BadEntry(f"{path.name}: header checksum mismatch (truncated or damaged)")
+    if len(blob) != end + int(h.get("payload_bytes", -1)) + _DIGEST:
+        raise BadEntry(f"{path.name}: {len(blob):,} bytes, expected "
+                       f"{end + int(h.get('payload_bytes', 0)) + _DIGEST:,}")
+    payload = view[end:-_DIGEST]
+    if h.get("codec") == "none" and hashlib.sha256(payload).hexdigest() != h.get(
+            "payload_sha256"):
+        raise BadEntry(f"{path.name}: payload checksum mismatch")
     if h.get("model_sha256") != model_sha256:
         raise BadEntry(f"{path.name}: made with another model")
     if h.get("llama_cpp") != llama_cpp:
         raise BadEntry(f"{path.name}: made by llama.cpp {h.get('llama_cpp')}, not {llama_cpp}")
     if h.get("namespace") != namespace:
         raise BadEntry(f"{path.name}: made with other context settings")
-    state = decompress(blob[end:-_DIGEST], h["codec"])
+    try:
+        if scratch is None:
+            state = decompress(payload, h["codec"])
+        else:
+            state = _decompress_into(payload, h["codec"], int(h["raw_bytes"]), scratch)
+    except BadEntry as e:
+        raise BadEntry(f"{path.name}: {e}") from None
+    except Exception as e:  # zstd: bad checksum, cut-off frame
+        raise BadEntry(f"{path.name}: damaged payload: {e}") from None
     if len(state) != h["raw_bytes"]:
         raise BadEntry(f"{path.name}: wrong state size")
     info = EntryInfo(path, namespace, model_sha256, llama_cpp,

@@ -19,7 +19,7 @@ from typing import Iterator, Protocol
 
 import numpy as np
 
-from .store import BadEntry, EntryInfo, read_entry, read_info, write_entry
+from .store import BadEntry, EntryInfo, Scratch, read_entry, read_info, write_entry
 
 
 @dataclass
@@ -111,6 +111,7 @@ class DiskTier:
         self.codec = codec
         self.namespace, self.model_sha256, self.llama_cpp = namespace, model_sha256, llama_cpp
         self.index: dict[str, Entry] = {}
+        self.scratch = Scratch()
         self.discarded: list[str] = []  # why files were thrown away (for tests and logs)
         folder.mkdir(parents=True, exist_ok=True)
         self._scanned_mtime = 0.0
@@ -160,11 +161,14 @@ class DiskTier:
         for k in set(self.index) - seen:
             del self.index[k]
 
-    def load(self, key: str) -> bytes | None:
+    def load(self, key: str, scratch: bool = True) -> bytes | np.ndarray | None:
+        """The entry's state. With `scratch` (the request path) it lives in reused buffers
+        and is valid until the next load; without, it is a fresh copy."""
         p = self.path(key)
         try:
             _, state = read_entry(p, namespace=self.namespace, model_sha256=self.model_sha256,
-                                  llama_cpp=self.llama_cpp)
+                                  llama_cpp=self.llama_cpp,
+                                  scratch=self.scratch if scratch else None)
         except FileNotFoundError:
             self.index.pop(key, None)
             return None
