@@ -26,6 +26,11 @@ def test_dashboard_updates_during_generation(loaded):
     assert ttft.x[-1] == s.id and ttft.y[-1] == s.metrics.ttft_s * 1000
     assert d.memory.figure.data[0].y[-1] > 50  # MiB
     assert "tok/s" in d.header.value and "SmolLM2" in d.header.value
+    # the prefix cache panel: tier occupancy against budgets, and hit counts
+    assert d.cache.kv is not None
+    assert list(d.cache.figure.data[0].x) == ["RAM", "disk"]
+    assert d.cache.figure.data[1].y[0] == d.cache.kv["ram_budget"] / 2**20
+    assert "misses" in d.cache.figure.layout.title.text
 
 
 def test_dashboard_thread_starts_and_stops(loaded):

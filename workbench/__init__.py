@@ -4,13 +4,14 @@
 functions: load_model, unload, generate, chat, metrics, dashboard, status.
 """
 
-from .api import (chat, dashboard, engine, generate, kv_list, kv_load, kv_remove, kv_save,
+from .api import (chat, dashboard, engine, generate, kv_evict, kv_list, kv_load, kv_remove,
+                  kv_save,
                   kv_stats, load_model, metrics, status, unload)
 from .errors import WorkbenchError
 
 __version__ = "0.1.0"
 
-__all__ = ["WorkbenchError", "chat", "dashboard", "engine", "generate", "kv_list", "kv_load",
+__all__ = ["WorkbenchError", "chat", "dashboard", "engine", "generate", "kv_evict", "kv_list", "kv_load",
            "kv_remove", "kv_save", "kv_stats", "load_model", "metrics", "status", "unload",
            "load_ipython_extension"]
 

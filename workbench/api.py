@@ -175,3 +175,8 @@ def kv_list() -> KVReport:
 def kv_stats() -> KVReport:
     """The prefix cache's occupancy, hits and measured rates."""
     return KVReport("KV cache", engine().kv("stats"))
+
+
+def kv_evict() -> KVReport:
+    """Move the RAM tier's entries to the disk tier (named sessions stay in RAM)."""
+    return KVReport("KV cache", engine().kv("clear_ram"))

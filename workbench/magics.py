@@ -73,7 +73,8 @@ def _gen_parser(prog: str, description: str) -> _Parser:
 def _kv_parser() -> _Parser:
     p = _Parser(prog="%kv", description="Named KV sessions and the prefix cache: save the "
                 "last request's KV state, load it back (also after a restart), list, remove.")
-    p.add_argument("op", choices=("save", "load", "ls", "rm", "stats"))
+    p.add_argument("op", choices=("save", "load", "ls", "rm", "stats", "evict"),
+                   help="evict moves the RAM tier to disk")
     p.add_argument("name", nargs="?", default=None, help="session name (save, load, rm)")
     return p
 
@@ -153,7 +154,7 @@ class WorkbenchMagics(Magics):
 
     @line_magic
     def kv(self, line: str) -> Any:
-        """%kv save|load|rm NAME, %kv ls, %kv stats"""
+        """%kv save|load|rm NAME, %kv ls, %kv stats, %kv evict"""
         ns = parse("kv", line)
         if ns is None:
             return None
@@ -162,7 +163,7 @@ class WorkbenchMagics(Magics):
                 raise WorkbenchError(f"%kv {ns.op} needs a session name",
                                      f"Write `%kv {ns.op} NAME`.")
             return {"save": api.kv_save, "load": api.kv_load, "rm": api.kv_remove}[ns.op](ns.name)
-        return api.kv_list() if ns.op == "ls" else api.kv_stats()
+        return {"ls": api.kv_list, "stats": api.kv_stats, "evict": api.kv_evict}[ns.op]()
 
     def _stream(self, name: str, line: str, cell: str) -> Any:
         ns = parse(name, line)
