@@ -39,4 +39,7 @@ class CachePlot(LivePlot):
         budget = [k.get("ram_budget", 0) / 2**20, k.get("disk_budget", 0) / 2**20]
         self.figure.data[1].x, self.figure.data[1].y = tiers, budget
         self.figure.data[0].x, self.figure.data[0].y = tiers, used
+        # a few MiB against a budget of GiB is invisible as a bar: say it in words too
+        self.figure.data[0].text = [f"{u:,.0f} MiB used" for u in used]
+        self.figure.data[0].textposition = "outside"
         self.figure.layout.title.text = f"KV prefix cache<br><sup>{self.summary()}</sup>"
