@@ -161,6 +161,8 @@ def test_prompt_longer_than_context(loaded):
     ({"top_k": -3}, "top_k"),
     ({"max_tokens": "many"}, "max_tokens"),
     ({"temprature": 0.3}, "temprature"),
+    ({"stop": [""]}, "stop"),
+    ({"stop": [3]}, "stop"),
 ])
 def test_invalid_generation_parameters(loaded, params, name):
     with pytest.raises(WorkbenchError) as info:

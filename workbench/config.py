@@ -80,6 +80,9 @@ class GenerationConfig:
 
     def validate(self) -> "GenerationConfig":
         _check_bounds(self, GenerationError)
+        if any(not isinstance(x, str) or not x for x in self.stop):
+            raise GenerationError(f"stop must be non-empty strings (got {self.stop!r})",
+                                  "Pass stop='text' or stop=['a', 'b'].")
         return self
 
 

@@ -61,12 +61,22 @@ class _Call:
     def deliver(self, msg: Any) -> None:
         with self._lock:
             if self._loop is not None:
+                aq = self._aq
                 try:
-                    self._loop.call_soon_threadsafe(self._aq.put_nowait, msg)  # type: ignore
+                    self._loop.call_soon_threadsafe(self._put_async, aq, msg)
                     return
                 except RuntimeError:  # the event loop has closed: fall back to the queue
                     self._loop = self._aq = None
             self.q.put(msg)
+
+    def _put_async(self, aq: asyncio.Queue[Any], msg: Any) -> None:
+        """On the event loop: deliver, unless the consumer went back to the plain queue
+        since this was scheduled (then the message must not be lost in `aq`)."""
+        with self._lock:
+            if self._aq is aq:
+                aq.put_nowait(msg)
+            else:
+                self.q.put(msg)
 
     def to_sync(self) -> None:
         """Deliver to the plain queue again (after an async consumer went away)."""
@@ -119,6 +129,7 @@ class Engine:
         self.restarts = 0
         self.last_crash: str | None = None
         self.notices: list[str] = []
+        self._closing: Any = None  # the process close() is stopping
 
     # ---- events for dashboards -------------------------------------------
 
@@ -198,6 +209,7 @@ class Engine:
             proc = self._proc
             if proc is None:
                 return
+            self._closing = proc
             if proc.is_alive():
                 try:
                     self._requests.put(P.Shutdown(id=self._new_id("shutdown")))
@@ -271,6 +283,14 @@ class Engine:
 
     def _on_death(self, proc: Any, ready: queue.Queue[Any]) -> None:
         proc.join(1)
+        if self._closing is proc:  # stopped on purpose: not a crash
+            stopped = EngineCrashed("the engine worker was stopped",
+                                    "The next call starts it again.")
+            ready.put(_Crash(stopped))
+            for c in list(self._calls.values()):
+                self._calls.pop(c.request.id, None)
+                c.deliver(_Crash(stopped))
+            return
         how = _describe_exit(proc.exitcode)
         calls = [c for c in list(self._calls.values())]
         self._calls.clear()

@@ -179,7 +179,8 @@ class Runtime:
 
         sha = file_sha256(path)
         namespace = hashlib.sha256(
-            f"{sha}|k={cfg.type_k}|v={cfg.type_v}|fa={cfg.flash_attn}|lora=".encode()
+            f"{sha}|k={cfg.type_k}|v={cfg.type_v}|fa={cfg.flash_attn}|lora=|"
+            f"llama.cpp={L.__version__}".encode()
         ).hexdigest()
         root = Path(cfg.kv_dir).expanduser() if cfg.kv_dir else _paths.home() / "kv"
         return PrefixCache(root, namespace=namespace, model_sha256=sha,
@@ -368,10 +369,14 @@ class Runtime:
             return 0, ""
         n, state, tier = hit
         t0 = time.monotonic()
-        if not self.restore(state):
+        # Keep only the shared prefix. Recurrent models cannot drop a tail, and sliding-
+        # window models may have dropped early cells: then recompute rather than decode on
+        # top of a state that does not match the tokens.
+        if not self.restore(state) or not L.llama_memory_seq_rm(mem, 0, n, -1) \
+                or L.llama_memory_seq_pos_min(mem, 0) > 0 \
+                or L.llama_memory_seq_pos_max(mem, 0) != n - 1:
             L.llama_memory_clear(mem, True)
             return 0, ""
-        L.llama_memory_seq_rm(mem, 0, n, -1)  # keep only the shared prefix
         self.cache.record_restore(tier, len(state), time.monotonic() - t0)
         return n, tier
 
@@ -432,7 +437,7 @@ class Runtime:
             if cancelled():
                 reason = "cancelled"
                 break
-            if n_prompt + n_gen >= n_ctx:
+            if n_prompt + n_gen > n_ctx:  # the next decode would need position n_ctx
                 reason = "context_full"
                 break
             one[0] = tok

@@ -85,7 +85,13 @@ class Worker:
 
     def _read(self) -> None:
         while not self.stopping.is_set():
-            msg = P.check(self.requests.get(), P.REQUESTS)
+            try:
+                msg = P.check(self.requests.get(), P.REQUESTS)
+            except (EOFError, OSError):
+                os._exit(0)  # the kernel is gone
+            except Exception:  # one bad message must not stop the reader
+                traceback.print_exc()
+                continue
             if isinstance(msg, P.Cancel):
                 self.cancelled.add(msg.target)
                 self.send(P.Done(id=msg.id))
@@ -95,11 +101,19 @@ class Worker:
                 return
 
     def _stats(self) -> None:
+        parent = os.getppid()
         while not self.stopping.wait(_STATS_PERIOD_S):
-            cache = self.runtime.cache
-            self.send(P.WorkerStats(id="", rss_bytes=self.proc.memory_info().rss,
-                                    gpu_bytes=self.gpu.used(), t=time.monotonic(),
-                                    kv=cache.occupancy() if cache is not None else None))
+            if os.getppid() != parent:
+                os._exit(0)  # the kernel died: do not hold the model (and its GPU memory)
+            try:
+                cache = self.runtime.cache
+                self.send(P.WorkerStats(id="", rss_bytes=self.proc.memory_info().rss,
+                                        gpu_bytes=self.gpu.used(), t=time.monotonic(),
+                                        kv=cache.occupancy() if cache is not None else None))
+            except (BrokenPipeError, EOFError):
+                os._exit(0)
+            except Exception:
+                traceback.print_exc()
 
     # ---- main loop --------------------------------------------------------
 
@@ -139,11 +153,13 @@ class Worker:
             self.runtime.unload()
             self.send(P.Done(id=msg.id))
         elif isinstance(msg, (P.Generate, P.Chat)):
-            self._generate(msg)
-            try:  # after the reply: the request never waits for this
-                self.runtime.offer_last()
-            except Exception:
-                traceback.print_exc()
+            try:
+                self._generate(msg)
+            finally:
+                try:  # after the reply: the request never waits for this
+                    self.runtime.offer_last()
+                except Exception:
+                    traceback.print_exc()
         elif isinstance(msg, P.KVCommand):
             self.send(P.KVResult(id=msg.id, data=self._kv(msg)))
         else:
@@ -209,7 +225,8 @@ class Worker:
 
         def emit(piece: str, token: int, index: int, t: float) -> None:
             pieces.append(piece)
-            ids.append(token)
+            if token >= 0:  # held-back text at the end has no token of its own
+                ids.append(token)
             dt, state["prev"] = t - state["prev"], t
             if index == 0 or dt >= _HOLD_MAX_S or t - state["last_send"] >= _GROUP_S:
                 flush(t)

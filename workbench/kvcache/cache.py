@@ -93,10 +93,11 @@ class PrefixCache:
 
     def _candidates(self, tokens: np.ndarray) -> list[tuple[int, str, str, Entry]]:
         out = []
-        tiers: list[Any] = [self.ram] + ([self.disk] if self.disk else [])
+        disk = self.disk
+        tiers: list[Any] = [self.ram] + ([disk] if disk else [])
         for tier in tiers:
             for key, e in tier.items():
-                if tier is self.disk and key in self.ram:
+                if tier is disk and key in self.ram:
                     continue
                 n = min(len(e.array), len(tokens) - 1)  # keep one token to compute logits
                 if n < MIN_PREFIX:
@@ -111,8 +112,10 @@ class PrefixCache:
         """The longest usable cached prefix: (its length, the state to restore, the tier).
         The state may hold more tokens than the prefix: the caller trims it."""
         with self._lock:
-            if self.disk:
-                self.disk.rescan()
+            self._promotion = None  # its buffers are about to be reused
+            disk = self.disk
+            if disk:
+                disk.rescan()
             arr = np.asarray(tokens, dtype=np.int32)
             cands = self._candidates(arr)
             # longest prefix first; RAM before disk at the same length
@@ -120,7 +123,9 @@ class PrefixCache:
             for common, tier, key, e in cands:
                 if not self.worth_it(tier, common, e.nbytes):
                     continue
-                state = self.ram.load(key) if tier == "ram" else self.disk.load(key)
+                if tier == "disk" and disk is None:
+                    continue
+                state = self.ram.load(key) if tier == "ram" else disk.load(key)
                 if state is None:  # gone, or discarded as damaged
                     self.stats["discarded"] += tier == "disk"
                     continue
@@ -140,6 +145,8 @@ class PrefixCache:
         promotion, self._promotion = self._promotion, None
         if promotion is not None:
             key, e, state = promotion
+            if len(state) > self.ram.budget:
+                return
             raw = state if isinstance(state, bytes) else state.tobytes()
             with self._lock:
                 if key not in self.ram:
@@ -229,14 +236,23 @@ class PrefixCache:
 
     def sessions_dir(self) -> Path:
         d = self.root / "sessions"
-        d.mkdir(parents=True, exist_ok=True)
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise WorkbenchError(f"cannot use {d} for KV sessions: {e}",
+                                 "Choose another folder with --kv-dir.") from None
         return d
 
     def save_session(self, name: str, tokens: tuple[int, ...], state: bytes) -> dict[str, Any]:
-        info = write_entry(self.sessions_dir() / f"{check_session_name(name)}.wbkv",
-                           namespace=self.namespace, model_sha256=self.model_sha256,
-                           llama_cpp=self.llama_cpp, tokens=tokens, state=state,
-                           codec=self.disk.codec if self.disk else "zstd-shuffle", name=name)
+        path = self.sessions_dir() / f"{check_session_name(name)}.wbkv"
+        try:
+            info = write_entry(path, namespace=self.namespace, model_sha256=self.model_sha256,
+                               llama_cpp=self.llama_cpp, tokens=tokens, state=state,
+                               codec="zstd-shuffle", name=name)
+        except OSError as e:
+            raise WorkbenchError(f"could not save KV session {name!r}: {e}",
+                                 f"Free some space in {path.parent}, or check its "
+                                 "permissions.") from None
         return {"name": name, "tokens": len(tokens), "file_bytes": info.file_bytes}
 
     def load_session(self, name: str) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Protocol
@@ -20,6 +21,9 @@ from typing import Iterator, Protocol
 import numpy as np
 
 from .store import BadEntry, EntryInfo, Scratch, read_entry, read_info, write_entry
+
+
+_STALE_TMP_S = 3600.0  # a temporary file this old belongs to a writer that died
 
 
 @dataclass
@@ -121,7 +125,7 @@ class DiskTier:
         return self.folder / f"{key}.wbkv"
 
     def used(self) -> int:
-        return sum(e.nbytes for e in self.index.values())
+        return sum(e.nbytes for e in list(self.index.values()))
 
     def items(self) -> Iterator[tuple[str, Entry]]:
         return iter(list(self.index.items()))
@@ -142,13 +146,17 @@ class DiskTier:
             return
         self._scanned_mtime = mtime
         seen = set()
+        for p in self.folder.glob(".*.tmp"):  # left by a writer that died mid-write
+            with contextlib.suppress(OSError):
+                if time.time() - p.stat().st_mtime > _STALE_TMP_S:
+                    p.unlink()
         for p in self.folder.glob("*.wbkv"):
             seen.add(p.stem)
             if p.stem in self.index:
                 continue
             try:
                 info = read_info(p)
-            except FileNotFoundError:
+            except OSError:  # gone, or not ours to read
                 continue
             except BadEntry as e:
                 self._discard(p, str(e))
@@ -159,7 +167,7 @@ class DiskTier:
                 continue
             self.index[p.stem] = Entry(info.tokens, info.file_bytes)
         for k in set(self.index) - seen:
-            del self.index[k]
+            self.index.pop(k, None)
 
     def load(self, key: str, scratch: bool = True) -> bytes | np.ndarray | None:
         """The entry's state. With `scratch` (the request path) it lives in reused buffers
@@ -169,7 +177,7 @@ class DiskTier:
             _, state = read_entry(p, namespace=self.namespace, model_sha256=self.model_sha256,
                                   llama_cpp=self.llama_cpp,
                                   scratch=self.scratch if scratch else None)
-        except FileNotFoundError:
+        except OSError:  # gone (another engine evicted it), or unreadable
             self.index.pop(key, None)
             return None
         except BadEntry as e:
