@@ -202,7 +202,10 @@ def main() -> None:
                           flash_attn=fa == "on")
     workbench.load_model(model, progress=False, n_ctx=n_ctx, threads=threads,
                          n_gpu_layers=-1 if args.gpu else 0, flash_attn=fa,
-                         backend_sampling=args.backend_sampling)
+                         backend_sampling=args.backend_sampling,
+                         # every repetition sends the same prompt: measure computing it,
+                         # not restoring it (benchmarks/kv_cache.py measures that)
+                         kv_cache="off")
     tokens = prompt_tokens(llm)
     # warm-up of (b) and (c): page in weights, build graphs
     run_llama_cpp_python(llm, tokens)
@@ -255,6 +258,7 @@ def main() -> None:
                   if args.synthetic else None},
         "params": {"threads": threads, "n_prompt": N_PROMPT, "n_gen": N_GEN, "n_ctx": n_ctx,
                    "n_gpu_layers": ngl, "flash_attn": fa, "sampling": "greedy", "reps": reps,
+                   "kv_cache": "off",
                    "backend_sampling": args.backend_sampling,
                    "llama_bench": str(exe), "llama_bench_args": f"-p 512 -n 128 -d 0,512 -r 1 -fa {fa}"},
         "medians": medians, "ratios": ratios, "ratio_runs": ratio_runs, "runs": runs,
