@@ -70,7 +70,6 @@ def test_async_iteration(loaded):
 
 
 def test_several_requests_in_flight(loaded):
-    e = workbench.engine()
     s1 = workbench.generate("Alpha beta gamma", stream=True, max_tokens=6, temperature=0)
     s2 = workbench.generate("One two three", stream=True, max_tokens=6, temperature=0)
     assert s1.id != s2.id

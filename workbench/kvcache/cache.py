@@ -14,7 +14,6 @@ import logging
 import queue
 import re
 import threading
-import time
 from pathlib import Path
 from typing import Any, Callable
 
