@@ -219,3 +219,37 @@ def test_backend_sampling_gives_the_same_greedy_tokens(loaded, default_model):
         assert backend.text == host.text
     finally:
         workbench.load_model(progress=False, n_ctx=2048)
+
+
+def test_worker_exits_when_its_kernel_dies(tmp_path):
+    """A kernel killed outright (OOM, kill -9) must not leave its model loaded forever."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    script = tmp_path / "kernel.py"
+    script.write_text(
+        "import sys, time, workbench\n"
+        "if __name__ == '__main__':\n"
+        "    workbench.load_model(progress=False, n_ctx=256)\n"
+        "    print(workbench.engine().pid, flush=True)\n"
+        "    time.sleep(600)\n")
+    kernel = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        worker_pid = int(kernel.stdout.readline())
+        assert psutil.pid_exists(worker_pid)
+        kernel.kill()
+        kernel.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if psutil.Process(worker_pid).status() == psutil.STATUS_ZOMBIE:
+                    break
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the worker outlived its kernel by 10 s")
+    finally:
+        kernel.kill()
