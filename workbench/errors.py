@@ -36,3 +36,10 @@ class EngineCrashed(WorkbenchError):
 
 class GenerationError(WorkbenchError):
     """A request could not run: bad parameters, too long a prompt, no model."""
+
+
+def no_model() -> GenerationError:
+    """The error for any request that needs a model when none is loaded."""
+    return GenerationError("no model is loaded",
+                           "Load one first with `%load_model` (no argument loads the default "
+                           "model).")

@@ -28,7 +28,7 @@ from typing import Any, AsyncIterator, Callable, Iterator
 
 from .. import _paths
 from ..config import GenerationConfig, LoadConfig
-from ..errors import EngineCrashed, GenerationError, ModelFileError, WorkbenchError
+from ..errors import EngineCrashed, GenerationError, ModelFileError, WorkbenchError, no_model
 from ..models.gguf_file import read_header
 from . import protocol as P
 
@@ -386,9 +386,7 @@ class Engine:
         """Start a generation; returns a stream of its tokens."""
         with self._lock:
             if self._last_load is None:
-                raise GenerationError("no model is loaded",
-                                      "Load one first with `%load_model` (no argument loads "
-                                      "the default model).")
+                raise no_model()
             self._ensure()
             rid = self._new_id(request_kind)
             if request_kind == "chat":
@@ -402,7 +400,7 @@ class Engine:
         """Run a prefix cache / named session operation in the worker."""
         with self._lock:
             if self._last_load is None:
-                raise GenerationError("no model is loaded", "Load one first with `%load_model`.")
+                raise no_model()
             self._ensure()
             call = self._submit(P.KVCommand(id=self._new_id("kv"), op=op, name=name), f"kv {op}")
         return self._wait(call).data

@@ -19,7 +19,7 @@ import llama_cpp as L
 
 from .. import _paths
 from ..config import GenerationConfig, LoadConfig
-from ..errors import GenerationError, ModelFileError
+from ..errors import GenerationError, ModelFileError, no_model
 from ..models.gguf_file import read_header
 from .protocol import ModelInfo
 from .template import render_chat
@@ -319,7 +319,7 @@ class Runtime:
         """Decode `tokens`, then sample until a stop condition; `emit(text, token, index, t)`
         is called for each generated token as soon as it exists."""
         if self.ctx is None or self.info is None:
-            raise GenerationError("no model is loaded", "Load one first with `%load_model`.")
+            raise no_model()
         ctx, vocab = self.ctx, self.vocab
         n_ctx, n_batch = self.info.n_ctx, self.info.n_batch
         n_prompt = len(tokens)

@@ -16,7 +16,7 @@ import time
 import traceback
 from typing import Any
 
-from ..errors import WorkbenchError
+from ..errors import WorkbenchError, no_model
 from . import protocol as P
 
 _STATS_PERIOD_S = 1.0
@@ -166,8 +166,6 @@ class Worker:
             raise TypeError(f"unhandled request {msg!r}")
 
     def _kv(self, msg: P.KVCommand) -> dict:
-        from ..errors import WorkbenchError
-
         rt = self.runtime
         cache = rt.cache
         if cache is None:
@@ -198,9 +196,7 @@ class Worker:
         t_received = time.monotonic()
         rt = self.runtime
         if rt.info is None:
-            from ..errors import GenerationError
-
-            raise GenerationError("no model is loaded", "Load one first with `%load_model`.")
+            raise no_model()
         if isinstance(msg, P.Chat):
             text, add_bos = rt.chat_prompt([{"role": r, "content": c} for r, c in msg.messages])
             kind = "chat"
