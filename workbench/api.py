@@ -4,6 +4,7 @@ which work the same in a script without IPython."""
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import json
 import os
 import threading
@@ -39,19 +40,106 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
     return Path(model).expanduser()
 
 
+PLACEMENT_SETTINGS = ("n_ctx", "n_gpu_layers", "threads", "n_batch", "n_ubatch", "flash_attn",
+                      "type_k", "type_v", "tensor_split", "backend_sampling")
+
+
 def load_model(model: str | os.PathLike | None = None, *, progress: bool = True,
                **settings: Any) -> LoadedModel:
     """Load a GGUF model into the background worker (replacing the current one).
 
     `model`: a path, or None / "default" for SmolLM2-135M-Instruct.
-    `settings`: fields of `LoadConfig` (n_ctx, n_gpu_layers, threads, n_batch, ...).
+    `settings`: fields of `LoadConfig` (device, n_ctx, n_gpu_layers, threads, ...). The
+    planner fills in what is not given, from this machine's measured memory (`plan`).
     """
     config: LoadConfig = build(LoadConfig, settings)
     path = resolve_model(model)
+    placement = _plan(path, config, settings)
+    config = dataclasses.replace(config, **placement.settings).validate()
     bar = progress_bar(f"Loading {path.name}", enabled=progress)
     info = engine().load(path, config, on_progress=bar)
     bar.close(f"{info.load_seconds:.1f} s")
-    return LoadedModel(info)
+    return LoadedModel(info, placement)
+
+
+def inspect_model(model: str | os.PathLike | None = None) -> Any:
+    """A GGUF model's shape and memory costs (weights per layer, KV bytes per token for
+    each KV type), read from the file without loading it."""
+    from .models.inspect import inspect_model as _inspect
+
+    return _inspect(resolve_model(model))
+
+
+def plan(model: str | os.PathLike | None = None, **settings: Any) -> Any:
+    """How `model` would be placed on this machine, with the reasons (a `Placement`).
+    `settings`: LoadConfig fields to keep fixed (device, n_ctx, n_gpu_layers, gpu_mem_mib,
+    ram_mib, ...). Nothing is loaded: the compute buffers come from a dry run."""
+    config: LoadConfig = build(LoadConfig, settings)
+    return _plan(resolve_model(model), config, settings)
+
+
+def _plan(path: Path, config: LoadConfig, given: dict[str, Any]) -> Any:
+    from .device import budget
+    from .device.plan import place
+    from .models.inspect import inspect_model as _inspect
+
+    inspection = _inspect(path)
+    e = engine()
+    budgets = budget.budgets(e, config)
+    fixed = {k: config_value for k in PLACEMENT_SETTINGS
+             if (config_value := getattr(config, k)) is not None and given.get(k) is not None}
+
+    def measure(chosen: dict[str, Any]) -> Any:
+        return e.measure_buffers(path, dataclasses.replace(config, **chosen))
+
+    tuned = None
+    if "threads" not in fixed:
+        tuned = _tuned(path, e)
+    from .device.profile import usable_cores
+
+    return place(inspection, budgets, device=config.device, fixed=fixed, cores=usable_cores(),
+                 overheads=budget.overheads(e), measure=measure, tuned=tuned)
+
+
+def _tuned(path: Path, e: Engine) -> dict[str, Any] | None:
+    from .device.profile import fingerprint
+    from .device.tune import TuningDB
+    from .models.hashing import file_sha256
+
+    db = TuningDB()
+    try:
+        return db.best(fingerprint(), file_sha256(path), e.worker.llama_cpp_version)
+    finally:
+        db.close()
+
+
+def profile_device(model: str | os.PathLike | None = None, *, measure: bool = True,
+                   live: bool = False) -> Any:
+    """This machine: CPU, RAM, measured memory bandwidth and disk read speed (of the
+    model's folder), GPUs through NVML, and the devices llama.cpp sees. With `live=True`,
+    a widget of CPU/GPU utilization and memory, updated every second while it runs."""
+    if live:
+        from .dashboards.device import DeviceMonitor
+
+        return DeviceMonitor(engine())
+    from .device.profile import profile_device as _profile
+
+    return _profile(resolve_model(model).parent, measure=measure,
+                    llama_devices=engine().devices())
+
+
+def autotune(model: str | os.PathLike | None = None, *, threads: Sequence[int] | None = None,
+             n_gpu_layers: Sequence[int] | None = None, n_prompt: int = 128, n_gen: int = 32,
+             repeats: int = 2, progress: bool = True, **settings: Any) -> Any:
+    """Measure prompt and decode speed (tokens/s) of candidate (n_gpu_layers, threads)
+    pairs, store every run in the tuning database, and load the fastest. Later loads
+    on this machine use what was measured. Candidates run in turn, `repeats` times,
+    and each keeps its best run (the machine may be noisy)."""
+    from .device.tune import autotune as _autotune
+
+    return _autotune(resolve_model(model), threads=threads, n_gpu_layers=n_gpu_layers,
+                     n_prompt=n_prompt, n_gen=n_gen, repeats=repeats, progress=progress,
+                     settings=settings)
 
 
 def unload() -> None:

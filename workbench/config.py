@@ -24,12 +24,15 @@ def setting(default: Any, help: str, *, lo: float | None = None, hi: float | Non
 
 
 KV_TYPES = ("f16", "q8_0", "q4_0")
+DEVICES = ("auto", "cpu", "gpu")
 
 
 @dataclass(frozen=True)
 class LoadConfig:
     """How the worker loads a model and builds its context."""
 
+    device: str = setting("auto", "where the model runs: auto (planned from the model's size "
+                          "and this machine's free memory), cpu, or gpu")
     n_ctx: int = setting(4096, "context length in tokens", lo=16, hi=1 << 20)
     n_gpu_layers: int | None = setting(
         None, "layers offloaded to the GPU (-1 = all; default: all with a GPU build, else 0)",
@@ -48,10 +51,15 @@ class LoadConfig:
     kv_disk_mib: int = setting(4096, "disk budget of the prefix cache, MiB (0: RAM only)", lo=0)
     kv_dir: str | None = setting(None, "folder of the prefix cache's disk tier "
                                  "(default: $WORKBENCH_HOME/kv)")
+    tensor_split: tuple[float, ...] = setting((), "share of the layers on each GPU", flag=False)
+    gpu_mem_mib: int | None = setting(None, "most memory the planner may use on each GPU, MiB "
+                                      "(default: free memory less 512 MiB)", lo=0)
+    ram_mib: int | None = setting(None, "most RAM the planner may use, MiB (default: "
+                                  "available RAM less 512 MiB)", lo=0)
 
     def validate(self) -> "LoadConfig":
         _check_bounds(self, WorkbenchError)
-        for name, allowed in (("flash_attn", ("auto", "on", "off")),
+        for name, allowed in (("device", DEVICES), ("flash_attn", ("auto", "on", "off")),
                               ("backend_sampling", ("auto", "on", "off")),
                               ("kv_cache", ("on", "off")),
                               ("type_k", KV_TYPES), ("type_v", KV_TYPES)):
@@ -140,6 +148,5 @@ def build(cls: type, values: dict[str, Any]) -> Any:
                              f"Known settings: {', '.join(sorted(names))}.")
     if "stop" in values and isinstance(values["stop"], str):
         values = {**values, "stop": (values["stop"],)}
-    elif "stop" in values and values["stop"] is not None:
-        values = {**values, "stop": tuple(values["stop"])}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     return cls(**{k: v for k, v in values.items() if v is not None or k == "seed"}).validate()

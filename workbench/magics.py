@@ -79,7 +79,40 @@ def _kv_parser() -> _Parser:
     return p
 
 
+def _profile_parser() -> _Parser:
+    p = _Parser(prog="%profile_device", description="Profile this machine (CPU, RAM, memory "
+                "bandwidth, disk, GPUs, llama.cpp's devices); --live watches it; --tune "
+                "measures configurations of a model and keeps the fastest.")
+    p.add_argument("--quick", action="store_true", help="skip the bandwidth and disk runs")
+    p.add_argument("--live", action="store_true",
+                   help="a live view of CPU/GPU utilization and memory")
+    p.add_argument("--tune", metavar="MODEL", default=None,
+                   help="autotune MODEL (a path or 'default') and load the fastest setting")
+    p.add_argument("--threads", type=_int_list, default=None, metavar="N,N,...",
+                   help="thread counts to try with --tune")
+    p.add_argument("--n-gpu-layers", dest="n_gpu_layers", type=_int_list, default=None,
+                   metavar="N,N,...", help="GPU layer counts to try with --tune")
+    p.add_argument("--repeats", type=int, default=2, help="runs of each candidate (--tune)")
+    return p
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}")
+
+
+def _plan_parser() -> _Parser:
+    p = _parser("%plan", "Show how a model would be placed here, and why (nothing is loaded).",
+                LoadConfig)
+    p.add_argument("model", nargs="?", default=None, help="path of a .gguf file, or 'default'")
+    return p
+
+
 PARSERS = {
+    "profile_device": _profile_parser(),
+    "plan": _plan_parser(),
     "load_model": _load_parser(),
     "chat": _gen_parser("%%chat", "Answer the cell's text with the model's chat template, "
                         "streaming the answer."),
@@ -137,6 +170,25 @@ class WorkbenchMagics(Magics):
         if ns is None:
             return None
         return api.load_model(ns.model, **_settings(ns, LoadConfig))
+
+    @line_magic
+    def profile_device(self, line: str) -> Any:
+        """%profile_device [--quick] [--live] [--tune MODEL [--threads 1,2] [--n-gpu-layers ...]]"""
+        ns = parse("profile_device", line)
+        if ns is None:
+            return None
+        if ns.tune:
+            return api.autotune(ns.tune, threads=ns.threads, n_gpu_layers=ns.n_gpu_layers,
+                                repeats=ns.repeats)
+        return api.profile_device(measure=not ns.quick, live=ns.live)
+
+    @line_magic
+    def plan(self, line: str) -> Any:
+        """%plan [PATH | default] [--device auto|cpu|gpu] [--gpu-mem-mib N] [--n-ctx N] ..."""
+        ns = parse("plan", line)
+        if ns is None:
+            return None
+        return api.plan(ns.model, **_settings(ns, LoadConfig))
 
     @line_magic
     def unload_model(self, line: str) -> None:

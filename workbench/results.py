@@ -74,8 +74,9 @@ class LoadedModel(_KeyValue):
 
     title = "Model loaded"
 
-    def __init__(self, info: ModelInfo) -> None:
+    def __init__(self, info: ModelInfo, placement: Any = None) -> None:
         self.info = info
+        self.placement = placement  # device.plan.Placement: the planner's reasons
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.info, name)
@@ -89,7 +90,13 @@ class LoadedModel(_KeyValue):
                 ("GPU layers", i.n_gpu_layers), ("threads", i.threads),
                 ("KV cache", f"K {i.type_k}, V {i.type_v}: {i.kv_bytes_per_token:,} bytes/token, "
                              f"{i.kv_bytes_per_token * i.n_ctx / 2**20:,.0f} MiB at full context"),
-                ("load time", f"{i.load_seconds:.2f} s"), ("path", i.path)]
+                ("load time", f"{i.load_seconds:.2f} s"), ("path", i.path)] + (
+            [("placement", self._placement())] if self.placement is not None else [])
+
+    def _placement(self) -> str:
+        p = self.placement
+        where = "; ".join(f"{m.device} {m.total / 2**30:,.2f} GiB" for m in p.memory if m.total)
+        return (f"predicted {where} (details: .placement)")
 
 
 def _metrics_line(m: RequestMetrics) -> str:

@@ -268,7 +268,8 @@ class Engine:
             ttft = (call.first_token_at or time.monotonic()) - call.submitted
             msg = dataclasses.replace(msg, metrics=dataclasses.replace(msg.metrics, ttft_s=ttft))
             self._record(msg.metrics)
-        if isinstance(msg, (P.Finished, P.Failed, P.Done, P.ModelLoaded, P.KVResult)):
+        if isinstance(msg, (P.Finished, P.Failed, P.Done, P.ModelLoaded, P.KVResult,
+                            P.DeviceList, P.Buffers)):
             self._calls.pop(msg.id, None)
         call.deliver(msg)
 
@@ -404,6 +405,22 @@ class Engine:
             self._ensure()
             call = self._submit(P.KVCommand(id=self._new_id("kv"), op=op, name=name), f"kv {op}")
         return self._wait(call).data
+
+    def devices(self) -> tuple[P.Device, ...]:
+        """The devices llama.cpp sees in the worker, with their free memory now."""
+        with self._lock:
+            self._ensure()
+            call = self._submit(P.ListDevices(id=self._new_id("devices")), "list devices")
+        return self._wait(call).devices
+
+    def measure_buffers(self, path: str | os.PathLike, config: LoadConfig) -> tuple[P.Buffer, ...]:
+        """The buffers llama.cpp would allocate to load `path` with `config`: a dry run
+        in the worker that allocates nothing."""
+        with self._lock:
+            self._ensure()
+            call = self._submit(P.MeasureBuffers(id=self._new_id("measure"), path=str(path),
+                                                 config=config), "measure buffers")
+        return self._wait(call).buffers
 
     def cancel(self, call: _Call) -> None:
         if self.alive and call.request.id in self._calls:

@@ -3,19 +3,11 @@
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
 from pathlib import Path
 
+from .protocol import Device
+
 _TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel", 4: "meta"}
-
-
-@dataclass(frozen=True)
-class BackendDevice:
-    name: str
-    description: str
-    kind: str          # cpu | gpu | igpu | accel | meta
-    memory_free: int   # bytes
-    memory_total: int  # bytes
 
 
 def _load_ggml() -> ctypes.CDLL:
@@ -45,7 +37,7 @@ def _lib() -> ctypes.CDLL:
     return lib
 
 
-def backend_devices() -> list[BackendDevice]:
+def backend_devices() -> list[Device]:
     import llama_cpp
 
     llama_cpp.llama_backend_init()
@@ -55,7 +47,7 @@ def backend_devices() -> list[BackendDevice]:
         dev = lib.ggml_backend_dev_get(i)
         free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
         lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
-        out.append(BackendDevice(
+        out.append(Device(
             name=(lib.ggml_backend_dev_name(dev) or b"").decode(errors="replace"),
             description=(lib.ggml_backend_dev_description(dev) or b"").decode(errors="replace"),
             kind=_TYPES.get(lib.ggml_backend_dev_type(dev), "unknown"),

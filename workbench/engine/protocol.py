@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from ..config import GenerationConfig, LoadConfig
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,7 +66,48 @@ class KVCommand(Message):
     name: str = ""
 
 
+@dataclass(frozen=True, kw_only=True)
+class ListDevices(Message):
+    """The compute devices llama.cpp sees, with their free memory now."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class MeasureBuffers(Message):
+    """A dry run: build the model and context of `config` without allocating anything,
+    and report the buffers llama.cpp would allocate (their sizes, by device)."""
+    path: str
+    config: LoadConfig
+
+
 # ---- worker -> kernel -------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class Device:
+    """A device of llama.cpp's backend registry. Memory in bytes."""
+    name: str
+    description: str
+    kind: str          # cpu | gpu | igpu | accel | meta
+    memory_free: int
+    memory_total: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Buffer:
+    """One buffer llama.cpp allocates (or would, in a dry run)."""
+    device: str        # llama.cpp's buffer type: CPU, CPU_Mapped, CUDA0, CUDA_Host, ...
+    kind: str          # model | KV | output | compute
+    bytes: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeviceList(Message):
+    devices: tuple[Device, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Buffers(Message):
+    buffers: tuple[Buffer, ...]
+
 
 @dataclass(frozen=True, kw_only=True)
 class WorkerReady(Message):
@@ -74,6 +115,8 @@ class WorkerReady(Message):
     llama_cpp_version: str
     supports_gpu_offload: bool
     system_info: str
+    rss_bytes: int = 0            # the worker's memory before any model: the planner's base
+    gpu_bytes: int | None = None  # GPU memory the worker holds before any model
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,6 +143,9 @@ class ModelInfo:
     type_k: str = "f16"
     type_v: str = "f16"
     kv_bytes_per_token: int = 0  # KV cache memory per token of context, all layers
+    buffers: tuple[Buffer, ...] = ()  # what llama.cpp allocated, by device
+    flash_attn: str = "off"
+    n_ubatch: int = 512
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -140,6 +186,7 @@ class RequestMetrics:
     wall_time: float = field(default=0.0)  # time.time() at the end
     cached_tokens: int = 0  # prompt tokens restored from the prefix cache, not computed
     cache_tier: str = ""    # "ram" or "disk" on a hit
+    peak_rss_bytes: int = 0  # the worker's peak resident memory so far
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -180,9 +227,10 @@ class WorkerStats(Message):
     kv: dict | None = None  # prefix cache occupancy and hit counts
 
 
-REQUESTS = (LoadModel, Generate, Chat, Cancel, Unload, Shutdown, KVCommand)
+REQUESTS = (LoadModel, Generate, Chat, Cancel, Unload, Shutdown, KVCommand, ListDevices,
+            MeasureBuffers)
 REPLIES = (WorkerReady, LoadProgress, ModelLoaded, Tokens, Finished, Failed, Done, WorkerStats,
-           KVResult, Notice)
+           KVResult, Notice, DeviceList, Buffers)
 
 
 def check(msg: object, expected: tuple[type, ...]) -> Message:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 import collections
 import ctypes
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,14 +22,41 @@ from .. import _paths
 from ..config import GenerationConfig, LoadConfig
 from ..errors import GenerationError, ModelFileError, no_model
 from ..models.gguf_file import read_header
-from .protocol import ModelInfo
+from .protocol import Buffer, ModelInfo
 from .template import render_chat
 
 _FLASH_ATTN = {"auto": L.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED,
                "off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED}
 _DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp: pick a random seed
 _GGML_TYPES = {"f16": L.GGML_TYPE_F16, "q8_0": L.GGML_TYPE_Q8_0, "q4_0": L.GGML_TYPE_Q4_0}
-_TYPE_BYTES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}  # bytes per element
+
+
+_BUFFER_LINE = re.compile(r"(\S+)\s+(model|KV|output|compute) buffer size =\s*([\d.]+) MiB")
+
+
+def _model_params(cfg: LoadConfig):
+    mparams = L.llama_model_default_params()
+    mparams.n_gpu_layers = cfg.n_gpu_layers if cfg.n_gpu_layers is not None else 0
+    if cfg.tensor_split:
+        split = (ctypes.c_float * L.llama_max_devices())(*cfg.tensor_split)
+        mparams.tensor_split = ctypes.cast(split, ctypes.POINTER(ctypes.c_float))
+        mparams._keep_split = split  # C reads it during the load
+    return mparams
+
+
+def _context_params(cfg: LoadConfig):
+    cparams = L.llama_context_default_params()
+    cparams.n_ctx = cfg.n_ctx
+    cparams.n_batch = cfg.n_batch
+    cparams.n_ubatch = min(cfg.n_ubatch, cfg.n_batch)
+    cparams.n_seq_max = 1
+    cparams.n_threads = cfg.threads or 1
+    cparams.n_threads_batch = cfg.threads or 1
+    cparams.flash_attn_type = _FLASH_ATTN[cfg.flash_attn]
+    cparams.type_k = _GGML_TYPES[cfg.type_k]
+    cparams.type_v = _GGML_TYPES[cfg.type_v]
+    cparams.no_perf = True
+    return cparams
 
 
 class _Log:
@@ -39,14 +67,28 @@ class _Log:
     def __init__(self, echo: bool) -> None:
         self.lines: collections.deque[tuple[int, str]] = collections.deque(maxlen=400)
         self.echo = echo
+        self._buffers: list[Buffer] = []
         self._cb = L.llama_log_callback(self._on_log)  # keep a reference: C holds it
         L.llama_log_set(self._cb, None)
 
     def _on_log(self, level: int, text: bytes, _user: object) -> None:
         s = text.decode("utf-8", errors="replace")
         self.lines.append((level, s))
+        if "buffer size" in s:  # kept apart: a load logs more lines than `lines` holds
+            m = _BUFFER_LINE.search(s)
+            if m:
+                self._buffers.append(Buffer(device=m.group(1), kind=m.group(2),
+                                            bytes=int(float(m.group(3)) * 2**20)))
         if self.echo:
             print(s, end="", flush=True)
+
+    def clear(self) -> None:
+        self.lines.clear()
+        self._buffers.clear()
+
+    def buffers(self) -> tuple[Buffer, ...]:
+        """The (non-empty) buffers llama.cpp logged since the last `clear()`."""
+        return tuple(b for b in self._buffers if b.bytes)
 
     def last_error(self) -> str:
         """The first error logged since `lines` was last cleared: the cause, where later
@@ -103,8 +145,7 @@ class Runtime:
         self.unload()
         header = read_header(path)  # a clear error before llama.cpp sees a bad file
         t0 = time.monotonic()
-        mparams = L.llama_model_default_params()
-        mparams.n_gpu_layers = cfg.n_gpu_layers if cfg.n_gpu_layers is not None else 0
+        mparams = _model_params(cfg)
 
         def on_progress(fraction: float, _user: object) -> bool:
             progress(fraction)
@@ -112,7 +153,7 @@ class Runtime:
 
         cb = L.llama_progress_callback(on_progress)
         mparams.progress_callback = cb
-        self.log.lines.clear()
+        self.log.clear()
         model = L.llama_model_load_from_file(str(path).encode(), mparams)
         if not model:
             raise ModelFileError(
@@ -120,17 +161,7 @@ class Runtime:
                 "The file's header is valid, so llama.cpp may not support this architecture "
                 f"({header.architecture!r}) or quantization ({header.quantization}); "
                 "try a newer llama-cpp-python.")
-        cparams = L.llama_context_default_params()
-        cparams.n_ctx = cfg.n_ctx
-        cparams.n_batch = cfg.n_batch
-        cparams.n_ubatch = min(cfg.n_ubatch, cfg.n_batch)
-        cparams.n_seq_max = 1
-        cparams.n_threads = cfg.threads or 1
-        cparams.n_threads_batch = cfg.threads or 1
-        cparams.flash_attn_type = _FLASH_ATTN[cfg.flash_attn]
-        cparams.type_k = _GGML_TYPES[cfg.type_k]
-        cparams.type_v = _GGML_TYPES[cfg.type_v]
-        cparams.no_perf = True
+        cparams = _context_params(cfg)
         ctx = L.llama_init_from_model(model, cparams)
         if not ctx:
             L.llama_model_free(model)
@@ -149,15 +180,9 @@ class Runtime:
         name = Path(path).name
         if cfg.kv_cache == "on":
             self.cache = self._open_cache(path, cfg)
-        hd_k = int(header.arch_value("attention.key_length", 0)) or \
-            int(header.arch_value("embedding_length", 0)) // max(1, int(
-                header.arch_value("attention.head_count", 1)))
-        hd_v = int(header.arch_value("attention.value_length", 0)) or hd_k
-        n_kv = header.arch_value("attention.head_count_kv", header.arch_value(
-            "attention.head_count", 1))
-        n_kv = max(n_kv) if isinstance(n_kv, list) else int(n_kv)
-        kv_per_token = int(int(header.arch_value("block_count", 0)) * n_kv * (
-            hd_k * _TYPE_BYTES[cfg.type_k] + hd_v * _TYPE_BYTES[cfg.type_v]))
+        from ..models.inspect import inspect_model
+
+        kv_per_token = inspect_model(path).kv_bytes_per_token(cfg.type_k, cfg.type_v)
         self.info = ModelInfo(
             path=str(path), name=str(name), architecture=header.architecture,
             quantization=header.quantization, n_params=header.n_params,
@@ -168,8 +193,35 @@ class Runtime:
             threads=cparams.n_threads, n_batch=cfg.n_batch,
             has_chat_template=bool(self.template),
             load_seconds=time.monotonic() - t0, type_k=cfg.type_k, type_v=cfg.type_v,
-            kv_bytes_per_token=kv_per_token)
+            kv_bytes_per_token=kv_per_token, buffers=self.log.buffers(),
+            flash_attn=cfg.flash_attn, n_ubatch=cparams.n_ubatch)
         return self.info
+
+    def measure_buffers(self, path: str, cfg: LoadConfig) -> tuple[Buffer, ...]:
+        """The buffers llama.cpp would allocate for `cfg`, from a dry run that allocates
+        none (the model's metadata is read; no weight is). Compute buffers are what this
+        measures well: model and KV buffers report zero in a dry run, and the planner
+        prices those from the file."""
+        read_header(path)
+        mparams = _model_params(cfg)
+        mparams.no_alloc = True
+        mparams.load_mode = L.LLAMA_LOAD_MODE_NONE  # a dry run maps nothing
+        self.log.clear()
+        model = L.llama_model_load_from_file(str(path).encode(), mparams)
+        if not model:
+            raise ModelFileError(f"llama.cpp could not read {path}: "
+                                 f"{self.log.last_error() or 'no reason given'}",
+                                 "Check the file with workbench.inspect_model().")
+        try:
+            ctx = L.llama_init_from_model(model, _context_params(cfg))
+            if not ctx:
+                raise GenerationError(f"llama.cpp could not plan a context of {cfg.n_ctx:,} "
+                                      f"tokens: {self.log.last_error() or 'no reason given'}",
+                                      "Try a smaller --n-ctx.")
+            L.llama_free(ctx)
+        finally:
+            L.llama_model_free(model)
+        return self.log.buffers()
 
     def _open_cache(self, path: str, cfg: LoadConfig):
         import hashlib
@@ -333,7 +385,7 @@ class Runtime:
         mem = L.llama_get_memory(ctx)
         L.llama_memory_clear(mem, True)
         self.last_tokens = ()
-        self.log.lines.clear()
+        self.log.clear()
         start, tier = self._restore_prefix(tokens, mem)
         chain = self._sampler(g)
         # On the backend the chain runs inside the graph and only the token id comes back;

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import queue
+import resource
 import threading
 import time
 import traceback
@@ -74,7 +75,8 @@ class Worker:
         self.send(P.WorkerReady(
             id="", pid=os.getpid(), llama_cpp_version=llama_cpp.__version__,
             supports_gpu_offload=has_gpu(),
-            system_info=llama_cpp.llama_print_system_info().decode(errors="replace")))
+            system_info=llama_cpp.llama_print_system_info().decode(errors="replace"),
+            rss_bytes=self.proc.memory_info().rss, gpu_bytes=self.gpu.used()))
 
     def send(self, msg: P.Message) -> None:
         # One pipe, written by three threads; no feeder thread, so no extra wake-up.
@@ -162,6 +164,13 @@ class Worker:
                     traceback.print_exc()
         elif isinstance(msg, P.KVCommand):
             self.send(P.KVResult(id=msg.id, data=self._kv(msg)))
+        elif isinstance(msg, P.ListDevices):
+            from .devices import backend_devices
+
+            self.send(P.DeviceList(id=msg.id, devices=tuple(backend_devices())))
+        elif isinstance(msg, P.MeasureBuffers):
+            self.send(P.Buffers(id=msg.id,
+                                buffers=self.runtime.measure_buffers(msg.path, msg.config)))
         else:
             raise TypeError(f"unhandled request {msg!r}")
 
@@ -243,6 +252,7 @@ class Worker:
             decode_tps=(r.generated - 1) / decode_s if r.generated > 1 and decode_s > 0 else 0.0,
             total_s=time.monotonic() - t_received, finish_reason=r.finish_reason,
             rss_bytes=self.proc.memory_info().rss, gpu_bytes=self.gpu.used(),
+            peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             n_threads=info.threads, n_ctx=info.n_ctx, wall_time=time.time(),
             cached_tokens=r.cached_tokens, cache_tier=r.cache_tier)
         self.send(P.Finished(id=rid, text=r.text, metrics=metrics))

@@ -1,1 +1,5 @@
-"""Model files: GGUF headers, the default model."""
+"""Model files: GGUF headers and inspection, the default model, synthetic models."""
+
+from .synthetic import SHAPES, synthetic
+
+__all__ = ["SHAPES", "synthetic"]

@@ -1,0 +1,1 @@
+"""The machine and the placement of models on it: profile, plan, autotune."""
