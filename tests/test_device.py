@@ -1,0 +1,279 @@
+"""Device profile, GGUF inspector, placement planner, autotune and its database.
+
+The CPU paths run for real: the default model in the worker, real memory measured.
+A GPU cannot exist on CI, so the planner's GPU decisions are tested through its pure
+function with explicit GPU budgets (the numbers a GPU would report)."""
+
+from __future__ import annotations
+
+import sqlite3
+import warnings
+
+import pytest
+from IPython.core.interactiveshell import InteractiveShell
+
+import workbench
+from workbench.device.plan import GiB, MiB, Budget, Overheads, place
+from workbench.device.profile import DeviceProfile, usable_cores
+from workbench.device.tune import TuningDB
+from workbench.errors import ModelFileError, WorkbenchError
+from workbench.models import synthetic
+from workbench.models.inspect import inspect_model
+
+from gguf_edit import truncated
+
+
+# ---- inspector ---------------------------------------------------------------------
+
+def test_inspector_matches_what_llama_cpp_allocates(default_model):
+    m = inspect_model(default_model)
+    assert (m.architecture, m.n_layers, m.n_ctx_train, m.n_vocab) == ("llama", 30, 8192, 49152)
+    assert m.quantization == "Q4_1" and m.output_tied
+    assert 134e6 < m.n_params < 136e6
+    # 30 layers × 3 KV heads × 64 × (K + V) × 2 bytes
+    assert m.kv_bytes_per_token("f16", "f16") == 30 * 3 * 64 * 2 * 2
+    assert m.kv_bytes_per_token("q8_0", "q8_0") < m.kv_bytes_per_token() / 1.8
+    info = workbench.load_model(default_model, progress=False, n_ctx=1024, kv_cache="off")
+    buffers = {(b.device, b.kind): b.bytes for b in info.info.buffers}
+    model_buf = sum(v for (d, k), v in buffers.items() if k == "model")
+    assert abs(model_buf - m.weight_bytes) / m.weight_bytes < 0.01
+    assert abs(buffers[("CPU", "KV")] - m.kv_bytes(1024)) <= MiB // 100
+    assert info.kv_bytes_per_token == m.kv_bytes_per_token()
+    assert "KiB/token" in repr(m) and "<table>" in m._repr_html_()
+
+
+def test_inspector_bad_files(tmp_path, default_model):
+    with pytest.raises(ModelFileError, match="not found"):
+        inspect_model(tmp_path / "missing.gguf")
+    with pytest.raises(ModelFileError):
+        inspect_model(truncated(default_model, tmp_path / "cut.gguf", 4096))
+
+
+# ---- planner on this machine (CPU) ------------------------------------------------------
+
+def test_plan_on_the_cpu_explains_itself(default_model):
+    p = workbench.plan(default_model)
+    s = p.settings
+    assert s["n_gpu_layers"] == 0 and s["threads"] == usable_cores()
+    assert s["flash_attn"] == "off" and s["n_ctx"] == 4096 and s["type_k"] == "f16"
+    text = repr(p)
+    for word in ("threads", "n_ctx", "KV cache", "flash_attn", "memory CPU", "no GPU"):
+        assert word in text, text
+    assert "<table>" in p._repr_html_()
+
+
+@pytest.mark.parametrize("settings", [
+    {"n_ctx": 1024},
+    {"n_ctx": 2048, "type_k": "q8_0", "type_v": "q8_0"},
+    {"n_ctx": 2048, "flash_attn": "on", "n_ubatch": 256},
+])
+def test_predicted_memory_matches_the_measured_peak(default_model, settings):
+    """Peak resident memory of a fresh worker that filled its whole context."""
+    e = workbench.engine()
+    e.close()  # a fresh worker: its peak is this configuration's alone
+    p = workbench.plan(default_model, kv_cache="off", **settings)
+    workbench.load_model(default_model, progress=False, kv_cache="off", **settings)
+    n = p.settings["n_ctx"] - 8
+    c = workbench.generate(list(range(1000, 1000 + n)), max_tokens=4, temperature=0)
+    measured = c.metrics.peak_rss_bytes
+    assert measured > 0
+    err = p.predicted("CPU") / measured - 1
+    assert abs(err) < 0.15, (settings, p.predicted("CPU") / MiB, measured / MiB)
+    e.close()
+
+
+def test_load_model_is_placed_by_the_planner(default_model):
+    loaded = workbench.load_model(default_model, progress=False, n_ctx=2048)
+    assert loaded.placement is not None
+    assert loaded.threads == usable_cores() and loaded.n_gpu_layers == 0
+    assert "placement" in repr(loaded)
+
+
+def test_plan_shrinks_to_fit_a_small_budget(default_model):
+    p = workbench.plan(default_model, ram_mib=260, kv_cache="off")
+    assert p.settings["n_ctx"] < 4096 or p.settings["type_k"] != "f16"
+    assert p.predicted("CPU") <= 260 * MiB
+    assert "so the model fits" in repr(p) or "so that more fits" in repr(p)
+
+
+def test_bad_placement_requests(default_model):
+    with pytest.raises(WorkbenchError, match="GPU was asked for") as e:
+        workbench.plan(default_model, device="gpu")
+    assert "--device auto" in e.value.hint
+    # with --device auto a GPU layer count falls back to the CPU, and says so
+    p = workbench.plan(default_model, n_gpu_layers=99)
+    assert p.settings["n_gpu_layers"] == 0 and "no GPU" in repr(p)
+    with pytest.raises(WorkbenchError, match="needs a GPU"):
+        workbench.plan(default_model, device="cpu", n_gpu_layers=4)
+    with pytest.raises(WorkbenchError, match="trained for") as e:
+        workbench.plan(default_model, n_ctx=100_000)
+    assert "--n-ctx 8192" in e.value.hint
+    with pytest.raises(WorkbenchError, match="threads"):
+        workbench.plan(default_model, threads=0)
+    with pytest.raises(WorkbenchError, match="device must be"):
+        workbench.load_model(default_model, progress=False, device="tpu")
+    with pytest.raises(WorkbenchError, match="fits nowhere") as e:
+        workbench.plan(default_model, ram_mib=120)
+    assert "GiB" in e.value.message and "needs" in e.value.message
+    assert "quantization" in e.value.hint
+    with pytest.raises(WorkbenchError, match="fits nowhere") as e:
+        workbench.plan(default_model, ram_mib=300, n_ctx=8192, type_k="f16", type_v="f16")
+    assert "--n-ctx" in e.value.hint and "q8_0" in e.value.hint
+
+
+# ---- planner decisions with GPUs (explicit budgets: no GPU exists on CI) -------------
+
+def _budgets(gpu_gib: float, n_gpus: int = 1, host_gib: float = 16) -> list[Budget]:
+    host = Budget("CPU", "cpu", int(host_gib * GiB), int(host_gib * GiB), "test")
+    return [host] + [Budget(f"CUDA{i}", "gpu", int(gpu_gib * GiB), int(gpu_gib * GiB), "test")
+                     for i in range(n_gpus)]
+
+
+@pytest.fixture(scope="module")
+def seven_b(tmp_path_factory, default_model):
+    """The exact shape of llama-2-7B (Q4_0, random weights): about 3.6 GiB."""
+    return inspect_model(synthetic("llama-2-7b", "q4_0",
+                                   tmp_path_factory.mktemp("syn") / "llama-2-7b.gguf"))
+
+
+def test_gpu_plans(seven_b):
+    over = Overheads(host=300 * MiB, gpu=500 * MiB)
+    full = place(seven_b, _budgets(80), cores=8, overheads=over)
+    assert full.settings["n_gpu_layers"] == seven_b.n_layers + 1
+    assert full.settings["flash_attn"] == "on" and full.settings["backend_sampling"] == "on"
+    gpu = next(m for m in full.memory if m.device == "CUDA0")
+    assert gpu.weights == seven_b.weight_bytes - seven_b.input_bytes  # embeddings stay on the CPU
+    assert gpu.kv == 2 * GiB  # 4096 tokens × 512 KiB
+    # capped below the model: a partial split, the most layers that fit
+    part = place(seven_b, _budgets(3), cores=8, overheads=over)
+    ngl = part.settings["n_gpu_layers"]
+    assert 0 < ngl < seven_b.n_layers
+    assert part.predicted("CUDA0") <= 3 * GiB
+    with pytest.raises(WorkbenchError, match="fits nowhere"):  # one layer more does not fit
+        place(seven_b, _budgets(3), cores=8, overheads=over,
+              fixed={k: part.settings[k] for k in ("type_k", "type_v", "n_ctx")}
+              | {"n_gpu_layers": ngl + 1})
+    # a tight GPU takes a quantized KV cache before it gives up layers
+    kvq = place(seven_b, _budgets(5.5), cores=8, overheads=over)
+    assert kvq.settings["n_gpu_layers"] == seven_b.n_layers + 1
+    assert kvq.settings["type_k"] in ("q8_0", "q4_0") and kvq.settings["flash_attn"] == "on"
+    # two GPUs split in proportion to what each may use
+    two = place(seven_b, [_budgets(2)[0], Budget("CUDA0", "gpu", 6 * GiB, 6 * GiB, ""),
+                          Budget("CUDA1", "gpu", 3 * GiB, 3 * GiB, "")], cores=8, overheads=over)
+    assert two.settings["tensor_split"] == (0.667, 0.333)
+    assert two.predicted("CUDA0") > two.predicted("CUDA1") > 0
+    # layers above the model's count are clamped, and the plan says so
+    clamp = place(seven_b, _budgets(80), cores=8, overheads=over, fixed={"n_gpu_layers": 999})
+    assert clamp.settings["n_gpu_layers"] == seven_b.n_layers + 1
+    assert "999" in repr(clamp)
+
+
+def test_gpu_plan_falls_back_to_the_cpu_and_fails_with_numbers(seven_b):
+    over = Overheads(host=300 * MiB, gpu=500 * MiB)
+    cpu = place(seven_b, _budgets(0.5), cores=8, overheads=over)
+    assert cpu.settings["n_gpu_layers"] == 0
+    with pytest.raises(WorkbenchError, match="fits nowhere") as e:
+        place(seven_b, _budgets(0.5, host_gib=2), cores=8, overheads=over)
+    assert "GiB" in e.value.message
+    with pytest.raises(WorkbenchError, match="GPU was asked for"):
+        place(seven_b, _budgets(1, n_gpus=0), device="gpu", cores=8, overheads=over)
+
+
+# ---- autotune and its database -------------------------------------------------------
+
+def test_tuning_database_survives_corruption(tmp_path):
+    path = tmp_path / "tuning.sqlite"
+    db = TuningDB(path)
+    db.add("dev", "sha", "v", {"n_gpu_layers": 0, "threads": 2}, 100.0, 50.0)
+    db.add("dev", "sha", "v", {"n_gpu_layers": 0, "threads": 1}, 60.0, 30.0)
+    assert db.best("dev", "sha", "v")["threads"] == 2
+    db.close()
+    path.write_bytes(b"this is not a database" * 100)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        db = TuningDB(path)
+    assert any("could not be read" in str(w.message) for w in caught)
+    assert db.rebuilt_from is not None and db.rebuilt_from.exists()
+    assert db.best("dev", "sha", "v") is None  # a new, empty database
+    db.add("dev", "sha", "v", {"threads": 1}, 1.0, 1.0)
+    db.close()
+    assert sqlite3.connect(path).execute("select count(*) from runs").fetchone()[0] == 1
+
+
+def test_autotune_measures_stores_and_is_reused(default_model):
+    r = workbench.autotune(default_model, threads=[1, 2], n_prompt=32, n_gen=8, repeats=1,
+                           progress=False, n_ctx=1024)
+    assert [(x["n_gpu_layers"], x["threads"]) for x in r.rows] == [(0, 1), (0, 2)]
+    assert all(x["tg_tps"] > 0 and x["pp_tps"] > 0 for x in r.rows)
+    assert r.best in r.rows and workbench.engine().model.threads == r.best["threads"]
+    assert len(r.figure().data) == 1 and "<table>" in r._repr_html_()
+    p = workbench.plan(default_model)
+    assert p.settings["threads"] == r.best["threads"]
+    assert "autotune" in repr(p)
+    with pytest.raises(WorkbenchError, match="threads"):
+        workbench.autotune(default_model, threads=[0], progress=False)
+    with pytest.raises(WorkbenchError, match="do not fit"):
+        workbench.autotune(default_model, n_gpu_layers=[4], progress=False)
+
+
+# ---- profile -----------------------------------------------------------------------------
+
+def test_profile_device_without_gpu(default_model):
+    prof = workbench.profile_device(default_model)
+    assert isinstance(prof, DeviceProfile)
+    assert prof.usable_cores >= 1 and prof.ram_total > prof.ram_available > 0
+    assert prof.mem_bandwidth_gbs > 0.5 and prof.disk_read_mbs > 1
+    assert any(d.kind == "cpu" for d in prof.llama_devices)
+    text = repr(prof)
+    assert "GPU" in text and "none" in text and "memory bandwidth" in text
+    assert len(prof.fingerprint) == 16
+
+
+def test_live_device_monitor_samples_and_stops():
+    mon = workbench.profile_device(live=True)
+    try:
+        s = mon.sample()
+        assert 0 <= s["cpu_pct"] <= 100 and s["ram_used_gib"] > 0
+        assert s["gpu_pct"] is None
+        mon.refresh()
+        assert len(mon.util.figure.data[0].x) >= 1
+        assert mon.running
+    finally:
+        mon.stop()
+    assert not mon.running and "stopped" in mon.header.value
+
+
+def test_magics(capsys):
+    sh = InteractiveShell.instance()
+    sh.run_cell("%load_ext workbench", store_history=False)
+    r = sh.run_cell("%profile_device --quick")
+    assert r.success and isinstance(r.result, DeviceProfile)
+    r = sh.run_cell("%plan --n-ctx 2048")
+    assert r.success and r.result.settings["n_ctx"] == 2048
+    capsys.readouterr()
+    r = sh.run_cell("%plan --device gpu")
+    assert isinstance(r.error_in_exec, WorkbenchError)
+    r = sh.run_cell("%profile_device --tune default --threads 1,x")
+    assert isinstance(r.error_in_exec, WorkbenchError)
+    out = capsys.readouterr()
+    assert "Traceback" not in out.out + out.err and "Hint:" in out.out + out.err
+    r = sh.run_cell("%load_model --device cpu --n-ctx 2048")
+    assert r.success and r.result.n_gpu_layers == 0
+
+
+# ---- synthetic models ---------------------------------------------------------------------
+
+def test_quantized_synthetic_model_runs(tmp_path):
+    p = synthetic("smollm2-135m", "q4_0", tmp_path / "s.gguf")
+    m = inspect_model(p)
+    assert m.quantization == "Q4_0" and m.n_layers == 30 and m.n_embd == 576
+    assert not (tmp_path / "s.gguf.partial").exists()
+    workbench.load_model(p, progress=False, n_ctx=512, kv_cache="off")
+    c = workbench.generate("Hello", max_tokens=6, temperature=0, ignore_eos=True)
+    assert c.metrics.generated_tokens == 6
+    with pytest.raises(WorkbenchError, match="unknown quantization"):
+        synthetic("tiny", "q3_k", tmp_path / "x.gguf")
+    with pytest.raises(WorkbenchError, match="unknown model shape"):
+        synthetic("gpt-9", "q4_0", tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
+    workbench.load_model(progress=False, n_ctx=2048)
