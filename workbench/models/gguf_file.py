@@ -67,6 +67,8 @@ class GGUFHeader:
 
     @property
     def expected_size(self) -> int:
+        if not self.tensors:  # a vocab-only file: no data section, so no padding to it
+            return self.tensor_info_end
         end = max((t.offset + t.nbytes for t in self.tensors), default=0)
         return self.data_offset + end
 

@@ -1,0 +1,355 @@
+"""Placement: is the planner's memory prediction right, and is its choice fast?
+
+1. Memory: for each configuration, the planner's predicted peak (host resident memory,
+   and GPU memory) against the peak measured in a fresh worker that filled its whole
+   context.
+2. Choice: the planner's configuration (`--device auto`) against an exhaustive sweep of
+   n_gpu_layers × threads, decode tokens/s measured in alternating rounds.
+With --gpu (a CUDA build; see ../shared/gpu/README.md), also:
+3. The peer: llama.cpp's own fitter (`llama-fit-params`, common/fit.cpp) under the same
+   GPU memory caps: its choice and projected memory next to ours, both run and measured.
+4. Speed next to llama-bench on the same build: CPU only, partial splits, full offload.
+5. A forced split (a GPU cap below the model): the planner's choice against a naive
+   split (layers in proportion to the cap, f16 KV cache).
+
+Usage: python benchmarks/placement.py [--quick] [--gpu --synthetic llama-2-7b --vocab V]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import _provenance  # noqa: E402
+
+MiB, GiB = 2 ** 20, 2 ** 30
+
+
+class GpuMemory:
+    """Memory used on GPU 0, as NVML (or nvidia-smi) sees it; the device is ours alone."""
+
+    def __init__(self) -> None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.nv, self.h = pynvml, pynvml.nvmlDeviceGetHandleByIndex(0)
+        except Exception:
+            self.nv = None
+
+    def _info(self) -> tuple[int, int]:
+        if self.nv is not None:
+            i = self.nv.nvmlDeviceGetMemoryInfo(self.h)
+            return int(i.used), int(i.free)
+        out = subprocess.run(["nvidia-smi", "-i", "0", "--query-gpu=memory.used,memory.free",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                             check=True).stdout.split(",")
+        return int(out[0]) * MiB, int(out[1]) * MiB
+
+    def used(self) -> int:
+        time.sleep(0.2)  # let a freed context's memory show as free
+        return self._info()[0]
+
+    def free(self) -> int:
+        return self._info()[1]
+
+
+def fresh() -> Any:
+    """A new worker, so that its peak memory is one configuration's alone."""
+    import workbench
+
+    workbench.engine().close()
+    time.sleep(0.5)
+    return workbench.engine()
+
+
+def fill_context(n_ctx: int, n_vocab: int) -> Any:
+    import workbench
+
+    n = n_ctx - 8
+    first = 1000 if n_vocab > 2000 else 0
+    return workbench.generate([first + (i * 7919) % (n_vocab - first) for i in range(n)],
+                              max_tokens=4, temperature=0.0, ignore_eos=True)
+
+
+def measure_memory(model: Path, settings: dict[str, Any], gpu: GpuMemory | None,
+                   n_vocab: int) -> dict[str, Any]:
+    import workbench
+
+    fresh()
+    base_gpu = gpu.used() if gpu else 0
+    p = workbench.plan(model, kv_cache="off", **settings)
+    workbench.load_model(model, progress=False, kv_cache="off", **settings)
+    c = fill_context(p.settings["n_ctx"], n_vocab)
+    row = {"settings": settings, "chosen": {k: p.settings[k] for k in
+                                            ("n_gpu_layers", "n_ctx", "type_k", "flash_attn")},
+           "host_predicted": p.predicted("CPU"), "host_measured": c.metrics.peak_rss_bytes}
+    row["host_err"] = row["host_predicted"] / row["host_measured"] - 1
+    if gpu and p.settings["n_gpu_layers"] > 0:
+        row["gpu_predicted"] = p.predicted("CUDA0")
+        row["gpu_measured"] = gpu.used() - base_gpu
+        row["gpu_err"] = row["gpu_predicted"] / row["gpu_measured"] - 1
+    print(f"  {settings}: host {row['host_predicted'] / MiB:,.0f} vs "
+          f"{row['host_measured'] / MiB:,.0f} MiB ({row['host_err']:+.1%})"
+          + (f"; GPU {row['gpu_predicted'] / MiB:,.0f} vs {row['gpu_measured'] / MiB:,.0f} MiB "
+             f"({row['gpu_err']:+.1%})" if "gpu_err" in row else ""), file=sys.stderr)
+    return row
+
+
+def speed(model: Path, settings: dict[str, Any], n_prompt: int, n_gen: int,
+          n_vocab: int, load: bool = True) -> dict[str, float]:
+    """Prompt tokens/s (n_prompt from an empty context) and decode tokens/s after it.
+    Its prompt shares no prefix with `fill_context`'s, so nothing is reused."""
+    import workbench
+
+    if load:
+        workbench.load_model(model, progress=False, kv_cache="off", **settings)
+    first = 1000 if n_vocab > 2000 else 0
+    prompt = [first + (i * 7919 + 13) % (n_vocab - first) for i in range(n_prompt)]
+    c = workbench.generate(prompt, max_tokens=n_gen, temperature=0.0, ignore_eos=True)
+    return {"pp_tps": c.metrics.prompt_tps, "tg_tps": c.metrics.decode_tps}
+
+
+def sweep(model: Path, configs: list[dict[str, Any]], rounds: int, n_prompt: int, n_gen: int,
+          n_vocab: int) -> list[dict[str, Any]]:
+    """Each configuration measured once per round, rounds alternating; median of rounds."""
+    runs: list[list[dict[str, float]]] = [[] for _ in configs]
+    for _ in range(rounds):
+        for i, cfg in enumerate(configs):
+            runs[i].append(speed(model, cfg, n_prompt, n_gen, n_vocab))
+    out = []
+    for cfg, rs in zip(configs, runs):
+        out.append({"settings": cfg,
+                    "pp_tps": statistics.median(r["pp_tps"] for r in rs),
+                    "tg_tps": statistics.median(r["tg_tps"] for r in rs)})
+        print(f"  {cfg}: pp {out[-1]['pp_tps']:,.1f} tg {out[-1]['tg_tps']:,.1f} t/s",
+              file=sys.stderr)
+    return out
+
+
+def llama_bench(exe: Path, model: Path, ngl: int, threads: int, n_prompt: int,
+                n_gen: int) -> dict[str, float]:
+    res = {}
+    for args, key in ((["-p", str(n_prompt), "-n", "0"], "pp_tps"),
+                      (["-p", "0", "-n", str(n_gen), "-d", str(n_prompt)], "tg_tps")):
+        out = subprocess.run([str(exe), "-m", str(model), "-ngl", str(ngl), "-t", str(threads),
+                              "-fa", "1" if ngl else "0", "-r", "2", "-o", "json", *args],
+                             capture_output=True, text=True, check=True).stdout
+        res[key] = float(json.loads(out)[0]["avg_ts"])
+    return res
+
+
+def fit_params(exe: Path, model: Path, n_ctx: int, margin_mib: int) -> dict[str, Any]:
+    """llama.cpp's fitter: its choice for a margin, and its projection of that choice."""
+    t = time.perf_counter()
+    out = subprocess.run([str(exe), "-m", str(model), "-c", str(n_ctx), "-fa", "on",
+                          "-fitt", str(margin_mib)], capture_output=True, text=True)
+    seconds = time.perf_counter() - t
+    words = out.stdout.split()
+    if out.returncode != 0 or "-ngl" not in words:
+        return {"failed": True, "stderr": out.stderr[-400:], "seconds": seconds}
+    ngl = int(words[words.index("-ngl") + 1])
+    ctx = int(words[words.index("-c") + 1])
+    proj = subprocess.run([str(exe), "-m", str(model), "-c", str(ctx), "-ngl", str(ngl),
+                           "-fa", "on", "--fit-print", "on"], capture_output=True, text=True)
+    gpu = 0
+    for line in proj.stdout.splitlines():
+        parts = line.split()
+        if parts and parts[0].startswith("CUDA0"):
+            gpu = sum(int(x) for x in parts[1:4]) * MiB
+    return {"n_gpu_layers": ngl, "n_ctx": ctx, "gpu_projected": gpu, "seconds": seconds}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="shorter contexts, fewer rounds")
+    ap.add_argument("--gpu", action="store_true", help="the GPU parts (a CUDA build)")
+    ap.add_argument("--model", default=None, help="GGUF file (default: the default model)")
+    ap.add_argument("--synthetic", default=None, metavar="SHAPE",
+                    help="make a Q4_0 synthetic model of SHAPE (e.g. llama-2-7b)")
+    ap.add_argument("--vocab", default=None, help="GGUF whose tokenizer the synthetic copies")
+    ap.add_argument("--tag", default="", help="suffix for the results file name")
+    args = ap.parse_args()
+
+    import workbench
+    from workbench.device.profile import usable_cores
+    from workbench.models import synthetic
+    from workbench.models.inspect import inspect_model
+
+    cache = ROOT / "benchmarks" / ".cache"
+    if args.synthetic:
+        cache.mkdir(parents=True, exist_ok=True)
+        model = cache / f"synthetic-{args.synthetic}.Q4_0.gguf"
+        if not model.exists():
+            synthetic(args.synthetic, "q4_0", model, tokenizer_from=args.vocab)
+    else:
+        model = workbench.api.resolve_model(args.model)
+    m = inspect_model(model)
+    cores = usable_cores()
+    gpu = GpuMemory() if args.gpu else None
+    rounds = (1 if args.gpu else 2) if args.quick else 3
+    n_prompt, n_gen = (256, 32) if args.quick else (512, 64)
+    result: dict[str, Any] = {"machine": _provenance.machine(), "model": str(model.name),
+                              "model_sha256": _provenance.sha256(model),
+                              "params": {"quick": args.quick, "n_prompt": n_prompt,
+                                         "n_gen": n_gen, "rounds": rounds, "gpu": args.gpu}}
+
+    # 1. memory
+    print("memory: predicted vs measured peak", file=sys.stderr)
+    if args.gpu:
+        n = m.n_layers
+        configs = [{"n_ctx": 4096}, {"n_ctx": 2048}, {"n_ctx": 4096, "type_k": "q8_0",
+                                                      "type_v": "q8_0"},
+                   {"n_ctx": 4096, "n_gpu_layers": n // 2}, {"n_ctx": 2048, "n_gpu_layers": 3 * n // 4},
+                   {"n_ctx": 4096, "n_ubatch": 256}, {"n_ctx": 1024, "device": "cpu"}]
+    else:
+        big = 3072 if args.quick else 8192
+        configs = [{"n_ctx": 1024}, {"n_ctx": 2048}, {"n_ctx": big}, {"n_ctx": 4096, "type_k": "q8_0",
+                                                                      "type_v": "q8_0"},
+                   {"n_ctx": big, "flash_attn": "on"}, {"n_ctx": 2048, "n_ubatch": 256},
+                   {"n_ctx": 1024, "threads": 1}]
+    mem = [measure_memory(model, c, gpu, m.n_vocab) for c in configs]
+    errs = [abs(r["host_err"]) for r in mem] + [abs(r["gpu_err"]) for r in mem if "gpu_err" in r]
+    result["memory"] = mem
+    name = "placement" + (f"_{args.tag}" if args.tag else "")
+    _provenance.write(name, {**result, "incomplete": True})
+
+    # 2. the planner's choice against an exhaustive sweep
+    print("choice: auto against a sweep of n_gpu_layers × threads", file=sys.stderr)
+    fresh()
+    auto = workbench.plan(model, kv_cache="off").settings
+    grid_t = sorted({1, max(1, cores // 2), cores, cores + 1} if not args.gpu
+                    else {cores // 2, cores})
+    grid_l = [0] if not args.gpu else sorted({0, m.n_layers // 2, 3 * m.n_layers // 4,
+                                              m.n_layers, m.n_layers + 1})
+    configs = [{"n_gpu_layers": g, "threads": t, "n_ctx": auto["n_ctx"]}
+               for g in grid_l for t in grid_t]
+    auto_cfg = {"n_gpu_layers": auto["n_gpu_layers"], "threads": auto["threads"],
+                "n_ctx": auto["n_ctx"]}
+    if auto_cfg not in configs:
+        configs.append(auto_cfg)
+    swept = sweep(model, configs, rounds, n_prompt, n_gen, m.n_vocab)
+    best = max(swept, key=lambda r: r["tg_tps"])
+    mine = next(r for r in swept if r["settings"] == auto_cfg)
+    result["choice"] = {"auto": auto_cfg, "sweep": swept, "best": best["settings"],
+                        "auto_vs_best": mine["tg_tps"] / best["tg_tps"]}
+    values: dict[str, Any] = {"mem_pred_err_max": max(errs),
+                              "auto_vs_best": mine["tg_tps"] / best["tg_tps"]}
+    _provenance.write(name, {**result, "result": values, "incomplete": True})
+
+    if args.gpu:
+        bench_exe = Path(os.environ.get("LLAMA_BENCH", "/tmp/llama-build/bin/llama-bench"))
+        fit_exe = Path(os.environ.get("LLAMA_FIT_PARAMS", bench_exe.with_name("llama-fit-params")))
+        # 3. the peer under GPU memory caps
+        print("peer: llama-fit-params under the same caps", file=sys.stderr)
+        fresh()
+        peer = []
+        weights_gpu = m.weight_bytes - m.input_bytes
+        caps = [None, int(weights_gpu * 1.1 + 2 * GiB), int(weights_gpu * 0.75), int(weights_gpu * 0.5)]
+        for cap in caps:
+            fresh()
+            base = gpu.used()
+            free = gpu.free()
+            cap_mib = (cap or free) // MiB
+            margin = max(0, (free - (cap or free)) // MiB)
+            theirs = fit_params(fit_exe, model, 4096, margin + (0 if cap else 1024))
+            t0 = time.perf_counter()
+            ours = workbench.plan(model, kv_cache="off", n_ctx=4096,
+                                  gpu_mem_mib=cap // MiB if cap else None)
+            plan_s = time.perf_counter() - t0
+            row: dict[str, Any] = {"cap_mib": cap_mib, "theirs": theirs,
+                                   "ours": {k: ours.settings[k] for k in
+                                            ("n_gpu_layers", "n_ctx", "type_k", "type_v")},
+                                   "ours_predicted": ours.predicted("CUDA0"),
+                                   "ours_plan_s": plan_s}
+            for who, settings in (("ours", {k: ours.settings[k] for k in
+                                            ("n_gpu_layers", "n_ctx", "type_k", "type_v")}),
+                                  ("theirs", None if theirs.get("failed") else
+                                   {"n_gpu_layers": theirs["n_gpu_layers"],
+                                    "n_ctx": theirs["n_ctx"]})):
+                if settings is None:
+                    continue
+                fresh()
+                base = gpu.used()
+                workbench.load_model(model, progress=False, kv_cache="off", **settings)
+                fill_context(settings["n_ctx"], m.n_vocab)
+                used = gpu.used() - base
+                sp = speed(model, settings, n_prompt, n_gen, m.n_vocab, load=False)
+                row[f"{who}_measured"] = used
+                row[f"{who}_within_cap"] = used <= cap_mib * MiB
+                row[f"{who}_tg_tps"] = sp["tg_tps"]
+                row[f"{who}_pp_tps"] = sp["pp_tps"]
+            if "theirs_measured" in row and theirs.get("gpu_projected"):
+                row["theirs_err"] = theirs["gpu_projected"] / row["theirs_measured"] - 1
+            if row.get("ours_measured"):
+                row["ours_err"] = row["ours_predicted"] / row["ours_measured"] - 1
+            print(f"  cap {cap_mib:,} MiB: ours ngl {row['ours']['n_gpu_layers']} "
+                  f"{row['ours']['type_k']} err {row.get('ours_err', 0):+.1%} "
+                  f"tg {row.get('ours_tg_tps', 0):,.1f}; theirs {theirs} "
+                  f"err {row.get('theirs_err', 0):+.1%} tg {row.get('theirs_tg_tps', 0):,.1f}",
+                  file=sys.stderr)
+            peer.append(row)
+            _provenance.write(name, {**result, "peer": peer, "result": values,
+                                     "incomplete": True})
+        result["peer"] = peer
+        # 4. speed next to llama-bench
+        print("speed: ours vs llama-bench", file=sys.stderr)
+        table = []
+        workbench.engine().close()
+        for ngl in (0, m.n_layers // 2, 3 * m.n_layers // 4, m.n_layers + 1):
+            # ours: the sweep's run of this configuration (same prompt and generation lengths)
+            ours = next(r for r in swept if r["settings"]["n_gpu_layers"] == ngl
+                        and r["settings"]["threads"] == cores)
+            ours = {"pp_tps": ours["pp_tps"], "tg_tps": ours["tg_tps"]}
+            ref = llama_bench(bench_exe, model, ngl, cores, n_prompt, n_gen)
+            table.append({"n_gpu_layers": ngl, "ours": ours, "llama_bench": ref,
+                          "tg_ratio": ours["tg_tps"] / ref["tg_tps"]})
+            print(f"  ngl {ngl}: ours {ours} llama-bench {ref}", file=sys.stderr)
+        result["speed"] = table
+        full = table[-1]
+        # 5. a forced split: the planner against a naive one, under the same cap
+        cap = int(weights_gpu * 0.75)
+        naive_ngl = int(m.n_layers * cap / m.file_bytes)
+        fresh()
+        ours = workbench.plan(model, kv_cache="off", n_ctx=4096, gpu_mem_mib=cap // MiB)
+        split = {}
+        for who, settings in (("planner", {k: ours.settings[k] for k in
+                                           ("n_gpu_layers", "n_ctx", "type_k", "type_v")}),
+                              ("naive", {"n_gpu_layers": naive_ngl, "n_ctx": 4096})):
+            fresh()
+            base = gpu.used()
+            workbench.load_model(model, progress=False, kv_cache="off", **settings)
+            fill_context(4096, m.n_vocab)
+            used = gpu.used() - base
+            sp = speed(model, settings, n_prompt, n_gen, m.n_vocab, load=False)
+            split[who] = {"settings": settings, "gpu_measured": used,
+                          "within_cap": used <= cap, **sp}
+            print(f"  {who}: {split[who]}", file=sys.stderr)
+        result["forced_split"] = {"cap_mib": cap // MiB, **split}
+        values.update(gpu_full_tg=full["ours"]["tg_tps"], gpu_vs_llama_bench=full["tg_ratio"],
+                      planner_vs_naive_split=split["planner"]["tg_tps"] / split["naive"]["tg_tps"])
+        peer_ok = [r for r in peer if "theirs_err" in r and "ours_err" in r]
+        if peer_ok:
+            values["ours_err_max"] = max(abs(r["ours_err"]) for r in peer_ok)
+            values["fit_params_err_max"] = max(abs(r["theirs_err"]) for r in peer_ok)
+            values["ours_vs_fit_params_tg"] = min(r["ours_tg_tps"] / r["theirs_tg_tps"]
+                                                  for r in peer_ok)
+    workbench.engine().close()
+    result["result"] = values
+    path = _provenance.write(name, result)
+    print(f"wrote {path}", file=sys.stderr)
+    print(_provenance.result_line(values))
+
+
+if __name__ == "__main__":
+    main()
