@@ -42,6 +42,20 @@ def test_inspector_matches_what_llama_cpp_allocates(default_model):
     assert "KiB/token" in repr(m) and "<table>" in m._repr_html_()
 
 
+def test_dry_run_measures_the_compute_buffer_of_a_real_load(default_model):
+    from workbench.config import LoadConfig
+
+    cfg = LoadConfig(n_ctx=2048, n_ubatch=256, threads=2, n_gpu_layers=0, flash_attn="off",
+                     kv_cache="off")
+    dry = workbench.engine().measure_buffers(default_model, cfg)
+    real = workbench.engine().load(default_model, cfg).buffers
+    compute = [b.bytes for b in dry if b.kind == "compute"]
+    assert compute and compute == [b.bytes for b in real if b.kind == "compute"]
+    assert not any(b.kind in ("model", "KV") for b in dry)  # a dry run allocates nothing
+    with pytest.raises(ModelFileError):
+        workbench.engine().measure_buffers(default_model.with_name("missing.gguf"), cfg)
+
+
 def test_inspector_bad_files(tmp_path, default_model):
     with pytest.raises(ModelFileError, match="not found"):
         inspect_model(tmp_path / "missing.gguf")

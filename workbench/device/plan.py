@@ -325,7 +325,11 @@ def place(m: ModelInspection, budgets: Sequence[Budget], *, device: str = "auto"
         if found is None or measure is None or found[0].ngl == 0:
             break  # host pages count when written: the dry run's reserve says too much
         c = found[0]
-        buffers = measure(_settings(c, fixed, cores))
+        try:
+            buffers = measure(_settings(c, fixed, cores))
+        except WorkbenchError as e:
+            notes.append(f"compute buffers estimated: {e.message}")
+            break
         est = {x.device: x.compute for x in predict(m, c, use_budgets, overheads,
                                                     fixed.get("tensor_split", ()))}
         got = _measured_compute(buffers, [b.name for b in gpus])

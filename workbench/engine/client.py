@@ -269,7 +269,7 @@ class Engine:
             msg = dataclasses.replace(msg, metrics=dataclasses.replace(msg.metrics, ttft_s=ttft))
             self._record(msg.metrics)
         if isinstance(msg, (P.Finished, P.Failed, P.Done, P.ModelLoaded, P.KVResult,
-                            P.DeviceList, P.Buffers)):
+                            P.DeviceList)):
             self._calls.pop(msg.id, None)
         call.deliver(msg)
 
@@ -413,14 +413,36 @@ class Engine:
             call = self._submit(P.ListDevices(id=self._new_id("devices")), "list devices")
         return self._wait(call).devices
 
-    def measure_buffers(self, path: str | os.PathLike, config: LoadConfig) -> tuple[P.Buffer, ...]:
+    def measure_buffers(self, path: str | os.PathLike, config: LoadConfig,
+                        timeout_s: float = 300.0) -> tuple[P.Buffer, ...]:
         """The buffers llama.cpp would allocate to load `path` with `config`: a dry run
-        in the worker that allocates nothing."""
-        with self._lock:
-            self._ensure()
-            call = self._submit(P.MeasureBuffers(id=self._new_id("measure"), path=str(path),
-                                                 config=config), "measure buffers")
-        return self._wait(call).buffers
+        that allocates nothing, in a short-lived process of its own."""
+        from . import probe
+
+        reply, child = self._mp.Pipe(duplex=False)
+        proc = self._mp.Process(target=probe.main, args=(str(path), config, child),
+                                name="workbench-probe", daemon=True)
+        proc.start()
+        child.close()
+        msg = None
+        try:
+            if reply.poll(timeout_s):
+                msg = reply.recv()
+        except (EOFError, OSError):
+            pass
+        finally:
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+            reply.close()
+        if msg is None:
+            raise EngineCrashed(f"the dry run of {Path(path).name} "
+                                f"{_describe_exit(proc.exitcode)}",
+                                "The plan falls back to estimated compute buffers.")
+        if isinstance(msg, P.Failed):
+            raise _to_error(msg)
+        return msg.buffers
 
     def cancel(self, call: _Call) -> None:
         if self.alive and call.request.id in self._calls:

@@ -71,14 +71,6 @@ class ListDevices(Message):
     """The compute devices llama.cpp sees, with their free memory now."""
 
 
-@dataclass(frozen=True, kw_only=True)
-class MeasureBuffers(Message):
-    """A dry run: build the model and context of `config` without allocating anything,
-    and report the buffers llama.cpp would allocate (their sizes, by device)."""
-    path: str
-    config: LoadConfig
-
-
 # ---- worker -> kernel -------------------------------------------------------
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,6 +98,7 @@ class DeviceList(Message):
 
 @dataclass(frozen=True, kw_only=True)
 class Buffers(Message):
+    """What a dry run (engine/probe.py) found: the buffers a configuration needs."""
     buffers: tuple[Buffer, ...]
 
 
@@ -227,8 +220,7 @@ class WorkerStats(Message):
     kv: dict | None = None  # prefix cache occupancy and hit counts
 
 
-REQUESTS = (LoadModel, Generate, Chat, Cancel, Unload, Shutdown, KVCommand, ListDevices,
-            MeasureBuffers)
+REQUESTS = (LoadModel, Generate, Chat, Cancel, Unload, Shutdown, KVCommand, ListDevices)
 REPLIES = (WorkerReady, LoadProgress, ModelLoaded, Tokens, Finished, Failed, Done, WorkerStats,
            KVResult, Notice, DeviceList, Buffers)
 

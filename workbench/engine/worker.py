@@ -168,9 +168,7 @@ class Worker:
             from .devices import backend_devices
 
             self.send(P.DeviceList(id=msg.id, devices=tuple(backend_devices())))
-        elif isinstance(msg, P.MeasureBuffers):
-            self.send(P.Buffers(id=msg.id,
-                                buffers=self.runtime.measure_buffers(msg.path, msg.config)))
+
         else:
             raise TypeError(f"unhandled request {msg!r}")
 
