@@ -210,8 +210,8 @@ def main() -> None:
         n = m.n_layers
         configs = [{"n_ctx": 4096}, {"n_ctx": 2048}, {"n_ctx": 4096, "type_k": "q8_0",
                                                       "type_v": "q8_0"},
-                   {"n_ctx": 4096, "n_gpu_layers": n // 2}, {"n_ctx": 2048, "n_gpu_layers": 3 * n // 4},
-                   {"n_ctx": 4096, "n_ubatch": 256}, {"n_ctx": 1024, "device": "cpu"}]
+                   {"n_ctx": 4096, "n_gpu_layers": n // 2},
+                   {"n_ctx": 2048, "n_gpu_layers": 3 * n // 4}, {"n_ctx": 1024, "device": "cpu"}]
     else:
         big = 3072 if args.quick else 8192
         configs = [{"n_ctx": 1024}, {"n_ctx": 2048}, {"n_ctx": big}, {"n_ctx": 4096, "type_k": "q8_0",
@@ -231,7 +231,7 @@ def main() -> None:
     grid_t = sorted({1, max(1, cores // 2), cores, cores + 1} if not args.gpu
                     else {cores // 2, cores})
     grid_l = [0] if not args.gpu else sorted({0, m.n_layers // 2, 3 * m.n_layers // 4,
-                                              m.n_layers, m.n_layers + 1})
+                                              m.n_layers + 1})
     configs = [{"n_gpu_layers": g, "threads": t, "n_ctx": auto["n_ctx"]}
                for g in grid_l for t in grid_t]
     auto_cfg = {"n_gpu_layers": auto["n_gpu_layers"], "threads": auto["threads"],
@@ -241,6 +241,8 @@ def main() -> None:
     swept = sweep(model, configs, rounds, n_prompt, n_gen, m.n_vocab)
     best = max(swept, key=lambda r: r["tg_tps"])
     mine = next(r for r in swept if r["settings"] == auto_cfg)
+    print(f"  auto {auto_cfg}: {mine['tg_tps']:,.1f} t/s; best {best['settings']}: "
+          f"{best['tg_tps']:,.1f} t/s", file=sys.stderr)
     result["choice"] = {"auto": auto_cfg, "sweep": swept, "best": best["settings"],
                         "auto_vs_best": mine["tg_tps"] / best["tg_tps"]}
     values: dict[str, Any] = {"mem_pred_err_max": max(errs),
