@@ -334,7 +334,7 @@ def place(m: ModelInspection, budgets: Sequence[Budget], *, device: str = "auto"
                                                     fixed.get("tensor_split", ()))}
         got = _measured_compute(buffers, [b.name for b in gpus])
         ratios = {d: got[d] / est[d] for d in got if est.get(d)}
-        measured = True
+        measured = bool(ratios)
         if _fits(mem(c), use_budgets):
             break
         found = search()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 import collections
 import ctypes
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -69,7 +70,10 @@ class _Log:
         self.echo = echo
         self._buffers: list[Buffer] = []
         self._cb = L.llama_log_callback(self._on_log)  # keep a reference: C holds it
-        L.llama_log_set(self._cb, None)
+        if os.environ.get("WORKBENCH_LLAMA_LOG_CALLBACK", "on") != "off":
+            L.llama_log_set(self._cb, None)
+        # "off" leaves llama.cpp's own logger (stderr): errors then quote no cause, and
+        # loads record no buffer sizes. A switch for diagnosing a build, not for users.
 
     def _on_log(self, level: int, text: bytes, _user: object) -> None:
         s = text.decode("utf-8", errors="replace")
