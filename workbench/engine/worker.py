@@ -27,6 +27,19 @@ _GROUP_S = 0.03
 _HOLD_MAX_S = 0.05
 
 
+def _peak_rss() -> int:
+    """This process's peak resident memory, bytes. VmHWM, not ru_maxrss: Linux carries
+    ru_maxrss across exec, so a spawned worker would report its parent's size."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 class _GpuMemory:
     """GPU memory used by this process, where NVML sees an NVIDIA GPU; else None."""
 
@@ -250,7 +263,7 @@ class Worker:
             decode_tps=(r.generated - 1) / decode_s if r.generated > 1 and decode_s > 0 else 0.0,
             total_s=time.monotonic() - t_received, finish_reason=r.finish_reason,
             rss_bytes=self.proc.memory_info().rss, gpu_bytes=self.gpu.used(),
-            peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            peak_rss_bytes=_peak_rss(),
             n_threads=info.threads, n_ctx=info.n_ctx, wall_time=time.time(),
             cached_tokens=r.cached_tokens, cache_tier=r.cache_tier)
         self.send(P.Finished(id=rid, text=r.text, metrics=metrics))
