@@ -93,7 +93,9 @@ def measure_memory(model: Path, settings: dict[str, Any], gpu: GpuMemory | None,
     c = fill_context(p.settings["n_ctx"], n_vocab)
     row = {"settings": settings, "chosen": {k: p.settings[k] for k in
                                             ("n_gpu_layers", "n_ctx", "type_k", "flash_attn")},
-           "host_predicted": p.predicted("CPU"), "host_measured": c.metrics.peak_rss_bytes}
+           "host_predicted": p.predicted("CPU"), "host_measured": c.metrics.peak_rss_bytes,
+           "calibration_applied": {"host": p.overheads.host_correction,
+                                   "gpu": p.overheads.gpu_correction}}
     row["host_err"] = row["host_predicted"] / row["host_measured"] - 1
     if gpu and p.settings["n_gpu_layers"] > 0:
         row["gpu_predicted"] = p.predicted("CUDA0")

@@ -230,6 +230,21 @@ def test_autotune_measures_stores_and_is_reused(default_model):
         workbench.autotune(default_model, n_gpu_layers=[4], progress=False)
 
 
+def test_calibration_corrects_later_plans(default_model):
+    before = workbench.plan(default_model, n_ctx=1024, kv_cache="off")
+    report = workbench.calibrate(default_model, n_ctx=1024, progress=False)
+    (target, predicted, measured, residual), = report.rows
+    # the same plan (a fresh worker's own size differs by a few pages)
+    assert target == "host" and abs(predicted - before.predicted("CPU")) < 2 * MiB
+    assert measured > 0 and residual == measured - predicted
+    assert "later plans add" in repr(report)
+    after = workbench.plan(default_model, n_ctx=1024, kv_cache="off")
+    assert after.overheads.host_correction == residual
+    assert after.predicted("CPU") == predicted + residual
+    assert "calibrated here" in repr(after)
+    assert workbench.engine().model is not None  # the calibrated model stays loaded
+
+
 # ---- profile -----------------------------------------------------------------------------
 
 def test_profile_device_without_gpu(default_model):

@@ -2,17 +2,17 @@
 
 `%load_ext workbench` registers the magics; the same work is available as plain
 functions: load_model, unload, generate, chat, metrics, dashboard, status,
-profile_device, inspect_model, plan, autotune.
+profile_device, inspect_model, plan, autotune, calibrate.
 """
 
-from .api import (autotune, chat, dashboard, engine, generate, inspect_model, kv_evict, kv_list,
+from .api import (autotune, calibrate, chat, dashboard, engine, generate, inspect_model, kv_evict, kv_list,
                   kv_load, kv_remove, kv_save, kv_stats, load_model, metrics, plan,
                   profile_device, status, unload)
 from .errors import WorkbenchError
 
 __version__ = "0.1.0"
 
-__all__ = ["WorkbenchError", "autotune", "chat", "dashboard", "engine", "generate",
+__all__ = ["WorkbenchError", "autotune", "calibrate", "chat", "dashboard", "engine", "generate",
            "inspect_model", "kv_evict", "kv_list", "kv_load", "kv_remove", "kv_save", "kv_stats",
            "load_model", "metrics", "plan", "profile_device", "status", "unload",
            "load_ipython_extension"]

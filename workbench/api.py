@@ -113,6 +113,16 @@ def _tuned(path: Path, e: Engine) -> dict[str, Any] | None:
         db.close()
 
 
+def calibrate(model: str | os.PathLike | None = None, *, progress: bool = True,
+              **settings: Any) -> Any:
+    """Measure how far the planner's predicted peak memory is from this machine's: load
+    `model` (planned with `settings`) in a fresh worker, fill its whole context, and keep
+    measured minus predicted for later plans. The model stays loaded (prefix cache off)."""
+    from .device.calibrate import calibrate as _calibrate
+
+    return _calibrate(resolve_model(model), settings, progress)
+
+
 def profile_device(model: str | os.PathLike | None = None, *, measure: bool = True,
                    live: bool = False) -> Any:
     """This machine: CPU, RAM, measured memory bandwidth and disk read speed (of the

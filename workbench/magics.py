@@ -93,6 +93,9 @@ def _profile_parser() -> _Parser:
     p.add_argument("--n-gpu-layers", dest="n_gpu_layers", type=_int_list, default=None,
                    metavar="N,N,...", help="GPU layer counts to try with --tune")
     p.add_argument("--repeats", type=int, default=2, help="runs of each candidate (--tune)")
+    p.add_argument("--calibrate", metavar="MODEL", nargs="?", const="default", default=None,
+                   help="measure the planner's memory prediction against this machine with "
+                        "MODEL (default: the default model) and correct later plans")
     return p
 
 
@@ -173,13 +176,15 @@ class WorkbenchMagics(Magics):
 
     @line_magic
     def profile_device(self, line: str) -> Any:
-        """%profile_device [--quick] [--live] [--tune MODEL [--threads 1,2] [--n-gpu-layers ...]]"""
+        """%profile_device [--quick] [--live] [--tune MODEL [--threads 1,2] ...] [--calibrate]"""
         ns = parse("profile_device", line)
         if ns is None:
             return None
         if ns.tune:
             return api.autotune(ns.tune, threads=ns.threads, n_gpu_layers=ns.n_gpu_layers,
                                 repeats=ns.repeats)
+        if ns.calibrate:
+            return api.calibrate(ns.calibrate)
         return api.profile_device(measure=not ns.quick, live=ns.live)
 
     @line_magic

@@ -7,15 +7,30 @@ budgets add those back, since the plan counts them itself.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from ..config import LoadConfig
 from .plan import GPU_CONTEXT, GPU_MARGIN, HOST_MARGIN, MODEL_RUNTIME, MiB, Budget, Overheads
 
 
-def overheads(engine: Any) -> Overheads:
+def overheads(engine: Any, calibrated: bool = True) -> Overheads:
+    """The worker's measured size, plus what `workbench.calibrate` found on this machine."""
+    from .profile import fingerprint
+    from .tune import TuningDB
+
     w = engine.worker
-    return Overheads(host=w.rss_bytes + MODEL_RUNTIME, gpu=w.gpu_bytes or GPU_CONTEXT)
+    base = Overheads(host=w.rss_bytes + MODEL_RUNTIME, gpu=w.gpu_bytes or GPU_CONTEXT)
+    if not calibrated:
+        return base
+    db = TuningDB()
+    try:
+        fp = fingerprint()
+        return dataclasses.replace(
+            base, host_correction=db.correction(fp, w.llama_cpp_version, "host"),
+            gpu_correction=db.correction(fp, w.llama_cpp_version, "gpu"))
+    finally:
+        db.close()
 
 
 def budgets(engine: Any, config: LoadConfig) -> list[Budget]:
@@ -23,7 +38,7 @@ def budgets(engine: Any, config: LoadConfig) -> list[Budget]:
     import psutil
 
     devices = engine.devices()  # starts the worker if needed
-    over = overheads(engine)
+    over = overheads(engine, calibrated=False)
     model, stats = engine.model, engine.last_stats
     held = max(0, stats.rss_bytes - over.host) if model and stats else 0
     avail = psutil.virtual_memory().available + held + engine.worker.rss_bytes

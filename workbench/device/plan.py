@@ -65,6 +65,9 @@ class Overheads:
     """What the worker costs besides weights, KV cache and compute buffers."""
     host: int               # resident memory: the worker before any model, plus MODEL_RUNTIME
     gpu: int = GPU_CONTEXT  # per GPU it uses (the runtime's context)
+    # measured peak minus prediction, from `workbench.calibrate` on this machine (bytes)
+    host_correction: int = 0
+    gpu_correction: int = 0
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,7 @@ class Placement:
     budgets: tuple[Budget, ...]
     reasons: tuple[tuple[str, str, str], ...]   # (setting, value, why)
     compute_measured: bool
+    overheads: Overheads = Overheads(host=0)
 
     def predicted(self, device: str = "CPU") -> int:
         """Predicted peak bytes on `device` ("CPU" = the worker's resident memory)."""
@@ -86,10 +90,13 @@ class Placement:
         budgets = {b.name: b for b in self.budgets}
         for m in self.memory:
             b = budgets.get(m.device)
+            fix = self.overheads.host_correction if m.device == "CPU" else \
+                self.overheads.gpu_correction
             rows.append((f"memory {m.device}", f"{m.total / GiB:,.2f} GiB",
                          f"weights {m.weights / MiB:,.0f} + KV {m.kv / MiB:,.0f} + compute "
                          f"{m.compute / MiB:,.0f}{' (measured)' if self.compute_measured else ''}"
                          f" + runtime {m.overhead / MiB:,.0f} MiB"
+                         + (f" (calibrated here: {fix / MiB:+,.0f})" if fix else "")
                          + (f"; may use {b.usable / GiB:,.2f} GiB ({b.why})" if b else "")))
         return rows
 
@@ -200,13 +207,14 @@ def predict(m: ModelInspection, c: _Choice, budgets: Sequence[Budget], overheads
         has_layers = any(names[w + 1] == d for w in where[:-1])
         if j == 0:
             est = estimate_host_compute(m, c.n_ctx, c.n_ubatch, fa, has_layers)
-            out.append(DeviceMemory(d, weights[d], kv[d], est, overheads.host))
+            out.append(DeviceMemory(d, weights[d], kv[d], est,
+                                    overheads.host + overheads.host_correction))
             continue
         est = estimate_compute(m, c.n_ctx, c.n_ubatch, fa, has_layers, d == out_dev)
         used = weights[d] > 0
         ratio = (compute or {}).get(d, 1.0)
         out.append(DeviceMemory(d, weights[d], kv[d], int(est * ratio) if used else 0,
-                                overheads.gpu if used else 0))
+                                overheads.gpu + overheads.gpu_correction if used else 0))
     return out
 
 
@@ -352,7 +360,8 @@ def place(m: ModelInspection, budgets: Sequence[Budget], *, device: str = "auto"
     reasons = _explain(m, c, why, settings, fixed, gpus, contexts[0], cores, tuned)
     reasons += [("note", "", n) for n in notes]
     return Placement(model=m.path, settings=settings, memory=tuple(memory),
-                     budgets=tuple(use_budgets), reasons=tuple(reasons), compute_measured=measured)
+                     budgets=tuple(use_budgets), reasons=tuple(reasons), compute_measured=measured,
+                     overheads=overheads)
 
 
 def _settings(c: _Choice, fixed: dict[str, Any], cores: int) -> dict[str, Any]:

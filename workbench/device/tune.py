@@ -36,6 +36,15 @@ CREATE TABLE IF NOT EXISTS runs (
     gpu_bytes INTEGER
 );
 CREATE INDEX IF NOT EXISTS runs_key ON runs (device, model_sha256, llama_cpp);
+CREATE TABLE IF NOT EXISTS calibration (
+    id INTEGER PRIMARY KEY,
+    created REAL NOT NULL,
+    device TEXT NOT NULL,
+    llama_cpp TEXT NOT NULL,
+    target TEXT NOT NULL,
+    predicted_bytes INTEGER NOT NULL,
+    residual_bytes INTEGER NOT NULL
+);
 """
 # Settings that make two runs comparable (the rest do not change speed).
 KEY_SETTINGS = ("n_gpu_layers", "threads", "n_ctx", "n_batch", "n_ubatch", "flash_attn",
@@ -94,6 +103,25 @@ class TuningDB:
             (device, model_sha256, llama_cpp))
         cols = [c[0] for c in cur.description]
         return [dict(zip(cols, row)) | {"config": json.loads(row[1])} for row in cur]
+
+    def add_calibration(self, device: str, llama_cpp: str, target: str, predicted: int,
+                        residual: int) -> None:
+        """Record how far an uncorrected prediction (bytes) was from the measured peak."""
+        with self._conn:
+            self._conn.execute(
+                "INSERT INTO calibration (created, device, llama_cpp, target, predicted_bytes,"
+                " residual_bytes) VALUES (?,?,?,?,?,?)",
+                (time.time(), device, llama_cpp, target, int(predicted), int(residual)))
+
+    def correction(self, device: str, llama_cpp: str, target: str, last: int = 5) -> int:
+        """Median residual (measured - predicted, bytes) of the last calibrations; 0 if none."""
+        rows = [r[0] for r in self._conn.execute(
+            "SELECT residual_bytes FROM calibration WHERE device=? AND llama_cpp=? AND target=?"
+            " ORDER BY id DESC LIMIT ?", (device, llama_cpp, target, last))]
+        if not rows:
+            return 0
+        rows.sort()
+        return rows[len(rows) // 2]
 
     def best(self, device: str, model_sha256: str, llama_cpp: str,
              n_ctx: int | None = None) -> dict[str, Any] | None:

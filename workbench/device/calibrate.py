@@ -1,0 +1,81 @@
+"""Calibration: how far the planner's memory prediction is from this machine's real peak.
+
+One run loads a model in a fresh worker, fills its whole context (the peak a plan must
+allow for), and records measured minus predicted for the host (resident memory) and,
+where NVML reports the worker's GPU memory, for the GPU. Later plans on this machine and
+llama.cpp version add the median of the last five differences.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MiB = 2 ** 20
+
+
+@dataclass(frozen=True)
+class CalibrationReport:
+    model: str
+    rows: tuple[tuple[str, int, int, int], ...]   # (target, predicted, measured, residual)
+    notes: tuple[str, ...] = ()
+
+    def _lines(self) -> list[tuple[str, str]]:
+        out = [(t, f"predicted {p / MiB:,.0f} MiB, measured {m / MiB:,.0f} MiB (prediction "
+                   f"{p / m - 1:+.1%}); later plans add {r / MiB:+,.0f} MiB")
+               for t, p, m, r in self.rows]
+        return out + [("note", n) for n in self.notes]
+
+    def _repr_html_(self) -> str:
+        from ..results import _table_html
+
+        return f"<b>Calibration with {html.escape(self.model)}</b>{_table_html(self._lines())}"
+
+    def __repr__(self) -> str:
+        from ..results import _table_text
+
+        return f"Calibration with {self.model}\n{_table_text(self._lines())}"
+
+
+def calibrate(path: Path, settings: dict[str, Any], progress: bool) -> CalibrationReport:
+    from .. import api
+    from ..models.inspect import inspect_model
+    from .profile import fingerprint
+    from .tune import TuningDB
+
+    e = api.engine()
+    e.close()  # a fresh worker: its peak is this configuration's alone
+    settings = {**settings, "kv_cache": "off"}
+    plan = api.plan(path, **settings)
+    api.load_model(path, progress=progress, **settings)
+    m = inspect_model(path)
+    first = 1000 if m.n_vocab > 2000 else 0
+    n = plan.settings["n_ctx"] - 8
+    c = api.generate([first + (i * 7919) % (m.n_vocab - first) for i in range(n)],
+                     max_tokens=4, temperature=0.0, ignore_eos=True)
+    over = plan.overheads
+    rows, notes = [], []
+    host_pred = plan.predicted("CPU") - over.host_correction
+    rows.append(("host", host_pred, c.metrics.peak_rss_bytes,
+                 c.metrics.peak_rss_bytes - host_pred))
+    gpus = [x for x in plan.memory if x.device != "CPU" and x.total]
+    if gpus and c.metrics.gpu_bytes:
+        gpu_pred = sum(x.total for x in gpus) - over.gpu_correction * len(gpus)
+        rows.append(("gpu", gpu_pred, c.metrics.gpu_bytes,
+                     (c.metrics.gpu_bytes - gpu_pred) // len(gpus)))
+    elif gpus:
+        notes.append("NVML does not report this process's GPU memory here: the GPU "
+                     "prediction stays uncalibrated.")
+    db = TuningDB()
+    try:
+        fp, version = fingerprint(), e.worker.llama_cpp_version
+        for target, pred, _measured, residual in rows:
+            if abs(residual) > pred // 2:  # a stray measurement must not skew every plan
+                notes.append(f"{target}: the difference is too large to trust; not kept")
+                continue
+            db.add_calibration(fp, version, target, pred, residual)
+    finally:
+        db.close()
+    return CalibrationReport(model=path.name, rows=tuple(rows), notes=tuple(notes))
