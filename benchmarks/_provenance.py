@@ -21,16 +21,6 @@ def sha256(path: str | os.PathLike) -> str:
     return file_sha256(path)
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _gpus() -> list[str]:
     if not shutil.which("nvidia-smi"):
         return []
@@ -47,8 +37,10 @@ def machine() -> dict[str, Any]:
     import llama_cpp
     import psutil
 
+    from workbench.device.profile import cpu_model
+
     return {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores_physical": psutil.cpu_count(logical=False),
         "cores_logical": psutil.cpu_count(logical=True),
         "ram_bytes": psutil.virtual_memory().total,

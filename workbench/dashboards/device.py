@@ -151,15 +151,9 @@ class _Nvml:
     """All GPUs' utilization (mean, %) and memory used (GiB), or (None, None)."""
 
     def __init__(self) -> None:
-        try:
-            import pynvml
+        from ..device.nvml import open_nvml
 
-            pynvml.nvmlInit()
-            self._nv = pynvml
-            self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i)
-                             for i in range(pynvml.nvmlDeviceGetCount())]
-        except Exception:
-            self._nv, self._handles = None, []
+        self._nv, self._handles = open_nvml()
 
     def sample(self) -> tuple[float | None, float | None]:
         if not self._handles:

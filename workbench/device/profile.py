@@ -109,7 +109,7 @@ def fingerprint() -> str:
     """This machine's fingerprint, without measuring anything."""
     import psutil
 
-    return _fingerprint(_cpu_model(), usable_cores(), psutil.virtual_memory().total, gpus())
+    return _fingerprint(cpu_model(), usable_cores(), psutil.virtual_memory().total, gpus())
 
 
 def usable_cores() -> int:
@@ -130,7 +130,8 @@ def usable_cores() -> int:
     return max(1, n)
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -142,18 +143,16 @@ def _cpu_model() -> str:
 
 def gpus() -> tuple[GPU, ...]:
     """NVIDIA GPUs through NVML; () where there are none or no driver."""
-    try:
-        import pynvml
+    from .nvml import open_nvml
 
-        pynvml.nvmlInit()
-    except Exception:
+    pynvml, handles = open_nvml()
+    if pynvml is None:
         return ()
     out = []
     try:
         driver = pynvml.nvmlSystemGetDriverVersion()
         driver = driver.decode() if isinstance(driver, bytes) else driver
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+        for i, h in enumerate(handles):
             name = pynvml.nvmlDeviceGetName(h)
             mem = pynvml.nvmlDeviceGetMemoryInfo(h)
 
@@ -240,7 +239,7 @@ def profile_device(model_dir: str | os.PathLike | None = None, *, measure: bool 
                      "reinstall with WORKBENCH_CUDA=1 (make lab) to offload layers.")
     folder = Path(model_dir) if model_dir else None
     return DeviceProfile(
-        cpu_model=_cpu_model(), physical_cores=psutil.cpu_count(logical=False) or 1,
+        cpu_model=cpu_model(), physical_cores=psutil.cpu_count(logical=False) or 1,
         logical_cores=psutil.cpu_count() or 1, usable_cores=usable_cores(),
         cpu_mhz_max=freq.max if freq and freq.max else None,
         cpu_mhz_now=freq.current if freq and freq.current else None,

@@ -44,15 +44,9 @@ class _GpuMemory:
     """GPU memory used by this process, where NVML sees an NVIDIA GPU; else None."""
 
     def __init__(self) -> None:
-        try:
-            import pynvml
+        from ..device.nvml import open_nvml
 
-            pynvml.nvmlInit()
-            self._nvml = pynvml
-            self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i)
-                             for i in range(pynvml.nvmlDeviceGetCount())]
-        except Exception:
-            self._nvml, self._handles = None, []
+        self._nvml, self._handles = open_nvml()
 
     def used(self) -> int | None:
         if not self._handles:
