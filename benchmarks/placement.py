@@ -293,9 +293,11 @@ def main() -> None:
                 row[f"{who}_within_cap"] = used <= cap_mib * MiB
                 row[f"{who}_tg_tps"] = sp["tg_tps"]
                 row[f"{who}_pp_tps"] = sp["pp_tps"]
-            if "theirs_measured" in row and theirs.get("gpu_projected"):
+            # errors only where layers went to the GPU (else both predict no model there)
+            if "theirs_measured" in row and theirs.get("gpu_projected") \
+                    and theirs.get("n_gpu_layers"):
                 row["theirs_err"] = theirs["gpu_projected"] / row["theirs_measured"] - 1
-            if row.get("ours_measured"):
+            if row.get("ours_measured") and ours.settings["n_gpu_layers"] > 0:
                 row["ours_err"] = row["ours_predicted"] / row["ours_measured"] - 1
             print(f"  cap {cap_mib:,} MiB: ours ngl {row['ours']['n_gpu_layers']} "
                   f"{row['ours']['type_k']} err {row.get('ours_err', 0):+.1%} "
@@ -341,7 +343,9 @@ def main() -> None:
             print(f"  {who}: {split[who]}", file=sys.stderr)
         result["forced_split"] = {"cap_mib": cap // MiB, **split}
         values.update(gpu_full_tg=full["ours"]["tg_tps"], gpu_vs_llama_bench=full["tg_ratio"],
-                      planner_vs_naive_split=split["planner"]["tg_tps"] / split["naive"]["tg_tps"])
+                      planner_vs_naive_split=split["planner"]["tg_tps"] / split["naive"]["tg_tps"],
+                      planner_within_cap=split["planner"]["within_cap"],
+                      naive_within_cap=split["naive"]["within_cap"])
         peer_ok = [r for r in peer if "theirs_err" in r and "ours_err" in r]
         if peer_ok:
             values["ours_err_max"] = max(abs(r["ours_err"]) for r in peer_ok)
