@@ -130,7 +130,7 @@ def sweep(model: Path, configs: list[dict[str, Any]], rounds: int, n_prompt: int
         for i, cfg in enumerate(configs):
             runs[i].append(speed(model, cfg, n_prompt, n_gen, n_vocab))
     out = []
-    for cfg, rs in zip(configs, runs):
+    for cfg, rs in zip(configs, runs, strict=True):
         out.append({"settings": cfg,
                     "pp_tps": statistics.median(r["pp_tps"] for r in rs),
                     "tg_tps": statistics.median(r["tg_tps"] for r in rs)})
@@ -216,8 +216,8 @@ def main() -> None:
                    {"n_ctx": 2048, "n_gpu_layers": 3 * n // 4}, {"n_ctx": 1024, "device": "cpu"}]
     else:
         big = 3072 if args.quick else 8192
-        configs = [{"n_ctx": 1024}, {"n_ctx": 2048}, {"n_ctx": big}, {"n_ctx": 4096, "type_k": "q8_0",
-                                                                      "type_v": "q8_0"},
+        configs = [{"n_ctx": 1024}, {"n_ctx": 2048}, {"n_ctx": big},
+                   {"n_ctx": 4096, "type_k": "q8_0", "type_v": "q8_0"},
                    {"n_ctx": big, "flash_attn": "on"}, {"n_ctx": 2048, "n_ubatch": 256},
                    {"n_ctx": 1024, "threads": 1}]
     mem = [measure_memory(model, c, gpu, m.n_vocab) for c in configs]
@@ -259,7 +259,8 @@ def main() -> None:
         fresh()
         peer = []
         weights_gpu = m.weight_bytes - m.input_bytes
-        caps = [None, int(weights_gpu * 1.1 + 2 * GiB), int(weights_gpu * 0.75), int(weights_gpu * 0.5)]
+        caps = [None, int(weights_gpu * 1.1 + 2 * GiB), int(weights_gpu * 0.75),
+                int(weights_gpu * 0.5)]
         for cap in caps:
             fresh()
             base = gpu.used()

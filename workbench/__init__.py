@@ -5,9 +5,9 @@ functions: load_model, unload, generate, chat, metrics, dashboard, status,
 profile_device, inspect_model, plan, autotune, calibrate.
 """
 
-from .api import (autotune, calibrate, chat, dashboard, engine, generate, inspect_model, kv_evict, kv_list,
-                  kv_load, kv_remove, kv_save, kv_stats, load_model, metrics, plan,
-                  profile_device, status, unload)
+from .api import (autotune, calibrate, chat, dashboard, engine, generate, inspect_model,
+                  kv_evict, kv_list, kv_load, kv_remove, kv_save, kv_stats, load_model, metrics,
+                  plan, profile_device, status, unload)
 from .errors import WorkbenchError
 
 __version__ = "0.1.0"

@@ -178,9 +178,10 @@ def _messages(message: str | Sequence[Any], system: str | None) -> tuple[tuple[s
 
 def generate(prompt: str | Sequence[int], *, stream: bool = False,
              **params: Any) -> Completion | TokenStream:
-    """Complete raw text, or a list of token ids taken as they are. `params` are `GenerationConfig` fields (max_tokens, temperature,
-    top_p, top_k, min_p, repeat_penalty, seed, stop). With `stream=True`, returns a
-    `TokenStream` to iterate (sync or async) instead of the finished `Completion`."""
+    """Complete raw text, or a list of token ids taken as they are. `params` are
+    `GenerationConfig` fields (max_tokens, temperature, top_p, top_k, min_p,
+    repeat_penalty, seed, stop). With `stream=True`, returns a `TokenStream` to iterate
+    (sync or async) instead of the finished `Completion`."""
     config: GenerationConfig = build(GenerationConfig, params)
     payload = str(prompt) if isinstance(prompt, str) else tuple(int(t) for t in prompt)
     s = engine().stream("generate", payload, config)

@@ -225,7 +225,7 @@ def _fits(mem: Sequence[DeviceMemory], budgets: Sequence[Budget]) -> bool:
 
 def place(m: ModelInspection, budgets: Sequence[Budget], *, device: str = "auto",
           fixed: dict[str, Any] | None = None, cores: int = 1,
-          overheads: Overheads = Overheads(host=0),
+          overheads: Overheads | None = None,
           measure: Callable[[dict[str, Any]], Sequence[Any]] | None = None,
           tuned: dict[str, Any] | None = None) -> Placement:
     """Choose a configuration for model `m` within `budgets` (host first, then GPUs).
@@ -234,6 +234,7 @@ def place(m: ModelInspection, budgets: Sequence[Budget], *, device: str = "auto"
     runs a dry run and returns llama.cpp's buffers (engine.protocol.Buffer).
     `tuned`: the best configuration autotune measured on this machine, if any."""
     fixed = {k: v for k, v in (fixed or {}).items() if v is not None}
+    overheads = overheads or Overheads(host=0)
     notes: list[str] = []
     gpus = [b for b in budgets if b.kind == "gpu"]
     n = m.n_layers

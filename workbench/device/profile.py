@@ -66,7 +66,8 @@ class DeviceProfile:
                                          if x) or "not reported"),
                 ("RAM", f"{self.ram_available / GiB:,.1f} GiB available of "
                         f"{self.ram_total / GiB:,.1f} GiB"),
-                ("swap", f"{self.swap_used / GiB:,.1f} GiB used of {self.swap_total / GiB:,.1f} GiB"),
+                ("swap", f"{self.swap_used / GiB:,.1f} GiB used of "
+                         f"{self.swap_total / GiB:,.1f} GiB"),
                 ("memory bandwidth", f"{self.mem_bandwidth_gbs:,.1f} GB/s (measured copy)"
                  if self.mem_bandwidth_gbs else "not measured"),
                 ("disk read", f"{self.disk_read_mbs:,.0f} MB/s ({self.disk_path})"
@@ -141,6 +142,14 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _optional(fn: Any, *args: Any) -> Any:
+    """An NVML reading some GPUs do not offer (temperature, power): None then."""
+    try:
+        return fn(*args)
+    except Exception:
+        return None
+
+
 def gpus() -> tuple[GPU, ...]:
     """NVIDIA GPUs through NVML; () where there are none or no driver."""
     from .nvml import open_nvml
@@ -156,15 +165,10 @@ def gpus() -> tuple[GPU, ...]:
             name = pynvml.nvmlDeviceGetName(h)
             mem = pynvml.nvmlDeviceGetMemoryInfo(h)
 
-            def opt(fn: Any, *args: Any) -> Any:
-                try:
-                    return fn(h, *args)
-                except Exception:
-                    return None
-            temp = opt(pynvml.nvmlDeviceGetTemperature, pynvml.NVML_TEMPERATURE_GPU)
-            power = opt(pynvml.nvmlDeviceGetPowerUsage)
-            limit = opt(pynvml.nvmlDeviceGetEnforcedPowerLimit)
-            util = opt(pynvml.nvmlDeviceGetUtilizationRates)
+            temp = _optional(pynvml.nvmlDeviceGetTemperature, h, pynvml.NVML_TEMPERATURE_GPU)
+            power = _optional(pynvml.nvmlDeviceGetPowerUsage, h)
+            limit = _optional(pynvml.nvmlDeviceGetEnforcedPowerLimit, h)
+            util = _optional(pynvml.nvmlDeviceGetUtilizationRates, h)
             out.append(GPU(index=i, name=name.decode() if isinstance(name, bytes) else name,
                            memory_total=int(mem.total), memory_free=int(mem.free), driver=driver,
                            temperature_c=temp, power_w=power / 1000 if power else None,

@@ -102,7 +102,8 @@ class TuningDB:
             "FROM runs WHERE device=? AND model_sha256=? AND llama_cpp=? ORDER BY id",
             (device, model_sha256, llama_cpp))
         cols = [c[0] for c in cur.description]
-        return [dict(zip(cols, row)) | {"config": json.loads(row[1])} for row in cur]
+        return [dict(zip(cols, row, strict=True)) | {"config": json.loads(row[1])}
+                for row in cur]
 
     def add_calibration(self, device: str, llama_cpp: str, target: str, predicted: int,
                         residual: int) -> None:

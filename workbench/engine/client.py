@@ -134,7 +134,8 @@ class Engine:
     # ---- events for dashboards -------------------------------------------
 
     def subscribe(self, fn: Callable[[str, Any], None]) -> Callable[[], None]:
-        """Call `fn(kind, payload)` for events: "submitted", "tokens", "finished", "stats", "crashed".
+        """Call `fn(kind, payload)` for events: "submitted", "tokens", "finished", "stats",
+        "crashed".
         Runs on the receiver thread; returns a function that unsubscribes."""
         self._listeners.append(fn)
         return lambda: self._listeners.remove(fn) if fn in self._listeners else None

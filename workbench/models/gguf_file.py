@@ -238,7 +238,8 @@ def _parse(p: Path, buf: bytes, size: int, complete: bool) -> GGUFHeader:
             shape = tuple(r.take("<Q") for _ in range(n_dims))
             ggml_type = r.take("<I")
             offset = r.take("<Q")
-            tensors.append(TensorInfo(name, shape, ggml_type, offset, _ggml_nbytes(ggml_type, shape)))
+            tensors.append(TensorInfo(name, shape, ggml_type, offset,
+                                      _ggml_nbytes(ggml_type, shape)))
     except _Truncated:
         if not complete:
             raise _NeedMore from None

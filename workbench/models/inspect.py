@@ -69,7 +69,8 @@ class ModelInspection:
 
     def layer_kv_bytes_per_token(self, i: int, type_k: str, type_v: str) -> float:
         h = self.kv_heads[i]
-        return h * (self.head_dim_k * KV_TYPE_BYTES[type_k] + self.head_dim_v * KV_TYPE_BYTES[type_v])
+        return h * (self.head_dim_k * KV_TYPE_BYTES[type_k]
+                    + self.head_dim_v * KV_TYPE_BYTES[type_v])
 
     def kv_cells(self, i: int, n_ctx: int, n_ubatch: int = 512) -> int:
         """Cells layer `i` keeps for a context of n_ctx tokens."""
@@ -178,7 +179,8 @@ def inspect_model(path: str | os.PathLike) -> ModelInspection:
         path=header.path, name=str(meta.get("general.name") or header.path.name),
         architecture=arch, quantization=header.quantization, n_params=header.n_params,
         file_bytes=header.file_size, n_layers=n_layers, n_ctx_train=value("context_length"),
-        n_embd=n_embd, n_ff=value("feed_forward_length"), n_head=n_head, n_vocab=int(n_vocab), layer_bytes=tuple(layer),
+        n_embd=n_embd, n_ff=value("feed_forward_length"), n_head=n_head, n_vocab=int(n_vocab),
+        layer_bytes=tuple(layer),
         input_bytes=input_bytes, output_bytes=output_bytes,
         output_tied="output.weight" not in names, kv_heads=kv_heads, head_dim_k=head_k,
         head_dim_v=head_v, sliding_window=window,
