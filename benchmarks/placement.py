@@ -226,6 +226,29 @@ def main() -> None:
     name = "placement" + (f"_{args.tag}" if args.tag else "")
     _provenance.write(name, {**result, "incomplete": True})
 
+    # 1b. tight RAM budgets: the plan gives up what costs least, and stays within the budget
+    if not args.gpu:
+        print("budgets: plans under a RAM cap, loaded and measured", file=sys.stderr)
+        budgets = []
+        for cap_mib in ((240, 300) if args.quick else (230, 250, 280, 320, 400)):
+            fresh()
+            try:
+                p = workbench.plan(model, kv_cache="off", ram_mib=cap_mib)
+            except workbench.WorkbenchError as e:
+                budgets.append({"cap_mib": cap_mib, "error": e.message})
+                print(f"  {cap_mib} MiB: {e.message}", file=sys.stderr)
+                continue
+            chosen = {k: p.settings[k] for k in ("n_ctx", "type_k", "type_v", "flash_attn")}
+            workbench.load_model(model, progress=False, kv_cache="off", **chosen)
+            c = fill_context(chosen["n_ctx"], m.n_vocab)
+            row = {"cap_mib": cap_mib, "chosen": chosen, "predicted": p.predicted("CPU"),
+                   "measured": c.metrics.peak_rss_bytes,
+                   "within_cap": c.metrics.peak_rss_bytes <= cap_mib * MiB}
+            budgets.append(row)
+            print(f"  {cap_mib} MiB: {chosen}, measured {row['measured'] / MiB:,.0f} MiB",
+                  file=sys.stderr)
+        result["budgets"] = budgets
+
     # 2. the planner's choice against an exhaustive sweep
     print("choice: auto against a sweep of n_gpu_layers × threads", file=sys.stderr)
     fresh()
@@ -249,6 +272,10 @@ def main() -> None:
                         "auto_vs_best": mine["tg_tps"] / best["tg_tps"]}
     values: dict[str, Any] = {"mem_pred_err_max": max(errs),
                               "auto_vs_best": mine["tg_tps"] / best["tg_tps"]}
+    if result.get("budgets"):
+        values["capped_plans_within_cap"] = sum(1 for b in result["budgets"]
+                                                if b.get("within_cap"))
+        values["capped_plans"] = len(result["budgets"])
     _provenance.write(name, {**result, "result": values, "incomplete": True})
 
     if args.gpu:

@@ -285,13 +285,21 @@ def place(m: ModelInspection, budgets: Sequence[Budget], *, device: str = "auto"
         kv_opts = [(fixed.get("type_k", "f16"), fixed.get("type_v", "f16"))]
     else:
         kv_opts = list(KV_CHOICES)
-    n_ubatch = min(fixed.get("n_ubatch", 512), fixed.get("n_batch", 512))
+    # A smaller micro-batch shrinks the compute buffer and costs some prompt speed only;
+    # it is tried before a quantized KV cache, which costs quality (and, on the CPU, the
+    # flash attention a quantized V needs).
+    if "n_ubatch" in fixed or "n_batch" in fixed:
+        ubatches = [min(fixed.get("n_ubatch", 512), fixed.get("n_batch", 512))]
+    else:
+        ubatches = [512, 256, 128]
+    variants = [(kv, ub) for kv in kv_opts for ub in ubatches]
 
-    def choice(ngl: int, n_ctx: int, kv: tuple[str, str]) -> _Choice:
+    def choice(ngl: int, n_ctx: int, variant: tuple[tuple[str, str], int]) -> _Choice:
+        kv, ub = variant
         fa = fixed.get("flash_attn", "auto")
         if fa == "auto":
             fa = "on" if ngl > 0 or kv[1] != "f16" else "off"
-        return _Choice(ngl, n_ctx, kv[0], kv[1], n_ubatch, fa)
+        return _Choice(ngl, n_ctx, kv[0], kv[1], ub, fa)
 
     ratios: dict[str, float] = {}
 
@@ -301,20 +309,20 @@ def place(m: ModelInspection, budgets: Sequence[Budget], *, device: str = "auto"
     def search() -> tuple[_Choice, str] | None:
         for n_ctx in contexts:
             if ngl_fixed is not None:
-                for kv in kv_opts:
-                    c = choice(ngl_fixed, n_ctx, kv)
+                for v in variants:
+                    c = choice(ngl_fixed, n_ctx, v)
                     if _fits(mem(c), use_budgets):
                         return c, "as asked"
                 continue
             if gpus:
-                for kv in kv_opts:
-                    c = choice(n + 1, n_ctx, kv)
+                for v in variants:
+                    c = choice(n + 1, n_ctx, v)
                     if _fits(mem(c), use_budgets):
                         return c, "everything fits on the GPU"
                 best = None
-                for kv in kv_opts:
+                for v in variants:
                     for ngl in range(n, 0, -1):
-                        c = choice(ngl, n_ctx, kv)
+                        c = choice(ngl, n_ctx, v)
                         if _fits(mem(c), use_budgets):
                             if best is None or ngl > best.ngl:
                                 best = c
@@ -322,8 +330,8 @@ def place(m: ModelInspection, budgets: Sequence[Budget], *, device: str = "auto"
                 if best is not None:
                     return best, "the most layers that fit on the GPU; the rest on the CPU"
             if device != "gpu":
-                for kv in kv_opts:
-                    c = choice(0, n_ctx, kv)
+                for v in variants:
+                    c = choice(0, n_ctx, v)
                     if _fits(mem(c), use_budgets):
                         return c, "no GPU" if not gpus else "no layer fits on the GPU"
         return None
@@ -427,7 +435,9 @@ def _explain(m: ModelInspection, c: _Choice, why: str, s: dict[str, Any], fixed:
     rows.append(("flash_attn", c.flash_attn, fa_why))
     rows.append(("n_batch / n_ubatch", f"{s['n_batch']} / {c.n_ubatch}",
                  given if "n_ubatch" in fixed or "n_batch" in fixed else
-                 "llama.cpp's default micro-batch; prompt speed flattens above it"))
+                 "llama.cpp's default micro-batch; prompt speed flattens above it"
+                 if c.n_ubatch == 512 else
+                 "a smaller micro-batch, so the compute buffer fits (prompts run slower)"))
     return rows
 
 
