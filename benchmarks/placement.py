@@ -238,8 +238,10 @@ def main() -> None:
                 budgets.append({"cap_mib": cap_mib, "error": e.message})
                 print(f"  {cap_mib} MiB: {e.message}", file=sys.stderr)
                 continue
-            chosen = {k: p.settings[k] for k in ("n_ctx", "type_k", "type_v", "flash_attn")}
-            workbench.load_model(model, progress=False, kv_cache="off", **chosen)
+            chosen = {k: p.settings[k] for k in ("n_ctx", "type_k", "type_v", "flash_attn",
+                                                 "n_ubatch")}
+            loaded = workbench.load_model(model, progress=False, kv_cache="off", ram_mib=cap_mib)
+            assert loaded.placement.settings == p.settings  # the load ran the same plan
             c = fill_context(chosen["n_ctx"], m.n_vocab)
             row = {"cap_mib": cap_mib, "chosen": chosen, "predicted": p.predicted("CPU"),
                    "measured": c.metrics.peak_rss_bytes,

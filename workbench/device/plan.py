@@ -5,7 +5,8 @@ KV bytes per token: exact), the compute buffers (estimated, then measured by a d
 run in the worker that allocates nothing), and the worker's own overhead (measured
 when it starts). It then picks the configuration that runs fastest and fits:
 
-1. every layer and the output on the GPU, with an f16 KV cache, else q8_0, else q4_0;
+1. every layer and the output on the GPU, with an f16 KV cache, else q8_0, else q4_0
+   (each first with llama.cpp's 512-token micro-batch, then 256 and 128);
 2. else as many layers on the GPU as fit (the KV type that fits the most layers);
 3. else everything on the CPU;
 4. else, unless the user fixed the context, a shorter context, halving down to 512.
@@ -446,7 +447,8 @@ def _fits_nowhere(m: ModelInspection, budgets: Sequence[Budget], ctx: int, devic
     host = budgets[0]
     kv = (fixed.get("type_k", "q4_0"), fixed.get("type_v", "q4_0")) \
         if ("type_k" in fixed or "type_v" in fixed) else ("q4_0", "q4_0")
-    c = _Choice(0, ctx, kv[0], kv[1], 512, "on")
+    ub = min(fixed.get("n_ubatch", 128), fixed.get("n_batch", 512))  # the smallest tried
+    c = _Choice(0, ctx, kv[0], kv[1], ub, "on")
     need = predict(m, c, [host], overheads)[0].total
     gpu = max((b.usable for b in budgets[1:]), default=0)
     has = f"{host.usable / GiB:,.2f} GiB usable RAM" + (
