@@ -22,6 +22,12 @@ for ngl in -1 0 33; do
 probe "import sys; from workbench.engine.runtime import Runtime; from workbench.config import LoadConfig
 print(Runtime().measure_buffers(sys.argv[1], LoadConfig(n_gpu_layers=$ngl, flash_attn='on')))" "workbench runtime, n_gpu_layers $ngl"
 done
+if command -v gdb > /dev/null; then  # a C backtrace of the runtime's load, should it crash
+  timeout 120 gdb -batch -ex run -ex bt --args python3 -c "import sys
+from workbench.engine.runtime import Runtime; from workbench.config import LoadConfig
+print(Runtime().measure_buffers(sys.argv[1], LoadConfig(n_gpu_layers=33, flash_attn='on')))" "$M" \
+    2>&1 | grep -A 25 "SIGSEGV\|^#0" | head -40
+fi
 timeout "${BENCH_S:-250}" python3 benchmarks/placement.py --quick --gpu --model $M --tag gpu \
     > "$OUT/placement_gpu.log" 2>&1; echo "benchmark rc=$?"
 grep -v "^\s*$" "$OUT/placement_gpu.log" | grep -v "^llama\|^load\|^print_info\|^sched\|^graph\|^ggml\|^init_tok\|^  Device" | tail -40
