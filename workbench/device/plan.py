@@ -30,8 +30,8 @@ HOST_MARGIN = 512 * MiB     # left free for the kernel, the OS and page cache ch
 GPU_MARGIN = 512 * MiB      # left free on each GPU (other processes, fragmentation)
 GPU_CONTEXT = 512 * MiB     # a GPU's runtime context, where NVML cannot tell us
 # A loaded model's own runtime on the host (vocabulary, graph, thread pool, buffers of
-# the batch): 33-48 MiB measured on the default model, whatever the context.
-MODEL_RUNTIME = 48 * MiB
+# the batch): 30-45 MiB measured on the default model, whatever the context.
+MODEL_RUNTIME = 40 * MiB
 MIN_CTX = 512
 KV_CHOICES = (("f16", "f16"), ("q8_0", "q8_0"), ("q4_0", "q4_0"))
 _PAD = 256

@@ -184,9 +184,9 @@ class Runtime:
         name = Path(path).name
         if cfg.kv_cache == "on":
             self.cache = self._open_cache(path, cfg)
-        from ..models.inspect import inspect_model
+        from ..models.inspect import inspect_header
 
-        kv_per_token = inspect_model(path).kv_bytes_per_token(cfg.type_k, cfg.type_v)
+        kv_per_token = inspect_header(header).kv_bytes_per_token(cfg.type_k, cfg.type_v)
         self.info = ModelInfo(
             path=str(path), name=str(name), architecture=header.architecture,
             quantization=header.quantization, n_params=header.n_params,

@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from .gguf_file import read_header
+from .gguf_file import GGUFHeader, read_header
 
 KV_TYPE_BYTES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}  # bytes per element
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
@@ -137,9 +137,13 @@ def _swa_layers(arch: str, n_layers: int, window: int, meta: dict) -> tuple[bool
 
 def inspect_model(path: str | os.PathLike) -> ModelInspection:
     """Read a GGUF model's shape and memory costs without loading it."""
+    return inspect_header(read_header(path))  # clear errors for missing or broken files
+
+
+def inspect_header(header: GGUFHeader) -> ModelInspection:
+    """`inspect_model` for a header already read."""
     import gguf
 
-    header = read_header(path)  # clear errors for missing, truncated or foreign files
     meta = header.metadata
     arch = header.architecture
 
