@@ -92,25 +92,20 @@ def _plan(path: Path, config: LoadConfig, given: dict[str, Any]) -> Any:
     def measure(chosen: dict[str, Any]) -> Any:
         return e.measure_buffers(path, dataclasses.replace(config, **chosen))
 
-    tuned = None
-    if "threads" not in fixed:
-        tuned = _tuned(path, e)
-    from .device.profile import usable_cores
-
-    return place(inspection, budgets, device=config.device, fixed=fixed, cores=usable_cores(),
-                 overheads=budget.overheads(e), measure=measure, tuned=tuned)
-
-
-def _tuned(path: Path, e: Engine) -> dict[str, Any] | None:
-    from .device.profile import fingerprint
+    from .device.profile import fingerprint, usable_cores
     from .device.tune import TuningDB
     from .models.hashing import file_sha256
 
-    db = TuningDB()
+    db = TuningDB()  # this machine's calibration and autotune runs
     try:
-        return db.best(fingerprint(), file_sha256(path), e.worker.llama_cpp_version)
+        machine = fingerprint()
+        over = budget.overheads(e, db, machine)
+        tuned = None if "threads" in fixed else db.best(machine, file_sha256(path),
+                                                         e.worker.llama_cpp_version)
     finally:
         db.close()
+    return place(inspection, budgets, device=config.device, fixed=fixed, cores=usable_cores(),
+                 overheads=over, measure=measure, tuned=tuned)
 
 
 def calibrate(model: str | os.PathLike | None = None, *, progress: bool = True,

@@ -14,23 +14,16 @@ from ..config import LoadConfig
 from .plan import GPU_CONTEXT, GPU_MARGIN, HOST_MARGIN, MODEL_RUNTIME, MiB, Budget, Overheads
 
 
-def overheads(engine: Any, calibrated: bool = True) -> Overheads:
-    """The worker's measured size, plus what `workbench.calibrate` found on this machine."""
-    from .profile import fingerprint
-    from .tune import TuningDB
-
+def overheads(engine: Any, db: Any = None, machine: str = "") -> Overheads:
+    """The worker's measured size; with the tuning database `db` and this machine's
+    fingerprint, plus what `workbench.calibrate` found here."""
     w = engine.worker
     base = Overheads(host=w.rss_bytes + MODEL_RUNTIME, gpu=w.gpu_bytes or GPU_CONTEXT)
-    if not calibrated:
+    if db is None:
         return base
-    db = TuningDB()
-    try:
-        fp = fingerprint()
-        return dataclasses.replace(
-            base, host_correction=db.correction(fp, w.llama_cpp_version, "host"),
-            gpu_correction=db.correction(fp, w.llama_cpp_version, "gpu"))
-    finally:
-        db.close()
+    return dataclasses.replace(
+        base, host_correction=db.correction(machine, w.llama_cpp_version, "host"),
+        gpu_correction=db.correction(machine, w.llama_cpp_version, "gpu"))
 
 
 def budgets(engine: Any, config: LoadConfig) -> list[Budget]:
@@ -38,7 +31,7 @@ def budgets(engine: Any, config: LoadConfig) -> list[Budget]:
     import psutil
 
     devices = engine.devices()  # starts the worker if needed
-    over = overheads(engine, calibrated=False)
+    over = overheads(engine)
     model, stats = engine.model, engine.last_stats
     held = max(0, stats.rss_bytes - over.host) if model and stats else 0
     avail = psutil.virtual_memory().available + held + engine.worker.rss_bytes
