@@ -32,6 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 import _provenance  # noqa: E402
 
+from workbench.device.calibrate import fill_context  # noqa: E402
+
 MiB, GiB = 2 ** 20, 2 ** 30
 
 
@@ -73,23 +75,13 @@ def fresh() -> Any:
     return workbench.engine()
 
 
-def fill_context(n_ctx: int, n_vocab: int) -> Any:
-    import workbench
-
-    n = n_ctx - 8
-    first = 1000 if n_vocab > 2000 else 0
-    return workbench.generate([first + (i * 7919) % (n_vocab - first) for i in range(n)],
-                              max_tokens=4, temperature=0.0, ignore_eos=True)
-
-
 def measure_memory(model: Path, settings: dict[str, Any], gpu: GpuMemory | None,
                    n_vocab: int) -> dict[str, Any]:
     import workbench
 
     fresh()
     base_gpu = gpu.used() if gpu else 0
-    p = workbench.plan(model, kv_cache="off", **settings)
-    workbench.load_model(model, progress=False, kv_cache="off", **settings)
+    p = workbench.load_model(model, progress=False, kv_cache="off", **settings).placement
     c = fill_context(p.settings["n_ctx"], n_vocab)
     row = {"settings": settings, "chosen": {k: p.settings[k] for k in
                                             ("n_gpu_layers", "n_ctx", "type_k", "flash_attn")},
@@ -233,15 +225,14 @@ def main() -> None:
         for cap_mib in ((240, 300) if args.quick else (230, 250, 280, 320, 400)):
             fresh()
             try:
-                p = workbench.plan(model, kv_cache="off", ram_mib=cap_mib)
+                p = workbench.load_model(model, progress=False, kv_cache="off",
+                                         ram_mib=cap_mib).placement
             except workbench.WorkbenchError as e:
                 budgets.append({"cap_mib": cap_mib, "error": e.message})
                 print(f"  {cap_mib} MiB: {e.message}", file=sys.stderr)
                 continue
             chosen = {k: p.settings[k] for k in ("n_ctx", "type_k", "type_v", "flash_attn",
                                                  "n_ubatch")}
-            loaded = workbench.load_model(model, progress=False, kv_cache="off", ram_mib=cap_mib)
-            assert loaded.placement.settings == p.settings  # the load ran the same plan
             c = fill_context(chosen["n_ctx"], m.n_vocab)
             row = {"cap_mib": cap_mib, "chosen": chosen, "predicted": p.predicted("CPU"),
                    "measured": c.metrics.peak_rss_bytes,

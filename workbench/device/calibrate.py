@@ -39,6 +39,16 @@ class CalibrationReport:
         return f"Calibration with {self.model}\n{_table_text(self._lines())}"
 
 
+def fill_context(n_ctx: int, n_vocab: int) -> Any:
+    """Fill the loaded model's context (all but 8 tokens, then 4 generated): the peak
+    memory a plan must allow for. Returns the `Completion`."""
+    from .. import api
+
+    first = 1000 if n_vocab > 2000 else 0  # past the special tokens
+    return api.generate([first + (i * 7919) % (n_vocab - first) for i in range(n_ctx - 8)],
+                        max_tokens=4, temperature=0.0, ignore_eos=True)
+
+
 def calibrate(path: Path, settings: dict[str, Any], progress: bool) -> CalibrationReport:
     from .. import api
     from ..models.inspect import inspect_model
@@ -47,14 +57,8 @@ def calibrate(path: Path, settings: dict[str, Any], progress: bool) -> Calibrati
 
     e = api.engine()
     e.close()  # a fresh worker: its peak is this configuration's alone
-    settings = {**settings, "kv_cache": "off"}
-    plan = api.plan(path, **settings)
-    api.load_model(path, progress=progress, **settings)
-    m = inspect_model(path)
-    first = 1000 if m.n_vocab > 2000 else 0
-    n = plan.settings["n_ctx"] - 8
-    c = api.generate([first + (i * 7919) % (m.n_vocab - first) for i in range(n)],
-                     max_tokens=4, temperature=0.0, ignore_eos=True)
+    plan = api.load_model(path, progress=progress, **settings, kv_cache="off").placement
+    c = fill_context(plan.settings["n_ctx"], inspect_model(path).n_vocab)
     over = plan.overheads
     rows, notes = [], []
     host_pred = plan.predicted("CPU") - over.host_correction
