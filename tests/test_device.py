@@ -18,6 +18,7 @@ from workbench.device.profile import DeviceProfile, usable_cores
 from workbench.device.tune import TuningDB
 from workbench.errors import ModelFileError, WorkbenchError
 from workbench.models import synthetic
+from workbench.models.synthetic import LlamaShape
 from workbench.models.inspect import inspect_model
 
 from gguf_edit import truncated
@@ -200,6 +201,10 @@ def test_gpu_plan_falls_back_to_the_cpu_and_fails_with_numbers(seven_b):
     assert "GiB" in e.value.message
     with pytest.raises(WorkbenchError, match="GPU was asked for"):
         place(seven_b, _budgets(1, n_gpus=0), device="gpu", cores=8, overheads=over)
+    with pytest.raises(WorkbenchError, match="contradict") as e:
+        place(seven_b, _budgets(80), device="cpu", fixed={"n_gpu_layers": 4}, cores=8,
+              overheads=over)
+    assert e.value.hint
 
 
 # ---- autotune and its database -------------------------------------------------------
@@ -237,6 +242,9 @@ def test_autotune_measures_stores_and_is_reused(default_model):
         workbench.autotune(default_model, threads=[0], progress=False)
     with pytest.raises(WorkbenchError, match="do not fit"):
         workbench.autotune(default_model, n_gpu_layers=[4], progress=False)
+    with pytest.raises(WorkbenchError, match="n_gen must be at least 1") as e:
+        workbench.autotune(default_model, n_gen=0, progress=False)
+    assert e.value.hint
 
 
 def test_calibration_corrects_later_plans(default_model):
@@ -313,5 +321,22 @@ def test_quantized_synthetic_model_runs(tmp_path):
         synthetic("tiny", "q3_k", tmp_path / "x.gguf")
     with pytest.raises(WorkbenchError, match="unknown model shape"):
         synthetic("gpt-9", "q4_0", tmp_path / "x.gguf")
+    with pytest.raises(WorkbenchError, match="multiples of 32"):
+        synthetic(LlamaShape(n_layer=1, n_embd=40, n_ff=128, n_head=4, n_head_kv=2), "q4_0",
+                  tmp_path / "x.gguf")
+    # a GGUF with no tokenizer cannot lend one
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(tmp_path / "no-tokenizer.gguf"), "llama")
+    w.add_tensor("t", np.zeros(32, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(WorkbenchError, match="no tokenizer to copy") as e:
+        synthetic("tiny", "q4_0", tmp_path / "x.gguf",
+                  tokenizer_from=tmp_path / "no-tokenizer.gguf")
+    assert "vocab-only" in e.value.hint
     assert not (tmp_path / "x.gguf").exists()
     workbench.load_model(progress=False, n_ctx=2048)
