@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import struct
+from pathlib import Path
 
 import psutil
 import pytest
@@ -83,3 +84,45 @@ def test_unknown_architecture_fails_in_llama_cpp_and_worker_survives(tmp_path, l
     assert loaded.model is None and "was unloaded first" in info.value.hint
     workbench.load_model(progress=False, n_ctx=2048)
     assert workbench.generate("Hi", max_tokens=3, temperature=0).metrics.generated_tokens >= 1
+
+
+def test_tensor_type_table_matches_the_gguf_package():
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    from workbench.models.gguf_file import GGML_TYPES
+
+    theirs = {t.value: (t.name, *GGML_QUANT_SIZES[t]) for t in GGMLQuantizationType
+              if t in GGML_QUANT_SIZES}
+    assert {k: v for k, v in GGML_TYPES.items() if k in theirs} == theirs
+
+
+def test_reading_a_header_imports_no_tokenizer_library(default_model):
+    # The worker reads the header in the process that then loads the model: importing
+    # the `gguf` package there pulls in sentencepiece's C++ runtime where it is installed.
+    import subprocess
+    import sys
+
+    code = ("import sys; from workbench.models.inspect import inspect_model; "
+            f"inspect_model({str(default_model)!r}); import workbench.engine.runtime; "
+            "print(sorted(m for m in ('gguf', 'sentencepiece', 'numpy.f2py') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_unknown_tensor_type(tmp_path, loaded, default_model):
+    from workbench.models.gguf_file import read_header
+
+    header = read_header(default_model)
+    name, ggml_type = header.tensors[0].name, header.tensors[0].ggml_type
+    data = bytearray(Path(default_model).read_bytes()[: header.data_offset])
+    # the type field follows the tensor's name and shape in the tensor table
+    encoded = struct.pack("<Q", len(name)) + name.encode()
+    at = data.index(encoded, header.kv_end) + len(encoded)
+    n_dims = struct.unpack_from("<I", data, at)[0]
+    type_at = at + 4 + 8 * n_dims
+    assert struct.unpack_from("<I", data, type_at)[0] == ggml_type
+    struct.pack_into("<I", data, type_at, 250)
+    path = tmp_path / "odd-type.gguf"
+    path.write_bytes(bytes(data) + Path(default_model).read_bytes()[header.data_offset:])
+    err = _check(path, "tensor type 250", loaded)
+    assert "damaged" in err.message

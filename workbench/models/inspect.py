@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from .gguf_file import GGUFHeader, read_header
+from .gguf_file import GGUFHeader, ggml_type_name, read_header
 
 KV_TYPE_BYTES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}  # bytes per element
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
@@ -142,8 +142,6 @@ def inspect_model(path: str | os.PathLike) -> ModelInspection:
 
 def inspect_header(header: GGUFHeader) -> ModelInspection:
     """`inspect_model` for a header already read."""
-    import gguf
-
     meta = header.metadata
     arch = header.architecture
 
@@ -165,10 +163,7 @@ def inspect_header(header: GGUFHeader) -> ModelInspection:
     names = set()
     for t in header.tensors:
         names.add(t.name)
-        try:
-            types[gguf.GGMLQuantizationType(t.ggml_type).name] += 1
-        except ValueError:
-            types[f"type {t.ggml_type}"] += 1
+        types[ggml_type_name(t.ggml_type)] += 1
         m = _BLOCK.match(t.name)
         if m and int(m.group(1)) < n_layers:
             layer[int(m.group(1))] += t.nbytes
