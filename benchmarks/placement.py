@@ -9,8 +9,11 @@ With --gpu (a CUDA build; see ../shared/gpu/README.md), also:
 3. The peer: llama.cpp's own fitter (`llama-fit-params`, common/fit.cpp) under the same
    GPU memory caps: its choice and projected memory next to ours, both run and measured.
 4. Speed next to llama-bench on the same build: CPU only, partial splits, full offload.
-5. A forced split (a GPU cap below the model): the planner's choice against a naive
-   split (layers in proportion to the cap, f16 KV cache).
+5. A forced split: another process holds GPU memory until the model no longer fits;
+   the planner's choice, a naive split (layers in proportion to the memory left, f16
+   KV cache) and llama.cpp's fitter each load and run, or fail to load.
+Host peaks count from the end of the load (see engine/worker.py `_reset_peak_rss`);
+the load's own peak, which maps every weight once, is recorded beside them.
 
 Usage: python benchmarks/placement.py [--quick] [--gpu --synthetic llama-2-7b --vocab V]
 """
@@ -66,6 +69,36 @@ class GpuMemory:
         return self._info()[1]
 
 
+class GpuBallast:
+    """Holds `nbytes` of GPU 0 in a process of its own (cudaMalloc through ctypes), so
+    the worker meets a GPU with less free memory, as on a smaller card."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = max(0, nbytes)
+
+    def __enter__(self) -> "GpuBallast":
+        code = ("import ctypes, ctypes.util, glob, sys\n"
+                "names = [ctypes.util.find_library('cudart')] + sorted(glob.glob("
+                "'/usr/local/cuda*/lib64/libcudart.so*'))\n"
+                "rt = ctypes.CDLL(next(n for n in names if n))\n"
+                "p = ctypes.c_void_p()\n"
+                "err = rt.cudaMalloc(ctypes.byref(p), ctypes.c_size_t(int(sys.argv[1])))\n"
+                "print('ready' if err == 0 else f'cudaMalloc error {err}', flush=True)\n"
+                "sys.stdin.read()\n")
+        self.proc = subprocess.Popen([sys.executable, "-c", code, str(self.nbytes)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline().strip()
+        if line != "ready":
+            self.__exit__()
+            raise RuntimeError(f"could not hold {self.nbytes / MiB:,.0f} MiB of GPU memory: "
+                               f"{line or 'the process exited'}")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
 def fresh() -> Any:
     """A new worker, so that its peak memory is one configuration's alone."""
     import workbench
@@ -81,11 +114,13 @@ def measure_memory(model: Path, settings: dict[str, Any], gpu: GpuMemory | None,
 
     fresh()
     base_gpu = gpu.used() if gpu else 0
-    p = workbench.load_model(model, progress=False, kv_cache="off", **settings).placement
+    loaded = workbench.load_model(model, progress=False, kv_cache="off", **settings)
+    p = loaded.placement
     c = fill_context(p.settings["n_ctx"], n_vocab)
     row = {"settings": settings, "chosen": {k: p.settings[k] for k in
                                             ("n_gpu_layers", "n_ctx", "type_k", "flash_attn")},
            "host_predicted": p.predicted("CPU"), "host_measured": c.metrics.peak_rss_bytes,
+           "host_load_peak": loaded.info.load_peak_rss_bytes,
            "calibration_applied": {"host": p.overheads.host_correction,
                                    "gpu": p.overheads.gpu_correction}}
     row["host_err"] = row["host_predicted"] / row["host_measured"] - 1
@@ -344,29 +379,51 @@ def main() -> None:
             print(f"  ngl {ngl}: ours {ours} llama-bench {ref}", file=sys.stderr)
         result["speed"] = table
         full = table[-1]
-        # 5. a forced split: the planner against a naive one, under the same cap
+        # 5. a forced split, for real: another process holds all but `cap` of the GPU's
+        # free memory, so the worker sees a GPU smaller than the model. The planner
+        # (from free memory, no cap given), a naive split (layers in proportion to the
+        # memory, f16 KV) and llama.cpp's fitter (its default margin) each load, fill
+        # 4,096 tokens and run, or fail to load.
         cap = int(weights_gpu * 0.75)
         naive_ngl = int(m.n_layers * cap / m.file_bytes)
+        split: dict[str, Any] = {}
         fresh()
-        ours = workbench.plan(model, kv_cache="off", n_ctx=4096, gpu_mem_mib=cap // MiB)
-        split = {}
-        for who, settings in (("planner", {k: ours.settings[k] for k in
-                                           ("n_gpu_layers", "n_ctx", "type_k", "type_v")}),
-                              ("naive", {"n_gpu_layers": naive_ngl, "n_ctx": 4096})):
-            fresh()
-            base = gpu.used()
-            workbench.load_model(model, progress=False, kv_cache="off", **settings)
-            fill_context(4096, m.n_vocab)
-            used = gpu.used() - base
-            sp = speed(model, settings, n_prompt, n_gen, m.n_vocab, load=False)
-            split[who] = {"settings": settings, "gpu_measured": used,
-                          "within_cap": used <= cap, **sp}
-            print(f"  {who}: {split[who]}", file=sys.stderr)
-        result["forced_split"] = {"cap_mib": cap // MiB, **split}
+        workbench.engine().close()
+        with GpuBallast(gpu.free() - cap):
+            left = gpu.free()
+            theirs = fit_params(fit_exe, model, 4096, 1024)
+            contenders = [("naive", {"n_gpu_layers": naive_ngl, "n_ctx": 4096}),
+                          ("fit_params", None if theirs.get("failed") else
+                           {"n_gpu_layers": theirs["n_gpu_layers"], "n_ctx": theirs["n_ctx"]}),
+                          ("planner", None)]
+            for who, settings in contenders:
+                fresh()
+                base = gpu.used()
+                try:
+                    if settings is None and who == "planner":
+                        p = workbench.plan(model, kv_cache="off", n_ctx=4096)
+                        settings = {k: p.settings[k] for k in
+                                    ("n_gpu_layers", "n_ctx", "type_k", "type_v")}
+                    if settings is None:
+                        split[who] = {"loaded": False, "error": theirs.get("stderr", "")}
+                        continue
+                    workbench.load_model(model, progress=False, kv_cache="off", **settings)
+                    fill_context(settings["n_ctx"], m.n_vocab)
+                    used = gpu.used() - base
+                    sp = speed(model, settings, n_prompt, n_gen, m.n_vocab, load=False)
+                    split[who] = {"settings": settings, "loaded": True, "gpu_measured": used,
+                                  **sp}
+                except workbench.WorkbenchError as e:
+                    split[who] = {"settings": settings, "loaded": False, "error": e.message}
+                print(f"  {who}: {split[who]}", file=sys.stderr)
+        result["forced_split"] = {"gpu_free_mib": left // MiB, **split}
         values.update(gpu_full_tg=full["ours"]["tg_tps"], gpu_vs_llama_bench=full["tg_ratio"],
-                      planner_vs_naive_split=split["planner"]["tg_tps"] / split["naive"]["tg_tps"],
-                      planner_within_cap=split["planner"]["within_cap"],
-                      naive_within_cap=split["naive"]["within_cap"])
+                      forced_split_planner_loaded=split["planner"]["loaded"],
+                      forced_split_naive_loaded=split["naive"]["loaded"])
+        for rival in ("naive", "fit_params"):
+            if split["planner"]["loaded"] and split[rival]["loaded"]:
+                values[f"planner_vs_{rival}_split_tg"] = (split["planner"]["tg_tps"]
+                                                         / split[rival]["tg_tps"])
         peer_ok = [r for r in peer if "theirs_err" in r and "ours_err" in r]
         if peer_ok:
             values["ours_err_max"] = max(abs(r["ours_err"]) for r in peer_ok)

@@ -96,17 +96,22 @@ def test_tensor_type_table_matches_the_gguf_package():
     assert {k: v for k, v in GGML_TYPES.items() if k in theirs} == theirs
 
 
-def test_reading_a_header_imports_no_tokenizer_library(default_model):
-    # The worker reads the header in the process that then loads the model: importing
-    # the `gguf` package there pulls in sentencepiece's C++ runtime where it is installed.
+def test_the_worker_loads_llama_cpp_before_numpy(default_model):
+    # A CUDA build of llama.cpp crashed loading a model in a process that had loaded
+    # numpy's (or torch's) native libraries first (see engine/worker.py). The spawned
+    # worker imports the package, then the worker module, then reads the header.
     import subprocess
     import sys
 
-    code = ("import sys; from workbench.models.inspect import inspect_model; "
-            f"inspect_model({str(default_model)!r}); import workbench.engine.runtime; "
-            "print(sorted(m for m in ('gguf', 'sentencepiece', 'numpy.f2py') if m in sys.modules))")
+    code = ("import sys, workbench, workbench.engine.worker, workbench.engine.probe; "
+            "from workbench.models.inspect import inspect_model; "
+            f"inspect_model({str(default_model)!r}); "
+            "before = sorted(m for m in ('numpy', 'gguf', 'sentencepiece', 'torch') "
+            "if m in sys.modules); import workbench.engine.runtime; "
+            "print(before, list(sys.modules).index('llama_cpp.llama_cpp') "
+            "< list(sys.modules).index('numpy'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    assert out.stdout.strip() == "[] True", out.stdout + out.stderr
 
 
 def test_unknown_tensor_type(tmp_path, loaded, default_model):

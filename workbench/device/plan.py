@@ -32,6 +32,10 @@ GPU_CONTEXT = 512 * MiB     # a GPU's runtime context, where NVML cannot tell us
 # A loaded model's own runtime on the host (vocabulary, graph, thread pool, buffers of
 # the batch): 30-45 MiB measured on the default model, whatever the context.
 MODEL_RUNTIME = 40 * MiB
+# The same on a GPU, beyond the context the worker holds from its start: cuBLAS's
+# workspace, kernels loaded on first use, CUDA graphs. 118-150 MiB measured on an H200
+# with a 7B model, whatever the layers offloaded (benchmarks/results/placement_gpu.json).
+GPU_MODEL_RUNTIME = 150 * MiB
 MIN_CTX = 512
 KV_CHOICES = (("f16", "f16"), ("q8_0", "q8_0"), ("q4_0", "q4_0"))
 _PAD = 256
@@ -215,7 +219,8 @@ def predict(m: ModelInspection, c: _Choice, budgets: Sequence[Budget], overheads
         used = weights[d] > 0
         ratio = (compute or {}).get(d, 1.0)
         out.append(DeviceMemory(d, weights[d], kv[d], int(est * ratio) if used else 0,
-                                overheads.gpu + overheads.gpu_correction if used else 0))
+                                overheads.gpu + GPU_MODEL_RUNTIME + overheads.gpu_correction
+                                if used else 0))
     return out
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from ..config import GenerationConfig, LoadConfig
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -139,6 +139,9 @@ class ModelInfo:
     buffers: tuple[Buffer, ...] = ()  # what llama.cpp allocated, by device
     flash_attn: str = "off"
     n_ubatch: int = 512
+    # the worker's peak resident memory during the load; requests' peaks count from
+    # the end of the load (0: this system could not restart the count)
+    load_peak_rss_bytes: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -179,7 +182,7 @@ class RequestMetrics:
     wall_time: float = field(default=0.0)  # time.time() at the end
     cached_tokens: int = 0  # prompt tokens restored from the prefix cache, not computed
     cache_tier: str = ""    # "ram" or "disk" on a hit
-    peak_rss_bytes: int = 0  # the worker's peak resident memory so far
+    peak_rss_bytes: int = 0  # the worker's peak resident memory since its model loaded
 
 
 @dataclass(frozen=True, kw_only=True)

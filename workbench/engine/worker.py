@@ -5,10 +5,18 @@ Threads here:
 - a reader thread takes requests off the queue, so a Cancel is seen while a
   generation runs and stops it before the next token;
 - a stats thread reports the process's memory once a second.
+
+Import order matters here: llama.cpp's library is loaded (by `runtime`) before numpy.
+With numpy 2.5's wheel (its OpenBLAS and gfortran libraries) or torch loaded first,
+loading a model in a CUDA build segfaulted inside llama.cpp's loader. So importing the
+`workbench` package and this module imports neither numpy nor the `gguf` package
+(tests/test_bad_model_files.py checks it); `runtime` imports llama_cpp, which loads its
+library before it imports numpy.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import resource
@@ -38,6 +46,19 @@ def _peak_rss() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _reset_peak_rss() -> bool:
+    """Start VmHWM again from the current size (Linux: "5" to clear_refs). Called after a
+    load: reading the weights through the file mapping makes every page resident for a
+    moment, also those llama.cpp copies to a GPU and then unmaps. Those are clean page
+    cache, not memory the model needs; a request's peak is measured from here."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 class _GpuMemory:
@@ -157,6 +178,10 @@ class Worker:
                     self.send(P.LoadProgress(id=msg.id, fraction=fraction))
 
             info = self.runtime.load(msg.path, msg.config, progress)
+            peak = _peak_rss()
+            if _reset_peak_rss():
+                info = dataclasses.replace(info, load_peak_rss_bytes=peak)
+            self.runtime.info = info
             self.send(P.ModelLoaded(id=msg.id, info=info))
         elif isinstance(msg, P.Unload):
             self.runtime.unload()

@@ -12,8 +12,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from ..errors import WorkbenchError
 
 
@@ -56,6 +54,7 @@ def synthetic(shape: str | LlamaShape, quant: str = "q4_0", path: str | os.PathL
     default model's. The file is written under a temporary name and renamed when whole.
     """
     import gguf
+    import numpy as np  # here, not at import: see engine/worker.py on import order
 
     from .default import default_model_path
 
@@ -121,7 +120,7 @@ def synthetic(shape: str | LlamaShape, quant: str = "q4_0", path: str | os.PathL
 
     rng = np.random.default_rng(seed)
 
-    def matrix(rows: int, cols: int) -> np.ndarray:
+    def matrix(rows: int, cols: int) -> "np.ndarray":
         n_blocks = rows * cols // 32
         raw = np.frombuffer(rng.bytes(n_blocks * block_bytes), dtype=np.uint8)
         if quant == "f16":
