@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -208,7 +208,13 @@ def main() -> None:
                     help="make a Q4_0 synthetic model of SHAPE (e.g. llama-2-7b)")
     ap.add_argument("--vocab", default=None, help="GGUF whose tokenizer the synthetic copies")
     ap.add_argument("--tag", default="", help="suffix for the results file name")
+    ap.add_argument("--parts", default=",".join(PARTS),
+                    help="comma-separated parts to run (default: all). The others are kept "
+                         "from the results file, when it is of the same model and mode")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
+    if parts - set(PARTS):
+        ap.error(f"unknown part(s) {sorted(parts - set(PARTS))}; choose from {', '.join(PARTS)}")
 
     import workbench
     from workbench.device.profile import usable_cores
@@ -228,33 +234,39 @@ def main() -> None:
     gpu = GpuMemory() if args.gpu else None
     rounds = (1 if args.gpu else 2) if args.quick else 3
     n_prompt, n_gen = (256, 32) if args.quick else (512, 64)
+    name = "placement" + (f"_{args.tag}" if args.tag else "")
     result: dict[str, Any] = {"machine": _provenance.machine(), "model": str(model.name),
                               "model_sha256": _provenance.sha256(model),
                               "params": {"quick": args.quick, "n_prompt": n_prompt,
                                          "n_gen": n_gen, "rounds": rounds, "gpu": args.gpu}}
+    result.update(_earlier(name, result, parts))
+
+    def save(final: bool = False) -> None:
+        values = summarize(result)
+        _provenance.write(name, {**result, "result": values,
+                                 **({} if final else {"incomplete": True})})
 
     # 1. memory
-    print("memory: predicted vs measured peak", file=sys.stderr)
-    if args.gpu:
+    if "memory" in parts:
+        print("memory: predicted vs measured peak", file=sys.stderr)
+    if "memory" in parts and args.gpu:
         n = m.n_layers
         configs = [{"n_ctx": 4096}, {"n_ctx": 2048}, {"n_ctx": 4096, "type_k": "q8_0",
                                                       "type_v": "q8_0"},
                    {"n_ctx": 4096, "n_gpu_layers": n // 2},
                    {"n_ctx": 2048, "n_gpu_layers": 3 * n // 4}, {"n_ctx": 1024, "device": "cpu"}]
-    else:
+    elif "memory" in parts:
         big = 3072 if args.quick else 8192
         configs = [{"n_ctx": 1024}, {"n_ctx": 2048}, {"n_ctx": big},
                    {"n_ctx": 4096, "type_k": "q8_0", "type_v": "q8_0"},
                    {"n_ctx": big, "flash_attn": "on"}, {"n_ctx": 2048, "n_ubatch": 256},
                    {"n_ctx": 1024, "threads": 1}]
-    mem = [measure_memory(model, c, gpu, m.n_vocab) for c in configs]
-    errs = [abs(r["host_err"]) for r in mem] + [abs(r["gpu_err"]) for r in mem if "gpu_err" in r]
-    result["memory"] = mem
-    name = "placement" + (f"_{args.tag}" if args.tag else "")
-    _provenance.write(name, {**result, "incomplete": True})
+    if "memory" in parts:
+        result["memory"] = [measure_memory(model, c, gpu, m.n_vocab) for c in configs]
+        save()
 
     # 1b. tight RAM budgets: the plan gives up what costs least, and stays within the budget
-    if not args.gpu:
+    if "budgets" in parts and not args.gpu:
         print("budgets: plans under a RAM cap, loaded and measured", file=sys.stderr)
         budgets = []
         for cap_mib in ((240, 300) if args.quick else (230, 250, 280, 320, 400)):
@@ -276,15 +288,32 @@ def main() -> None:
             print(f"  {cap_mib} MiB: {chosen}, measured {row['measured'] / MiB:,.0f} MiB",
                   file=sys.stderr)
         result["budgets"] = budgets
+        save()
 
     # 2. the planner's choice against an exhaustive sweep
+    if "choice" in parts:
+        choice(result, model, m, args.gpu, cores, rounds, n_prompt, n_gen)
+        save()
+
+    if args.gpu:
+        gpu_parts(result, parts, save, model, m, gpu, cores, n_prompt, n_gen)
+    workbench.engine().close()
+    save(final=True)
+    print(f"wrote {_provenance.RESULTS / name}.json", file=sys.stderr)
+    print(_provenance.result_line(summarize(result)))
+
+
+def choice(result: dict[str, Any], model: Path, m: Any, on_gpu: bool, cores: int,
+           rounds: int, n_prompt: int, n_gen: int) -> None:
+    import workbench
+
     print("choice: auto against a sweep of n_gpu_layers × threads", file=sys.stderr)
     fresh()
     auto = workbench.plan(model, kv_cache="off").settings
-    grid_t = sorted({1, max(1, cores // 2), cores, cores + 1} if not args.gpu
+    grid_t = sorted({1, max(1, cores // 2), cores, cores + 1} if not on_gpu
                     else {cores // 2, cores})
-    grid_l = [0] if not args.gpu else sorted({0, m.n_layers // 2, 3 * m.n_layers // 4,
-                                              m.n_layers + 1})
+    grid_l = [0] if not on_gpu else sorted({0, m.n_layers // 2, 3 * m.n_layers // 4,
+                                            m.n_layers + 1})
     configs = [{"n_gpu_layers": g, "threads": t, "n_ctx": auto["n_ctx"]}
                for g in grid_l for t in grid_t]
     auto_cfg = {"n_gpu_layers": auto["n_gpu_layers"], "threads": auto["threads"],
@@ -298,78 +327,31 @@ def main() -> None:
           f"{best['tg_tps']:,.1f} t/s", file=sys.stderr)
     result["choice"] = {"auto": auto_cfg, "sweep": swept, "best": best["settings"],
                         "auto_vs_best": mine["tg_tps"] / best["tg_tps"]}
-    values: dict[str, Any] = {"mem_pred_err_max": max(errs),
-                              "auto_vs_best": mine["tg_tps"] / best["tg_tps"]}
-    if result.get("budgets"):
-        values["capped_plans_within_cap"] = sum(1 for b in result["budgets"]
-                                                if b.get("within_cap"))
-        values["capped_plans"] = len(result["budgets"])
-    _provenance.write(name, {**result, "result": values, "incomplete": True})
 
-    if args.gpu:
-        bench_exe = Path(os.environ.get("LLAMA_BENCH", "/tmp/llama-build/bin/llama-bench"))
-        fit_exe = Path(os.environ.get("LLAMA_FIT_PARAMS", bench_exe.with_name("llama-fit-params")))
+
+def gpu_parts(result: dict[str, Any], parts: set[str], save: Callable[[], None], model: Path,
+              m: Any, gpu: GpuMemory, cores: int, n_prompt: int, n_gen: int) -> None:
+    import workbench
+
+    bench_exe = Path(os.environ.get("LLAMA_BENCH", "/tmp/llama-build/bin/llama-bench"))
+    fit_exe = Path(os.environ.get("LLAMA_FIT_PARAMS", bench_exe.with_name("llama-fit-params")))
+    weights_gpu = m.weight_bytes - m.input_bytes
+    if "peer" in parts:
         # 3. the peer under GPU memory caps
         print("peer: llama-fit-params under the same caps", file=sys.stderr)
-        fresh()
-        peer = []
-        weights_gpu = m.weight_bytes - m.input_bytes
+        result["peer"] = []
         caps = [None, int(weights_gpu * 1.1 + 2 * GiB), int(weights_gpu * 0.75),
                 int(weights_gpu * 0.5)]
         for cap in caps:
-            fresh()
-            base = gpu.used()
-            free = gpu.free()
-            cap_mib = (cap or free) // MiB
-            margin = max(0, (free - (cap or free)) // MiB)
-            theirs = fit_params(fit_exe, model, 4096, margin + (0 if cap else 1024))
-            t0 = time.perf_counter()
-            ours = workbench.plan(model, kv_cache="off", n_ctx=4096,
-                                  gpu_mem_mib=cap // MiB if cap else None)
-            plan_s = time.perf_counter() - t0
-            row: dict[str, Any] = {"cap_mib": cap_mib, "theirs": theirs,
-                                   "ours": {k: ours.settings[k] for k in
-                                            ("n_gpu_layers", "n_ctx", "type_k", "type_v")},
-                                   "ours_predicted": ours.predicted("CUDA0"),
-                                   "ours_plan_s": plan_s}
-            for who, settings in (("ours", {k: ours.settings[k] for k in
-                                            ("n_gpu_layers", "n_ctx", "type_k", "type_v")}),
-                                  ("theirs", None if theirs.get("failed") else
-                                   {"n_gpu_layers": theirs["n_gpu_layers"],
-                                    "n_ctx": theirs["n_ctx"]})):
-                if settings is None:
-                    continue
-                fresh()
-                base = gpu.used()
-                workbench.load_model(model, progress=False, kv_cache="off", **settings)
-                fill_context(settings["n_ctx"], m.n_vocab)
-                used = gpu.used() - base
-                sp = speed(model, settings, n_prompt, n_gen, m.n_vocab, load=False)
-                row[f"{who}_measured"] = used
-                row[f"{who}_within_cap"] = used <= cap_mib * MiB
-                row[f"{who}_tg_tps"] = sp["tg_tps"]
-                row[f"{who}_pp_tps"] = sp["pp_tps"]
-            # errors only where layers went to the GPU (else both predict no model there)
-            if "theirs_measured" in row and theirs.get("gpu_projected") \
-                    and theirs.get("n_gpu_layers"):
-                row["theirs_err"] = theirs["gpu_projected"] / row["theirs_measured"] - 1
-            if row.get("ours_measured") and ours.settings["n_gpu_layers"] > 0:
-                row["ours_err"] = row["ours_predicted"] / row["ours_measured"] - 1
-            print(f"  cap {cap_mib:,} MiB: ours ngl {row['ours']['n_gpu_layers']} "
-                  f"{row['ours']['type_k']} err {row.get('ours_err', 0):+.1%} "
-                  f"tg {row.get('ours_tg_tps', 0):,.1f}; theirs {theirs} "
-                  f"err {row.get('theirs_err', 0):+.1%} tg {row.get('theirs_tg_tps', 0):,.1f}",
-                  file=sys.stderr)
-            peer.append(row)
-            _provenance.write(name, {**result, "peer": peer, "result": values,
-                                     "incomplete": True})
-        result["peer"] = peer
-        # 4. speed next to llama-bench
+            result["peer"].append(peer_row(model, m, gpu, fit_exe, cap, n_prompt, n_gen))
+            save()
+    if "speed" in parts and "choice" in result:
+        # 4. speed next to llama-bench; ours: the sweep's runs (same prompt and generation)
         print("speed: ours vs llama-bench", file=sys.stderr)
         table = []
         workbench.engine().close()
+        swept = result["choice"]["sweep"]
         for ngl in (0, m.n_layers // 2, 3 * m.n_layers // 4, m.n_layers + 1):
-            # ours: the sweep's run of this configuration (same prompt and generation lengths)
             ours = next(r for r in swept if r["settings"]["n_gpu_layers"] == ngl
                         and r["settings"]["threads"] == cores)
             ours = {"pp_tps": ours["pp_tps"], "tg_tps": ours["tg_tps"]}
@@ -378,63 +360,163 @@ def main() -> None:
                           "tg_ratio": ours["tg_tps"] / ref["tg_tps"]})
             print(f"  ngl {ngl}: ours {ours} llama-bench {ref}", file=sys.stderr)
         result["speed"] = table
-        full = table[-1]
-        # 5. a forced split, for real: another process holds all but `cap` of the GPU's
-        # free memory, so the worker sees a GPU smaller than the model. The planner
-        # (from free memory, no cap given), a naive split (layers in proportion to the
-        # memory, f16 KV) and llama.cpp's fitter (its default margin) each load, fill
-        # 4,096 tokens and run, or fail to load.
-        cap = int(weights_gpu * 0.75)
-        naive_ngl = int(m.n_layers * cap / m.file_bytes)
-        split: dict[str, Any] = {}
+        save()
+    if "split" in parts:
+        result["forced_split"] = forced_split(model, m, gpu, fit_exe, int(weights_gpu * 0.75),
+                                              n_prompt, n_gen)
+
+
+def peer_row(model: Path, m: Any, gpu: GpuMemory, fit_exe: Path, cap: int | None,
+             n_prompt: int, n_gen: int) -> dict[str, Any]:
+    """Ours and llama.cpp's fitter under one GPU cap: choice, projection, measured, speed."""
+    import workbench
+
+    fresh()
+    free = gpu.free()
+    cap_mib = (cap or free) // MiB
+    margin = max(0, (free - (cap or free)) // MiB)
+    theirs = fit_params(fit_exe, model, 4096, margin + (0 if cap else 1024))
+    t0 = time.perf_counter()
+    ours = workbench.plan(model, kv_cache="off", n_ctx=4096,
+                          gpu_mem_mib=cap // MiB if cap else None)
+    plan_s = time.perf_counter() - t0
+    keys = ("n_gpu_layers", "n_ctx", "type_k", "type_v")
+    row: dict[str, Any] = {"cap_mib": cap_mib, "theirs": theirs,
+                           "ours": {k: ours.settings[k] for k in keys},
+                           "ours_predicted": ours.predicted("CUDA0"), "ours_plan_s": plan_s}
+    for who, settings in (("ours", row["ours"]),
+                          ("theirs", None if theirs.get("failed") else
+                           {"n_gpu_layers": theirs["n_gpu_layers"], "n_ctx": theirs["n_ctx"]})):
+        if settings is None:
+            continue
         fresh()
-        workbench.engine().close()
-        with GpuBallast(gpu.free() - cap):
-            left = gpu.free()
-            theirs = fit_params(fit_exe, model, 4096, 1024)
-            contenders = [("naive", {"n_gpu_layers": naive_ngl, "n_ctx": 4096}),
-                          ("fit_params", None if theirs.get("failed") else
-                           {"n_gpu_layers": theirs["n_gpu_layers"], "n_ctx": theirs["n_ctx"]}),
-                          ("planner", None)]
-            for who, settings in contenders:
-                fresh()
-                base = gpu.used()
-                try:
-                    if settings is None and who == "planner":
-                        p = workbench.plan(model, kv_cache="off", n_ctx=4096)
-                        settings = {k: p.settings[k] for k in
-                                    ("n_gpu_layers", "n_ctx", "type_k", "type_v")}
-                    if settings is None:
-                        split[who] = {"loaded": False, "error": theirs.get("stderr", "")}
-                        continue
+        base = gpu.used()
+        workbench.load_model(model, progress=False, kv_cache="off", **settings)
+        fill_context(settings["n_ctx"], m.n_vocab)
+        used = gpu.used() - base
+        sp = speed(model, settings, n_prompt, n_gen, m.n_vocab, load=False)
+        row[f"{who}_measured"] = used
+        row[f"{who}_within_cap"] = used <= cap_mib * MiB
+        row[f"{who}_tg_tps"] = sp["tg_tps"]
+        row[f"{who}_pp_tps"] = sp["pp_tps"]
+    # errors only where layers went to the GPU (else both predict no model there)
+    if "theirs_measured" in row and theirs.get("gpu_projected") and theirs.get("n_gpu_layers"):
+        row["theirs_err"] = theirs["gpu_projected"] / row["theirs_measured"] - 1
+    if row.get("ours_measured") and ours.settings["n_gpu_layers"] > 0:
+        row["ours_err"] = row["ours_predicted"] / row["ours_measured"] - 1
+    print(f"  cap {cap_mib:,} MiB: ours ngl {row['ours']['n_gpu_layers']} "
+          f"{row['ours']['type_k']} err {row.get('ours_err', 0):+.1%} "
+          f"tg {row.get('ours_tg_tps', 0):,.1f}; theirs {theirs} "
+          f"err {row.get('theirs_err', 0):+.1%} tg {row.get('theirs_tg_tps', 0):,.1f}",
+          file=sys.stderr)
+    return row
+
+
+def forced_split(model: Path, m: Any, gpu: GpuMemory, fit_exe: Path, cap: int,
+                 n_prompt: int, n_gen: int) -> dict[str, Any]:
+    """5. Another process holds all but `cap` of the GPU's free memory, so the worker
+    sees a GPU smaller than the model. The planner (from free memory, no cap given), a
+    naive split (layers in proportion to the memory, f16 KV, not planned) and llama.cpp's
+    fitter (its default margin) each load, fill 4,096 tokens and run, or fail to load."""
+    import workbench
+    from workbench.device.profile import usable_cores as usable_cores_
+
+    print("forced split: a GPU holding less than the model", file=sys.stderr)
+    split: dict[str, Any] = {}
+    fresh()
+    workbench.engine().close()
+    with GpuBallast(gpu.free() - cap):
+        left = gpu.free()
+        theirs = fit_params(fit_exe, model, 4096, 1024)
+        contenders = [("naive", {"n_gpu_layers": int(m.n_layers * cap / m.file_bytes),
+                                 "n_ctx": 4096}),
+                      ("fit_params", None if theirs.get("failed") else
+                       {"n_gpu_layers": theirs["n_gpu_layers"], "n_ctx": theirs["n_ctx"]}),
+                      ("planner", None)]
+        for who, settings in contenders:
+            fresh()
+            base = gpu.used()
+            try:
+                if who == "planner":
+                    p = workbench.plan(model, kv_cache="off", n_ctx=4096)
+                    settings = {k: p.settings[k] for k in
+                                ("n_gpu_layers", "n_ctx", "type_k", "type_v")}
+                if settings is None:
+                    split[who] = {"loaded": False, "error": theirs.get("stderr", "")}
+                    continue
+                if who == "naive":  # straight to the engine, as llama.cpp alone would
+                    from workbench.config import LoadConfig
+
+                    workbench.engine().load(model, LoadConfig(
+                        n_gpu_layers=settings["n_gpu_layers"], n_ctx=settings["n_ctx"],
+                        threads=usable_cores_(), flash_attn="on", kv_cache="off"))
+                else:
                     workbench.load_model(model, progress=False, kv_cache="off", **settings)
-                    fill_context(settings["n_ctx"], m.n_vocab)
-                    used = gpu.used() - base
-                    sp = speed(model, settings, n_prompt, n_gen, m.n_vocab, load=False)
-                    split[who] = {"settings": settings, "loaded": True, "gpu_measured": used,
-                                  **sp}
-                except workbench.WorkbenchError as e:
-                    split[who] = {"settings": settings, "loaded": False, "error": e.message}
-                print(f"  {who}: {split[who]}", file=sys.stderr)
-        result["forced_split"] = {"gpu_free_mib": left // MiB, **split}
-        values.update(gpu_full_tg=full["ours"]["tg_tps"], gpu_vs_llama_bench=full["tg_ratio"],
-                      forced_split_planner_loaded=split["planner"]["loaded"],
+                fill_context(settings["n_ctx"], m.n_vocab)
+                used = gpu.used() - base
+                sp = speed(model, settings, n_prompt, n_gen, m.n_vocab, load=False)
+                split[who] = {"settings": settings, "loaded": True, "gpu_measured": used, **sp}
+            except workbench.WorkbenchError as e:
+                split[who] = {"settings": settings, "loaded": False, "error": e.message}
+            print(f"  {who}: {split[who]}", file=sys.stderr)
+    return {"gpu_free_mib": left // MiB, **split}
+
+
+PARTS = ("memory", "budgets", "choice", "peer", "speed", "split")
+
+
+def _earlier(name: str, result: dict[str, Any], parts: set[str]) -> dict[str, Any]:
+    """The sections of an earlier run of the same model and mode that this run skips."""
+    path = _provenance.RESULTS / f"{name}.json"
+    if parts >= set(PARTS) or not path.exists():
+        return {}
+    old = json.loads(path.read_text())
+    if old.get("model") != result["model"] or old.get("params") != result["params"]:
+        return {}
+    keep = {"memory": "memory", "budgets": "budgets", "choice": "choice", "peer": "peer",
+            "speed": "speed", "split": "forced_split"}
+    out = {keep[p]: old[keep[p]] for p in PARTS if p not in parts and keep[p] in old}
+    # a synthetic model made again is another file of the same shape: say which it was
+    out["kept_from"] = {"date": old.get("date"), "model_sha256": old.get("model_sha256"),
+                        "machine": old.get("machine"), "sections": sorted(out)}
+    return out
+
+
+def summarize(result: dict[str, Any]) -> dict[str, Any]:
+    """The RESULT values, from whichever sections the results hold."""
+    values: dict[str, Any] = {}
+    mem = result.get("memory", [])
+    if mem:
+        values["mem_pred_err_max"] = max([abs(r["host_err"]) for r in mem]
+                                         + [abs(r["gpu_err"]) for r in mem if "gpu_err" in r])
+    if "choice" in result:
+        values["auto_vs_best"] = result["choice"]["auto_vs_best"]
+    if result.get("budgets"):
+        values["capped_plans_within_cap"] = sum(1 for b in result["budgets"]
+                                                if b.get("within_cap"))
+        values["capped_plans"] = len(result["budgets"])
+    if result.get("speed"):
+        full = result["speed"][-1]
+        values.update(gpu_full_tg=full["ours"]["tg_tps"], gpu_vs_llama_bench=full["tg_ratio"])
+    split = result.get("forced_split")
+    if split:
+        values.update(forced_split_planner_loaded=split["planner"]["loaded"],
                       forced_split_naive_loaded=split["naive"]["loaded"])
         for rival in ("naive", "fit_params"):
             if split["planner"]["loaded"] and split[rival]["loaded"]:
                 values[f"planner_vs_{rival}_split_tg"] = (split["planner"]["tg_tps"]
                                                          / split[rival]["tg_tps"])
-        peer_ok = [r for r in peer if "theirs_err" in r and "ours_err" in r]
-        if peer_ok:
-            values["ours_err_max"] = max(abs(r["ours_err"]) for r in peer_ok)
-            values["fit_params_err_max"] = max(abs(r["theirs_err"]) for r in peer_ok)
-            values["ours_vs_fit_params_tg"] = min(r["ours_tg_tps"] / r["theirs_tg_tps"]
-                                                  for r in peer_ok)
-    workbench.engine().close()
-    result["result"] = values
-    path = _provenance.write(name, result)
-    print(f"wrote {path}", file=sys.stderr)
-    print(_provenance.result_line(values))
+    peer_ok = [r for r in result.get("peer", []) if "theirs_err" in r and "ours_err" in r]
+    if peer_ok:
+        values["ours_err_max"] = max(abs(r["ours_err"]) for r in peer_ok)
+        values["fit_params_err_max"] = max(abs(r["theirs_err"]) for r in peer_ok)
+        values["ours_vs_fit_params_tg"] = min(r["ours_tg_tps"] / r["theirs_tg_tps"]
+                                              for r in peer_ok)
+        values["ours_within_cap"] = sum(1 for r in result["peer"] if r.get("ours_within_cap"))
+        values["fit_params_within_cap"] = sum(1 for r in result["peer"]
+                                              if r.get("theirs_within_cap"))
+        values["caps"] = len(result["peer"])
+    return values
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
 import workbench
-from workbench.device.plan import GiB, MiB, Budget, Overheads, place
+from workbench.device.plan import PARTIAL_KV_GAIN, GiB, MiB, Budget, Overheads, place
 from workbench.device.profile import DeviceProfile, usable_cores
 from workbench.device.tune import TuningDB
 from workbench.errors import ModelFileError, WorkbenchError
@@ -173,10 +173,13 @@ def test_gpu_plans(seven_b):
     ngl = part.settings["n_gpu_layers"]
     assert 0 < ngl < seven_b.n_layers
     assert part.predicted("CUDA0") <= 3 * GiB
-    with pytest.raises(WorkbenchError, match="fits nowhere"):  # one layer more does not fit
+    # one layer more than fits, pinned by the user: the error names the GPU, not "nowhere"
+    with pytest.raises(WorkbenchError, match=f"n_gpu_layers={ngl + 1} does not fit") as e:
         place(seven_b, _budgets(3), cores=8, overheads=over,
               fixed={k: part.settings[k] for k in ("type_k", "type_v", "n_ctx")}
               | {"n_gpu_layers": ngl + 1})
+    assert "CUDA0" in e.value.message and "3.00 GiB usable" in e.value.message
+    assert "--n-gpu-layers" in e.value.hint
     # a tight GPU takes a quantized KV cache before it gives up layers
     kvq = place(seven_b, _budgets(5.5), cores=8, overheads=over)
     assert kvq.settings["n_gpu_layers"] == seven_b.n_layers + 1
@@ -190,6 +193,27 @@ def test_gpu_plans(seven_b):
     clamp = place(seven_b, _budgets(80), cores=8, overheads=over, fixed={"n_gpu_layers": 999})
     assert clamp.settings["n_gpu_layers"] == seven_b.n_layers + 1
     assert "999" in repr(clamp)
+
+
+def test_partial_split_quantizes_the_kv_cache_only_for_enough_layers(seven_b):
+    # With layers left on the CPU, a quantized KV cache slows them: it is taken only when
+    # it moves at least PARTIAL_KV_GAIN of the CPU's layers to the GPU.
+    over = Overheads(host=300 * MiB, gpu=500 * MiB)
+    n = seven_b.n_layers
+    seen = set()
+    for gib in (1.4, 1.6, 1.8, 2.0, 2.5, 3.0, 3.5, 4.0):
+        chosen = place(seven_b, _budgets(gib), cores=8, overheads=over).settings
+        f16 = place(seven_b, _budgets(gib), cores=8, overheads=over,
+                    fixed={"type_k": "f16", "type_v": "f16"}).settings["n_gpu_layers"]
+        q4 = place(seven_b, _budgets(gib), cores=8, overheads=over,
+                   fixed={"type_k": "q4_0", "type_v": "q4_0"}).settings["n_gpu_layers"]
+        assert f16 <= chosen["n_gpu_layers"] <= q4
+        if chosen["type_k"] == "f16":
+            assert q4 - f16 < PARTIAL_KV_GAIN * (n + 1 - f16) or q4 == f16
+        else:
+            assert chosen["n_gpu_layers"] - f16 >= PARTIAL_KV_GAIN * (n + 1 - f16)
+        seen.add(chosen["type_k"] == "f16")
+    assert seen == {True, False}  # both outcomes occur over these budgets
 
 
 def test_gpu_plan_falls_back_to_the_cpu_and_fails_with_numbers(seven_b):

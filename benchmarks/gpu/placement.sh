@@ -6,6 +6,7 @@
 # synthetic llama-2-7B Q4_0, checks that the workbench's runtime loads it, then runs the
 # benchmark until the call's time (DEADLINE_S after T0, default 585 s) is nearly spent.
 # The benchmark writes its results as it goes; a second call on a warm machine skips the build.
+# PARTS picks the benchmark's parts; the others are kept from benchmarks/results/placement_gpu.json.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 T0=${T0:-$(date +%s)}
@@ -25,7 +26,8 @@ probe "import sys; from workbench.engine.runtime import Runtime; from workbench.
 print(Runtime().measure_buffers(sys.argv[1], LoadConfig(n_gpu_layers=33, flash_attn='on')))" "workbench runtime, n_gpu_layers 33"
 left=$(( ${DEADLINE_S:-585} - ($(date +%s) - T0) ))
 echo "benchmark: $left s left"
-timeout "$left" python3 benchmarks/placement.py --quick --gpu --model $M --tag gpu \
+CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0} timeout "$left" \
+    python3 benchmarks/placement.py --quick --gpu --model $M --tag gpu --parts "${PARTS:-memory,choice,peer,speed,split}" \
     > "$OUT/placement_gpu.log" 2>&1; echo "benchmark rc=$?"
 grep -v "^\s*$" "$OUT/placement_gpu.log" | grep -v "^llama\|^load\|^print_info\|^sched\|^graph\|^ggml\|^init_tok\|^  Device" | tail -40
 cp benchmarks/results/placement_gpu.json "$OUT/" 2>/dev/null; true

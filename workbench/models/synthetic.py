@@ -102,21 +102,24 @@ def synthetic(shape: str | LlamaShape, quant: str = "q4_0", path: str | os.PathL
         w.add_key_value(key, field.contents(), vtype, sub_type=sub)
 
     hd = s.n_embd // s.n_head
-    matrices = [("token_embd.weight", n_vocab, s.n_embd)]
-    norms = []
+    # In the order a converted model has them, layer by layer: llama.cpp unmaps the part
+    # of the file that only GPU layers use, and that needs each layer's tensors together.
+    # (name, rows, cols); cols 0 marks a norm vector of n_embd float32.
+    tensors = [("token_embd.weight", n_vocab, s.n_embd)]
     for i in range(s.n_layer):
         p = f"blk.{i}."
-        norms += [p + "attn_norm.weight", p + "ffn_norm.weight"]
-        matrices += [(p + "attn_q.weight", s.n_head * hd, s.n_embd),
-                     (p + "attn_k.weight", s.n_head_kv * hd, s.n_embd),
-                     (p + "attn_v.weight", s.n_head_kv * hd, s.n_embd),
-                     (p + "attn_output.weight", s.n_embd, s.n_head * hd),
-                     (p + "ffn_gate.weight", s.n_ff, s.n_embd),
-                     (p + "ffn_up.weight", s.n_ff, s.n_embd),
-                     (p + "ffn_down.weight", s.n_embd, s.n_ff)]
-    norms.append("output_norm.weight")
+        tensors += [(p + "attn_norm.weight", s.n_embd, 0),
+                    (p + "attn_q.weight", s.n_head * hd, s.n_embd),
+                    (p + "attn_k.weight", s.n_head_kv * hd, s.n_embd),
+                    (p + "attn_v.weight", s.n_head_kv * hd, s.n_embd),
+                    (p + "attn_output.weight", s.n_embd, s.n_head * hd),
+                    (p + "ffn_norm.weight", s.n_embd, 0),
+                    (p + "ffn_gate.weight", s.n_ff, s.n_embd),
+                    (p + "ffn_up.weight", s.n_ff, s.n_embd),
+                    (p + "ffn_down.weight", s.n_embd, s.n_ff)]
+    tensors.append(("output_norm.weight", s.n_embd, 0))
     if not s.tied_embeddings:
-        matrices.append(("output.weight", n_vocab, s.n_embd))
+        tensors.append(("output.weight", n_vocab, s.n_embd))
 
     rng = np.random.default_rng(seed)
 
@@ -132,22 +135,20 @@ def synthetic(shape: str | LlamaShape, quant: str = "q4_0", path: str | os.PathL
         return blocks.reshape(rows, cols // 32 * block_bytes)
 
     ones = np.ones(s.n_embd, dtype=np.float32)
-    for name, rows, cols in matrices:
-        if quant == "f16":
+    for name, rows, cols in tensors:
+        if not cols:
+            w.add_tensor_info(name, (s.n_embd,), np.dtype(np.float32), ones.nbytes)
+        elif quant == "f16":
             w.add_tensor_info(name, (rows, cols), np.dtype(np.float16), rows * cols * 2)
         else:
             w.add_tensor_info(name, (rows, cols // 32 * block_bytes), np.dtype(np.uint8),
                               rows * cols // 32 * block_bytes, raw_dtype=qtype)
-    for name in norms:
-        w.add_tensor_info(name, (s.n_embd,), np.dtype(np.float32), ones.nbytes)
     try:
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for _name, rows, cols in matrices:  # one tensor in memory at a time
-            w.write_tensor_data(matrix(rows, cols))
-        for _name in norms:
-            w.write_tensor_data(ones)
+        for _name, rows, cols in tensors:  # one tensor in memory at a time
+            w.write_tensor_data(matrix(rows, cols) if cols else ones)
         w.close()
         os.replace(tmp, out)
     except BaseException:
