@@ -512,6 +512,11 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         values["fit_params_err_max"] = max(abs(r["theirs_err"]) for r in peer_ok)
         values["ours_vs_fit_params_tg"] = min(r["ours_tg_tps"] / r["theirs_tg_tps"]
                                               for r in peer_ok)
+        # a configuration over the cap would not load on a GPU of that size
+        fair = [r["ours_tg_tps"] / r["theirs_tg_tps"] for r in peer_ok
+                if r.get("ours_within_cap") and r.get("theirs_within_cap")]
+        if fair:
+            values["ours_vs_fit_params_tg_both_within_cap"] = min(fair)
         values["ours_within_cap"] = sum(1 for r in result["peer"] if r.get("ours_within_cap"))
         values["fit_params_within_cap"] = sum(1 for r in result["peer"]
                                               if r.get("theirs_within_cap"))
