@@ -16,6 +16,7 @@ from .config import GenerationConfig, LoadConfig, build
 from .engine.client import Engine, TokenStream
 from .errors import GenerationError
 from .models.default import default_model_path
+from .errors import WorkbenchError
 from .progress import progress_bar
 from .results import Completion, EngineStatus, KVReport, LoadedModel, MetricsTable
 
@@ -33,11 +34,25 @@ def engine() -> Engine:
         return _engine
 
 
-def resolve_model(model: str | os.PathLike | None) -> Path:
-    """`None` or "default" -> the bundled default model; anything else is a path."""
+def resolve_model(model: str | os.PathLike | None, progress: bool = False) -> Path:
+    """The file `model` names: the default model, a catalog id (fetched if needed), a
+    model found on this machine, or a path, in that order (see models/resolve.py)."""
+    from .models.resolve import resolve
+
     if model is None or str(model) in ("", "default"):
         return default_model_path()
-    return Path(model).expanduser()
+    bars: list[Any] = []
+
+    def fetching(fraction: float) -> None:  # a bar only once a download starts
+        if not bars:
+            bars.append(progress_bar(f"Fetching {model}", enabled=progress))
+        bars[0](fraction)
+
+    try:
+        return resolve(model, progress=fetching)
+    finally:
+        for bar in bars:
+            bar.close()
 
 
 PLACEMENT_SETTINGS = ("n_ctx", "n_gpu_layers", "threads", "n_batch", "n_ubatch", "flash_attn",
@@ -53,7 +68,7 @@ def load_model(model: str | os.PathLike | None = None, *, progress: bool = True,
     planner fills in what is not given, from this machine's measured memory (`plan`).
     """
     config: LoadConfig = build(LoadConfig, settings)
-    path = resolve_model(model)
+    path = resolve_model(model, progress=progress)
     placement = _plan(path, config, settings)
     config = dataclasses.replace(config, **placement.settings).validate()
     bar = progress_bar(f"Loading {path.name}", enabled=progress)
@@ -106,6 +121,94 @@ def _plan(path: Path, config: LoadConfig, given: dict[str, Any]) -> Any:
         db.close()
     return place(inspection, budgets, device=config.device, fixed=fixed, cores=usable_cores(),
                  overheads=over, measure=measure, tuned=tuned)
+
+
+def list_models(*, fits: bool = False, family: str | None = None,
+                local: bool = False) -> Any:
+    """The catalog's models and the GGUF models found on this machine, one row per file
+    (a `ModelTable`). `fits`: ask the planner where each would run here (this starts
+    the worker); `family`: only that family; `local`: only files on this machine."""
+    from .models.catalog import load_catalog
+    from .models.discover import discover
+    from .models.listing import ModelTable, build_rows, with_fits
+    from .models.resolve import cached_copy, from_bundle
+
+    entries = load_catalog()
+
+    def on_disk(v: Any) -> Path | None:
+        return from_bundle(v) or cached_copy(v)
+
+    rows = build_rows(entries, discover(), family=family, local_only=local, cached=on_disk)
+    if fits:
+        place, speed, room = _fit_tools()
+        rows = with_fits(rows, entries, place, speed, room)
+    where = f" ({family})" if family else ""
+    return ModelTable(rows, f"Models{where}: {sum(r.where != 'catalog' for r in rows)} on "
+                            f"this machine, {sum(r.where == 'catalog' for r in rows)} to fetch")
+
+
+def _fit_tools() -> tuple[Any, Any, int]:
+    """The planner with this machine's budgets (no dry runs), autotune's best decode
+    speed of a file measured here, and the most bytes any one device may use."""
+    from .device import budget
+    from .device.plan import place
+    from .device.profile import fingerprint, usable_cores
+    from .device.tune import TuningDB
+    from .models.hashing import file_sha256
+
+    e = engine()
+    budgets = budget.budgets(e, LoadConfig())
+    machine = fingerprint()
+    db = TuningDB()
+    try:
+        over = budget.overheads(e, db, machine)
+    finally:
+        db.close()
+    cores = usable_cores()
+    version = e.worker.llama_cpp_version
+
+    def planned(m: Any) -> Any:
+        return place(m, budgets, cores=cores, overheads=over)
+
+    def speed(path: Path) -> float | None:
+        db = TuningDB()
+        try:
+            best = db.best(machine, file_sha256(path), version)
+        finally:
+            db.close()
+        return best["tg_tps"] if best else None
+
+    return planned, speed, max(b.usable for b in budgets)
+
+
+def check_updates() -> Any:
+    """Models in the Hugging Face cache whose repository has a newer revision on the Hub
+    (one HEAD request each), with what changed."""
+    from .models.discover import discover
+    from .models.fetch import check_updates as _check
+    from .models.listing import UpdateTable
+
+    return UpdateTable(_check(discover()))
+
+
+def update_model(name: str, *, progress: bool = True) -> Path:
+    """Fetch the newest revision of a model from the Hub (`name` as `%models` lists it).
+    The old file stays until the new one is verified, and in its snapshot afterwards."""
+    from .models.discover import discover, find_local
+    from .models.fetch import Update, apply_update, remote_info
+
+    m = find_local(name, discover())
+    if m is None or m.source != "huggingface":
+        raise WorkbenchError(f"{name!r} is not a model from the Hugging Face cache",
+                             "`%models --updates` lists the models that can be updated.")
+    u = Update(m, remote_info(m.repo or "", m.file or ""))
+    if not u.changed:
+        return m.path
+    bar = progress_bar(f"Updating {m.name}", enabled=progress)
+    try:
+        return apply_update(u, progress=bar)
+    finally:
+        bar.close()
 
 
 def calibrate(model: str | os.PathLike | None = None, *, progress: bool = True,

@@ -26,12 +26,37 @@ def _check(args: argparse.Namespace) -> None:
         api.engine().close()
 
 
+def _catalog_validate(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    from .models.catalog import CATALOG_FILE, validate
+
+    path = Path(args.file) if args.file else CATALOG_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise WorkbenchError(f"cannot read {path}: {e}", "Give a JSON catalog file.") from None
+    problems = validate(data)
+    for p in problems:
+        print(p)
+    if problems:
+        raise WorkbenchError(f"{path}: {len(problems)} problem(s)", "Fix them and run it again.")
+    n = sum(len(m["variants"]) for m in data["models"])
+    print(f"{path}: valid, {len(data['models'])} models, {n} files")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="workbench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("check", help="check the installation and the default model")
     p.add_argument("--run", action="store_true", help="also load the model and generate")
     p.set_defaults(func=_check)
+    cat = sub.add_parser("catalog", help="the model catalog")
+    cat_sub = cat.add_subparsers(dest="catalog_command", required=True)
+    v = cat_sub.add_parser("validate", help="check the catalog file's schema")
+    v.add_argument("file", nargs="?", default=None, help="a catalog JSON (default: the packaged one)")
+    v.set_defaults(func=_catalog_validate)
     args = parser.parse_args(argv)
     try:
         args.func(args)

@@ -55,7 +55,24 @@ def _settings(ns: argparse.Namespace, cls: type) -> dict[str, Any]:
 def _load_parser() -> _Parser:
     p = _parser("%load_model", "Load a GGUF model into the background worker.", LoadConfig)
     p.add_argument("model", nargs="?", default=None,
-                   help="path of a .gguf file, or 'default' (SmolLM2-135M-Instruct Q4_1)")
+                   help="a catalog id (ID or ID:QUANT, fetched if needed), a model `%%models` "
+                        "found on this machine, or a path to a .gguf file; 'default' or "
+                        "nothing: SmolLM2-135M-Instruct Q4_1")
+    return p
+
+
+def _models_parser() -> _Parser:
+    p = _Parser(prog="%models", description="The model catalog and the GGUF models on this "
+                "machine (the Hugging Face cache, Ollama, LM Studio, ./models).")
+    p.add_argument("--fits", action="store_true",
+                   help="ask the planner where each model would run here, and how fast "
+                        "autotune measured it")
+    p.add_argument("--family", default=None, help="only this family (e.g. qwen2.5)")
+    p.add_argument("--local", action="store_true", help="only models on this machine")
+    p.add_argument("--updates", action="store_true",
+                   help="compare models from the Hub with the Hub's newest revision")
+    p.add_argument("--update", metavar="NAME", default=None,
+                   help="fetch the newest revision of NAME, verified; the old file stays")
     return p
 
 
@@ -125,6 +142,7 @@ PARSERS = {
     "unload_model": _Parser(prog="%unload_model", description="Free the loaded model."),
     "workbench": _Parser(prog="%workbench", description="Show the engine's status."),
     "kv": _kv_parser(),
+    "models": _models_parser(),
 }
 
 
@@ -195,6 +213,18 @@ class WorkbenchMagics(Magics):
         if ns is None:
             return None
         return api.plan(ns.model, **_settings(ns, LoadConfig))
+
+    @line_magic
+    def models(self, line: str) -> Any:
+        """%models [--fits] [--family X] [--local] [--updates] [--update NAME]"""
+        ns = parse("models", line)
+        if ns is None:
+            return None
+        if ns.update:
+            return api.update_model(ns.update)
+        if ns.updates:
+            return api.check_updates()
+        return api.list_models(fits=ns.fits, family=ns.family, local=ns.local)
 
     @line_magic
     def unload_model(self, line: str) -> None:
