@@ -71,10 +71,12 @@ def describe_fit(place: Callable[[ModelInspection], Any], m: ModelInspection | N
     if m is None:
         if size is None:
             return "unknown (the catalog has neither its shape nor its size)"
+        about = "about " if estimate else ""
         gib = size / 2**30
         if size > room:
-            return f"no: the weights alone are {gib:,.2f} GiB"
-        return f"the weights ({gib:,.2f} GiB) fit; KV cache unknown (no shape in the catalog)"
+            return f"no: the weights alone are {about}{gib:,.2f} GiB"
+        return (f"the weights ({about}{gib:,.2f} GiB) fit; the KV cache is unknown (no shape "
+                "in the catalog)")
     try:
         p = place(m)
     except WorkbenchError as e:
@@ -161,8 +163,11 @@ def with_fits(rows: list[Row], entries: tuple[Entry, ...],
                 Path(r.where))))
         else:
             e, v = by_name[r.name]
-            out.append(replace(r, fits=describe_fit(place, estimated_inspection(e, v), True,
-                                                    v.size, room)))
+            size, rough = v.size, False
+            if size is None and e.params:  # from the parameter count and the quantization
+                size, rough = int(e.params * bits_per_weight(v.quant) / 8), True
+            out.append(replace(r, fits=describe_fit(place, estimated_inspection(e, v), rough,
+                                                    size, room)))
     return out
 
 
