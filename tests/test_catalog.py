@@ -283,6 +283,10 @@ def test_updates_are_detected_and_applied_verified(hub, tmp_path, monkeypatch, t
     assert new_path.read_bytes() == bytes(new) and second in str(new_path)
     assert old_path.read_bytes() == old  # the old file stays in its snapshot
     assert len(workbench.check_updates()) == 0  # the newest snapshot is now local
+    sh = InteractiveShell.instance()
+    sh.run_cell("%load_ext workbench", store_history=False)
+    r = sh.run_cell("%models --updates")
+    assert r.success and "up to date" in repr(r.result)
 
 
 def test_a_full_disk_mid_download_leaves_no_partial_file(hub, tmp_path):
@@ -313,10 +317,36 @@ def test_a_full_disk_mid_download_leaves_no_partial_file(hub, tmp_path):
 
 
 def test_models_table_shows_what_fits(places, default_model):
+    tuned = workbench.autotune(threads=[2], n_prompt=16, n_gen=4, repeats=1, progress=False,
+                               n_ctx=512)
     t = workbench.list_models(fits=True)
     row = next(r for r in t.rows if r.name == "smollm2-135m-instruct:q4_1")
     assert row.where == str(default_model)
     assert row.fits.startswith("yes: CPU") and "(estimate)" not in row.fits
+    assert row.tokens_per_s == pytest.approx(tuned.best["tg_tps"])  # autotune's, measured here
+    # a catalog variant not on this machine: the planner on the catalog's shape and size
+    q4km = next(r for r in t.rows if r.name == "smollm2-135m-instruct:q4_k_m")
+    assert q4km.where == "catalog" and q4km.fits.endswith("(estimate)")
+    # no shape: the weights alone against the memory there is
+    gemma = next(r for r in t.rows if r.name == "gemma-3-270m-it:q8_0")
+    assert gemma.fits.startswith("the weights (0.27 GiB) fit")
     assert "smollm2-135m-instruct:q4_1" in repr(t) and "<table>" in t._repr_html_()
     only = workbench.list_models(family="no-such-family")
     assert len(only) == 0
+
+
+def test_load_model_fetches_a_catalog_id_verifies_and_loads(hub, tmp_path, monkeypatch, tiny):
+    data = tiny.read_bytes()
+    hub.hub.publish(REPO, {FILE: data})
+    _catalog(tmp_path, monkeypatch, [_variant(data)])
+    sh = InteractiveShell.instance()
+    sh.run_cell("%load_ext workbench", store_history=False)
+    r = sh.run_cell("%load_model tiny-test:q4_0 --n-ctx 256")
+    assert r.success, r.error_in_exec
+    assert r.result.architecture == "llama" and r.result.name == FILE
+    assert hub.hub.gets == ["-"]  # one download
+    c = workbench.generate("hi", max_tokens=2, temperature=0, ignore_eos=True)
+    assert c.metrics.generated_tokens == 2
+    # the listing shows it as on this machine now
+    t = workbench.list_models(family="tiny")
+    assert [row.where != "catalog" for row in t.rows] == [True]

@@ -65,13 +65,14 @@ class Row:
 
 
 def describe_fit(place: Callable[[ModelInspection], Any], m: ModelInspection | None,
-                 estimate: bool, size: int | None = None, room: int = 0) -> str:
+                 estimate: bool, size: int | None = None, room: int = 0,
+                 rough: bool = False) -> str:
     """The planner's verdict in a few words. Without a shape, only the file's size can
     be compared with the most any one device may use (`room`, bytes)."""
     if m is None:
         if size is None:
             return "unknown (the catalog has neither its shape nor its size)"
-        about = "about " if estimate else ""
+        about = "about " if rough else ""  # a size from the parameter count
         gib = size / 2**30
         if size > room:
             return f"no: the weights alone are {about}{gib:,.2f} GiB"
@@ -166,8 +167,8 @@ def with_fits(rows: list[Row], entries: tuple[Entry, ...],
             size, rough = v.size, False
             if size is None and e.params:  # from the parameter count and the quantization
                 size, rough = int(e.params * bits_per_weight(v.quant) / 8), True
-            out.append(replace(r, fits=describe_fit(place, estimated_inspection(e, v), rough,
-                                                    size, room)))
+            out.append(replace(r, fits=describe_fit(place, estimated_inspection(e, v), True,
+                                                    size, room, rough)))
     return out
 
 
