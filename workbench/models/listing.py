@@ -56,6 +56,7 @@ def estimated_inspection(e: Entry, v: Variant) -> ModelInspection | None:
 class Row:
     name: str             # what `%load_model` takes
     family: str
+    architecture: str
     quant: str
     size: int | None
     where: str            # a path, or "catalog" (not on this machine)
@@ -94,7 +95,7 @@ def describe_fit(place: Callable[[ModelInspection], Any], m: ModelInspection | N
 class ModelTable:
     """Rows of `%models`; `rows` holds them."""
 
-    columns = ("name", "family", "quant", "size", "where", "fits", "tokens/s", "note")
+    columns = ("name", "family", "arch", "quant", "size", "where", "fits", "tokens/s", "note")
 
     def __init__(self, rows: list[Row], title: str) -> None:
         self.rows, self.title = rows, title
@@ -103,7 +104,7 @@ class ModelTable:
         return len(self.rows)
 
     def _cells(self, r: Row) -> list[str]:
-        return [r.name, r.family, r.quant,
+        return [r.name, r.family, r.architecture, r.quant,
                 "unknown" if r.size is None else f"{r.size / 2**20:,.0f} MiB", r.where, r.fits,
                 "" if r.tokens_per_s is None else f"{r.tokens_per_s:,.1f}", r.note]
 
@@ -137,13 +138,14 @@ def build_rows(entries: tuple[Entry, ...], local: list[LocalModel], *, family: s
                 covered.add(copy.resolve())
             if local_only and copy is None:
                 continue
-            rows.append(Row(f"{e.id}:{v.quant.lower()}", e.family, v.quant, v.size,
+            rows.append(Row(f"{e.id}:{v.quant.lower()}", e.family,
+                            e.architecture or "unknown", v.quant, v.size,
                             str(copy) if copy else "catalog"))
     for m in local:
         if m.path.resolve() in covered or (family and family.lower() not in m.name.lower()):
             continue
-        rows.append(Row(m.name, m.architecture or "?", m.quantization or "?", m.size,
-                        str(m.path), note=m.problem))
+        rows.append(Row(m.name, m.source, m.architecture or "?", m.quantization or "?",
+                        m.size, str(m.path), note=m.problem))
     return rows
 
 
