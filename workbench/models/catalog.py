@@ -78,92 +78,108 @@ class Entry:
             f"(`%load_model {self.id}:{self.variants[0].quant.lower()}`).")
 
 
-def validate(data: Any) -> list[str]:
-    """What is wrong with catalog data (parsed JSON); empty when it is valid."""
-    problems: list[str] = []
+_MODEL_KEYS = {"id", "name", "family", "params", "architecture", "license", "context_length",
+               "shape", "variants", "source"}
+_VARIANT_KEYS = {"quant", "repo", "file", "revision", "size", "sha256"}
 
-    def check(cond: bool, where: str, what: str) -> None:
+
+class _Checker:
+    """Collects "where: what" problems."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def check(self, cond: bool, where: str, what: str) -> None:
         if not cond:
-            problems.append(f"{where}: {what}")
+            self.problems.append(f"{where}: {what}")
 
-    def opt(v: Any, kind: type, where: str, name: str, lo: int = 1) -> None:
+    def obj(self, v: Any, where: str, keys: set[str]) -> bool:
+        """Is `v` an object with no keys outside `keys`? Says what is wrong if not."""
+        if not isinstance(v, dict):
+            self.problems.append(f"{where}: must be an object")
+            return False
+        self.check(not set(v) - keys, where, f"unknown keys {sorted(set(v) - keys)}")
+        return True
+
+    def optional(self, v: Any, kind: type, where: str, name: str) -> None:
         if v is None:
             return
         if kind is int:
-            check(isinstance(v, int) and not isinstance(v, bool) and v >= lo, where,
-                  f"{name} must be an integer ≥ {lo} or null")
+            self.check(isinstance(v, int) and not isinstance(v, bool) and v >= 1, where,
+                       f"{name} must be an integer ≥ 1 or null")
         else:
-            check(isinstance(v, kind) and bool(v), where, f"{name} must be a non-empty "
-                  f"{kind.__name__} or null")
+            self.check(isinstance(v, kind) and bool(v), where,
+                       f"{name} must be a non-empty {kind.__name__} or null")
 
+
+def validate(data: Any) -> list[str]:
+    """What is wrong with catalog data (parsed JSON); empty when it is valid."""
+    c = _Checker()
     if not isinstance(data, dict):
         return ["the catalog must be a JSON object"]
-    check(data.get("schema") == SCHEMA, "catalog", f"schema must be {SCHEMA}")
+    c.check(data.get("schema") == SCHEMA, "catalog", f"schema must be {SCHEMA}")
     models = data.get("models")
     if not isinstance(models, list) or not models:
-        return problems + ["catalog: models must be a non-empty list"]
+        return c.problems + ["catalog: models must be a non-empty list"]
     seen: set[str] = set()
     for i, m in enumerate(models):
-        where = f"models[{i}]"
-        if not isinstance(m, dict):
-            problems.append(f"{where}: must be an object")
+        if not c.obj(m, f"models[{i}]", _MODEL_KEYS):
             continue
         mid = m.get("id")
         where = f"models[{i}] ({mid})"
-        check(isinstance(mid, str) and bool(_ID.match(mid)) and ".." not in mid, where,
-              "id must be lowercase letters, digits, '.', '_' or '-'")
-        check(mid not in seen, where, "id is not unique")
+        c.check(isinstance(mid, str) and bool(_ID.match(mid)) and ".." not in mid, where,
+                "id must be lowercase letters, digits, '.', '_' or '-'")
+        c.check(mid not in seen, where, "id is not unique")
         seen.add(mid)
-        extra = set(m) - {"id", "name", "family", "params", "architecture", "license",
-                          "context_length", "shape", "variants", "source"}
-        check(not extra, where, f"unknown keys {sorted(extra)}")
         for key in ("name", "family", "source"):
-            check(isinstance(m.get(key), str) and bool(m.get(key)), where, f"{key} is required")
-        opt(m.get("params"), int, where, "params")
-        opt(m.get("context_length"), int, where, "context_length")
-        opt(m.get("architecture"), str, where, "architecture")
-        opt(m.get("license"), str, where, "license")
-        shape = m.get("shape")
-        if shape is not None:
-            want = {f for f in Shape.__dataclass_fields__}
-            check(isinstance(shape, dict) and set(shape) == want, where,
-                  f"shape must have exactly {sorted(want)}")
-            if isinstance(shape, dict):
-                for k, v in shape.items():
-                    if k == "tied_embeddings":
-                        check(isinstance(v, bool), where, "shape.tied_embeddings must be true/false")
-                    else:
-                        opt(v, int, where, f"shape.{k}")
-                        check(v is not None, where, f"shape.{k} is required in a shape")
+            c.check(isinstance(m.get(key), str) and bool(m.get(key)), where, f"{key} is required")
+        for key, kind in (("params", int), ("context_length", int), ("architecture", str),
+                          ("license", str)):
+            c.optional(m.get(key), kind, where, key)
+        _check_shape(c, m.get("shape"), where)
         variants = m.get("variants")
         if not isinstance(variants, list) or not variants:
-            problems.append(f"{where}: variants must be a non-empty list")
+            c.problems.append(f"{where}: variants must be a non-empty list")
             continue
-        quants: set[str] = set()
+        quants = [v.get("quant") for v in variants if isinstance(v, dict)]
+        c.check(len(quants) == len(set(quants)), where, "a quant is listed twice")
         for j, v in enumerate(variants):
-            vw = f"{where} variants[{j}]"
-            if not isinstance(v, dict):
-                problems.append(f"{vw}: must be an object")
-                continue
-            extra = set(v) - {"quant", "repo", "file", "revision", "size", "sha256"}
-            check(not extra, vw, f"unknown keys {sorted(extra)}")
-            check(v.get("quant") in QUANTS, vw, f"quant must be one of {', '.join(QUANTS)}")
-            check(v.get("quant") not in quants, vw, "quant listed twice")
-            quants.add(v.get("quant"))
-            check(isinstance(v.get("repo"), str) and bool(_REPO.match(v.get("repo", ""))), vw,
-                  "repo must be 'owner/name'")
-            f = v.get("file")
-            check(isinstance(f, str) and f.endswith(".gguf") and ".." not in f
-                  and not f.startswith("/") and "\\" not in f, vw,
-                  "file must be a relative .gguf path inside the repository")
-            rev = v.get("revision")
-            check(rev is None or (isinstance(rev, str) and bool(_REVISION.match(rev))), vw,
-                  "revision must be a 40-hex commit or null")
-            opt(v.get("size"), int, vw, "size")
-            sha = v.get("sha256")
-            check(sha is None or (isinstance(sha, str) and bool(_SHA.match(sha))), vw,
-                  "sha256 must be 64 lowercase hex digits or null")
-    return problems
+            _check_variant(c, v, f"{where} variants[{j}]")
+    return c.problems
+
+
+def _check_shape(c: _Checker, shape: Any, where: str) -> None:
+    if shape is None:
+        return
+    want = set(Shape.__dataclass_fields__)
+    if not c.obj(shape, f"{where} shape", want):
+        return
+    c.check(set(shape) == want, where, f"shape must have exactly {sorted(want)}")
+    for k, v in shape.items():
+        if k == "tied_embeddings":
+            c.check(isinstance(v, bool), where, "shape.tied_embeddings must be true/false")
+        else:
+            c.check(v is not None, where, f"shape.{k} is required in a shape")
+            c.optional(v, int, where, f"shape.{k}")
+
+
+def _check_variant(c: _Checker, v: Any, where: str) -> None:
+    if not c.obj(v, where, _VARIANT_KEYS):
+        return
+    c.check(v.get("quant") in QUANTS, where, f"quant must be one of {', '.join(QUANTS)}")
+    c.check(isinstance(v.get("repo"), str) and bool(_REPO.match(v.get("repo", ""))), where,
+            "repo must be 'owner/name'")
+    f = v.get("file")
+    c.check(isinstance(f, str) and f.endswith(".gguf") and ".." not in f
+            and not f.startswith("/") and "\\" not in f, where,
+            "file must be a relative .gguf path inside the repository")
+    rev = v.get("revision")
+    c.check(rev is None or (isinstance(rev, str) and bool(_REVISION.match(rev))), where,
+            "revision must be a 40-hex commit or null")
+    c.optional(v.get("size"), int, where, "size")
+    sha = v.get("sha256")
+    c.check(sha is None or (isinstance(sha, str) and bool(_SHA.match(sha))), where,
+            "sha256 must be 64 lowercase hex digits or null")
 
 
 def _entry(m: dict[str, Any]) -> Entry:
