@@ -224,21 +224,28 @@ def test_fetch_resumes_after_a_dropped_connection_and_verifies(hub, tmp_path, mo
     # the second time it is on disk, verified, and nothing is downloaded
     n = len(hub.hub.gets)
     assert resolve("tiny-test") == path and len(hub.hub.gets) == n
-    assert not list((places_dir(path)).glob("*.incomplete"))
-
-
-def places_dir(path: Path) -> Path:
-    return path.resolve().parent  # the blobs folder
 
 
 def test_fetch_rejects_a_wrong_sha256_and_removes_the_file(hub, tmp_path, monkeypatch):
     data = os.urandom(MiB)
     hub.hub.publish(REPO, {FILE: data})
+    # the Hub's file is not the one the catalog checked: refused before any byte comes
     _catalog(tmp_path, monkeypatch, [_variant(data, sha256="0" * 64)])
+    with pytest.raises(WorkbenchError, match="nothing was downloaded") as e:
+        resolve("tiny-test")
+    assert "catalog entry needs updating" in e.value.hint and hub.hub.gets == []
+    # bytes damaged in transit (same size, same etag announced): caught by the sha256
+    _catalog(tmp_path, monkeypatch, [_variant(data)])
+    hub.hub.damaged[FILE] = os.urandom(MiB)
     with pytest.raises(WorkbenchError, match="failed verification") as e:
         resolve("tiny-test")
     assert "removed" in e.value.message
-    assert not any(p.is_file() for p in Path(os.environ["HF_HUB_CACHE"]).rglob(FILE))
+    cache = Path(os.environ["HF_HUB_CACHE"])
+    assert not any(p.is_file() for p in cache.rglob(FILE))
+    assert not any(p.is_file() for p in cache.rglob("blobs/*"))
+    # the next try, undamaged, succeeds
+    del hub.hub.damaged[FILE]
+    assert resolve("tiny-test").read_bytes() == data
 
 
 def test_fetch_reports_a_404_clearly(hub, tmp_path, monkeypatch):
@@ -350,3 +357,76 @@ def test_load_model_fetches_a_catalog_id_verifies_and_loads(hub, tmp_path, monke
     # the listing shows it as on this machine now
     t = workbench.list_models(family="tiny")
     assert [row.where != "catalog" for row in t.rows] == [True]
+
+
+def test_malformed_inputs_are_reported_not_raised(places, tiny):
+    paths = _fake_places(places, tiny)
+    # a manifest whose layers are not objects
+    paths["ollama_manifest"].write_text(json.dumps({"layers": ["x"]}))
+    row = next(m for m in discover() if m.name == "ollama:tiny:latest")
+    assert "not an Ollama model manifest" in row.problem
+    # catalog values of the wrong type, and missing keys
+    m = {"id": ["x"], "name": "n", "family": "f", "source": "s",
+         "variants": [{"quant": ["Q4_0"], "repo": "a/b", "file": "f.gguf"}]}
+    problems = "\n".join(validate({"schema": 1, "models": [m]}))
+    assert "id must be a string" in problems and "quant must be one of" in problems
+    assert "missing keys" in problems and "write null for unknown" in problems
+
+
+def test_hub_cache_files_in_the_shared_xet_store(places, tiny):
+    """huggingface_hub keeps Xet-stored files in a store shared by all repositories:
+    snapshots/<rev>/<file> -> blobs/<etag> -> <cache>/blobs/<xx>/<xet hash>."""
+    from workbench.models.fetch import _blob_sha, _discard
+
+    data = tiny.read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    cache = places["HF_HUB_CACHE"]
+    store = cache / "blobs" / "ab" / ("ab" + "c" * 62)
+    store.parent.mkdir(parents=True)
+    store.write_bytes(data)
+    repo = cache / "models--lab--tiny-GGUF"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "blobs" / sha).symlink_to(Path("../../blobs/ab") / store.name)
+    snap = repo / "snapshots" / ("b" * 40)
+    snap.mkdir(parents=True)
+    (snap / FILE).symlink_to(Path("../../blobs") / sha)
+    found = [m for m in discover() if m.source == "huggingface"]
+    assert [m.name for m in found] == [f"{REPO}/{FILE}"] and not found[0].problem
+    assert _blob_sha(found[0].path) == sha  # the etag, not the Xet hash
+    _discard(found[0].path)
+    assert not (snap / FILE).exists() and not (repo / "blobs" / sha).is_symlink()
+    assert store.read_bytes() == data  # other repositories may use the store's file
+
+
+def test_a_cached_copy_that_differs_is_passed_over(hub, tmp_path, monkeypatch):
+    data = os.urandom(MiB)
+    hub.hub.publish(REPO, {FILE: data})
+    _catalog(tmp_path, monkeypatch, [_variant(data)])
+    stale = Path(os.environ["HF_HUB_CACHE"]) / "models--lab--tiny-GGUF" / "snapshots" / ("c" * 40)
+    stale.mkdir(parents=True)
+    (stale / FILE).write_bytes(b"an older file of the same name")
+    path = resolve("tiny-test")
+    assert path.read_bytes() == data and hub.hub.gets == ["-"]
+    assert (stale / FILE).exists()  # left alone: it is another revision's file
+
+
+def test_after_an_update_the_name_loads_the_new_revision(hub, tmp_path, monkeypatch, tiny):
+    old = tiny.read_bytes()
+    hub.hub.publish(REPO, {FILE: old})
+    _catalog(tmp_path, monkeypatch, [_variant(old)])
+    resolve("tiny-test")
+    new = bytearray(old)
+    new[-1] ^= 0xFF
+    second = hub.hub.publish(REPO, {FILE: bytes(new)})
+    workbench.update_model(f"{REPO}/{FILE}", progress=False)
+    assert resolve(f"{REPO}/{FILE}").read_bytes() == bytes(new)
+    names = sorted(m.name for m in discover() if m.source == "huggingface")
+    assert names[0] == f"{REPO}/{FILE}" and names[1].startswith(f"{REPO}/{FILE}@")
+    assert second in str(resolve(f"{REPO}/{FILE}").parent)
+    # a repository the Hub no longer has: its row says so, the others are still checked
+    hub.hub.branches.pop(REPO)
+    ups = workbench.check_updates()
+    assert "not checked" in repr(ups) and "no such repository" in repr(ups)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WorkbenchError, match="HF_HUB_OFFLINE is set"):
+        workbench.check_updates()

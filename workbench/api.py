@@ -166,14 +166,26 @@ def _fit_tools() -> tuple[Any, Any, int]:
         db.close()
     cores = usable_cores()
     version = e.worker.llama_cpp_version
+    db = TuningDB()
+    try:
+        measured = db.measured_models(machine, version)
+    finally:
+        db.close()
 
     def planned(m: Any) -> Any:
         return place(m, budgets, cores=cores, overheads=over)
 
     def speed(path: Path) -> float | None:
+        if not measured:  # nothing measured here: no file needs hashing
+            return None
+        from .models.fetch import _blob_sha
+
+        sha = _blob_sha(path) or file_sha256(path)  # a Hub cache file is named by it
+        if sha not in measured:
+            return None
         db = TuningDB()
         try:
-            best = db.best(machine, file_sha256(path), version)
+            best = db.best(machine, sha, version)
         finally:
             db.close()
         return best["tg_tps"] if best else None

@@ -28,11 +28,12 @@ def _check(args: argparse.Namespace) -> None:
 
 def _catalog_validate(args: argparse.Namespace) -> None:
     import json
+    import os
     from pathlib import Path
 
     from .models.catalog import CATALOG_FILE, validate
 
-    path = Path(args.file) if args.file else CATALOG_FILE
+    path = Path(args.file or os.environ.get("WORKBENCH_CATALOG") or CATALOG_FILE)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -55,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     cat = sub.add_parser("catalog", help="the model catalog")
     cat_sub = cat.add_subparsers(dest="catalog_command", required=True)
     v = cat_sub.add_parser("validate", help="check the catalog file's schema")
-    v.add_argument("file", nargs="?", default=None, help="a catalog JSON (default: the packaged one)")
+    v.add_argument("file", nargs="?", default=None,
+                   help="a catalog JSON (default: $WORKBENCH_CATALOG, else the packaged one)")
     v.set_defaults(func=_catalog_validate)
     args = parser.parse_args(argv)
     try:

@@ -105,6 +105,12 @@ class TuningDB:
         return [dict(zip(cols, row, strict=True)) | {"config": json.loads(row[1])}
                 for row in cur]
 
+    def measured_models(self, device: str, llama_cpp: str) -> set[str]:
+        """The sha256 of every model with runs on this machine and llama.cpp version."""
+        cur = self._conn.execute("SELECT DISTINCT model_sha256 FROM runs WHERE device=? AND "
+                                 "llama_cpp=?", (device, llama_cpp))
+        return {row[0] for row in cur}
+
     def add_calibration(self, device: str, llama_cpp: str, target: str, predicted: int,
                         residual: int) -> None:
         """Record how far an uncorrected prediction (bytes) was from the measured peak."""

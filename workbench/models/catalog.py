@@ -24,10 +24,10 @@ QUANTS = ("F32", "BF16", "F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_
           "Q4_K_S", "Q4_1", "Q4_0", "IQ4_XS", "IQ4_NL", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K")
 # `id:quant` picks a variant; with no quant, the first of these the entry has
 DEFAULT_QUANTS = ("Q4_K_M", "Q4_0", "Q4_1", "Q8_0")
-_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-_ID = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
-_SHA = re.compile(r"^[0-9a-f]{64}$")
-_REVISION = re.compile(r"^[0-9a-f]{40}$")
+_REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")  # fullmatch
+_ID = re.compile(r"[a-z0-9][a-z0-9._-]*")
+_SHA = re.compile(r"[0-9a-f]{64}")
+_REVISION = re.compile(r"[0-9a-f]{40}")
 
 
 @dataclass(frozen=True)
@@ -126,8 +126,13 @@ def validate(data: Any) -> list[str]:
         if not c.obj(m, f"models[{i}]", _MODEL_KEYS):
             continue
         mid = m.get("id")
-        where = f"models[{i}] ({mid})"
-        c.check(isinstance(mid, str) and bool(_ID.match(mid)) and ".." not in mid, where,
+        where = f"models[{i}] ({mid!r})"
+        c.check(not (_MODEL_KEYS - set(m)), where,
+                f"missing keys {sorted(_MODEL_KEYS - set(m))} (write null for unknown)")
+        if not isinstance(mid, str):
+            c.problems.append(f"{where}: id must be a string")
+            mid = repr(mid)
+        c.check(bool(_ID.fullmatch(mid)) and ".." not in mid, where,
                 "id must be lowercase letters, digits, '.', '_' or '-'")
         c.check(mid not in seen, where, "id is not unique")
         seen.add(mid)
@@ -141,7 +146,7 @@ def validate(data: Any) -> list[str]:
         if not isinstance(variants, list) or not variants:
             c.problems.append(f"{where}: variants must be a non-empty list")
             continue
-        quants = [v.get("quant") for v in variants if isinstance(v, dict)]
+        quants = [str(v.get("quant")) for v in variants if isinstance(v, dict)]
         c.check(len(quants) == len(set(quants)), where, "a quant is listed twice")
         for j, v in enumerate(variants):
             _check_variant(c, v, f"{where} variants[{j}]")
@@ -166,19 +171,23 @@ def _check_shape(c: _Checker, shape: Any, where: str) -> None:
 def _check_variant(c: _Checker, v: Any, where: str) -> None:
     if not c.obj(v, where, _VARIANT_KEYS):
         return
-    c.check(v.get("quant") in QUANTS, where, f"quant must be one of {', '.join(QUANTS)}")
-    c.check(isinstance(v.get("repo"), str) and bool(_REPO.match(v.get("repo", ""))), where,
-            "repo must be 'owner/name'")
+    c.check(not (_VARIANT_KEYS - set(v)), where,
+            f"missing keys {sorted(_VARIANT_KEYS - set(v))} (write null for unknown)")
+    c.check(isinstance(v.get("quant"), str) and v.get("quant") in QUANTS, where,
+            f"quant must be one of {', '.join(QUANTS)}")
+    repo = v.get("repo")
+    c.check(isinstance(repo, str) and bool(_REPO.fullmatch(repo)) and ".." not in repo
+            and "--" not in repo, where, "repo must be 'owner/name'")
     f = v.get("file")
     c.check(isinstance(f, str) and f.endswith(".gguf") and ".." not in f
             and not f.startswith("/") and "\\" not in f, where,
             "file must be a relative .gguf path inside the repository")
     rev = v.get("revision")
-    c.check(rev is None or (isinstance(rev, str) and bool(_REVISION.match(rev))), where,
+    c.check(rev is None or (isinstance(rev, str) and bool(_REVISION.fullmatch(rev))), where,
             "revision must be a 40-hex commit or null")
     c.optional(v.get("size"), int, where, "size")
     sha = v.get("sha256")
-    c.check(sha is None or (isinstance(sha, str) and bool(_SHA.match(sha))), where,
+    c.check(sha is None or (isinstance(sha, str) and bool(_SHA.fullmatch(sha))), where,
             "sha256 must be 64 lowercase hex digits or null")
 
 

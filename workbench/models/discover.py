@@ -18,7 +18,7 @@ from pathlib import Path
 from .. import _paths
 from ..errors import WorkbenchError
 
-_SHA256_DIGEST = re.compile(r"^sha256:([0-9a-f]{64})$")
+_SHA256_DIGEST = re.compile(r"sha256:([0-9a-f]{64})")  # used with fullmatch
 OLLAMA_MODEL_LAYER = "application/vnd.ollama.image.model"
 
 
@@ -76,22 +76,42 @@ def _describe(name: str, path: Path, source: str, **extra: str | None) -> LocalM
         h = read_header(path)
         return LocalModel(name, path, source, h.file_size, h.architecture, h.quantization,
                           **extra)
-    except WorkbenchError as e:
-        size = path.stat().st_size if path.exists() else 0
-        return LocalModel(name, path, source, size, problem=e.message, **extra)
+    except (WorkbenchError, OSError) as e:  # a bad header, or a file we may not read
+        try:
+            size = path.stat().st_size
+        except OSError:
+            size = 0
+        why = e.message if isinstance(e, WorkbenchError) else f"cannot read it: {e.strerror}"
+        return LocalModel(name, path, source, size, problem=why, **extra)
 
 
 def _huggingface(root: Path) -> list[LocalModel]:
+    """Each snapshot's GGUF files. The one `refs/main` points to (else the newest) is
+    named `repo/file`; older snapshots of the same file get `@revision` after it."""
     out = []
     for repo_dir in sorted(root.glob("models--*")):
         repo = repo_dir.name[len("models--"):].replace("--", "/", 1)
-        for snap in sorted((repo_dir / "snapshots").glob("*")):
+        snaps = [p for p in (repo_dir / "snapshots").glob("*") if p.is_dir()]
+        try:
+            main = (repo_dir / "refs" / "main").read_text().strip()
+        except OSError:
+            main = ""
+        # current first: the ref's snapshot, then the newest
+        snaps.sort(key=lambda p: (p.name != main, -p.stat().st_mtime))
+        named: set[str] = set()
+        for snap in snaps:
             for f in sorted(snap.rglob("*.gguf")):
-                if not _inside(f, repo_dir):  # a snapshot's links point into its blobs
+                # a snapshot links into the cache's blobs (the repository's, or the shared
+                # store huggingface_hub keeps for Xet files): nothing outside the cache
+                if not _inside(f, root):
                     continue
                 rel = f.relative_to(snap).as_posix()
-                out.append(_describe(f"{repo}/{rel}", f, "huggingface", repo=repo,
-                                     revision=snap.name, file=rel))
+                name = f"{repo}/{rel}"
+                if name in named:
+                    name = f"{name}@{snap.name[:10]}"
+                named.add(f"{repo}/{rel}")
+                out.append(_describe(name, f, "huggingface", repo=repo, revision=snap.name,
+                                     file=rel))
     return out
 
 
@@ -102,10 +122,10 @@ def ollama_blob(root: Path, manifest: Path) -> Path:
         data = json.loads(manifest.read_text(encoding="utf-8"))
         layers = data["layers"]
         digest = next(x["digest"] for x in layers if x.get("mediaType") == OLLAMA_MODEL_LAYER)
-    except (OSError, ValueError, KeyError, TypeError, StopIteration):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, StopIteration):
         raise WorkbenchError(f"{manifest} is not an Ollama model manifest",
                              "Pull the model again with `ollama pull`.") from None
-    m = _SHA256_DIGEST.match(digest) if isinstance(digest, str) else None
+    m = _SHA256_DIGEST.fullmatch(digest) if isinstance(digest, str) else None
     if m is None:
         raise WorkbenchError(f"{manifest} names a model blob {digest!r}, which is not a "
                              "sha256 digest: refused",

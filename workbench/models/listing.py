@@ -161,7 +161,11 @@ def with_fits(rows: list[Row], entries: tuple[Entry, ...],
             out.append(r)
             continue
         if r.where != "catalog":
-            m = inspect_model(r.where)
+            try:
+                m = inspect_model(r.where)
+            except WorkbenchError as e:  # a damaged copy: say so on its row, list the rest
+                out.append(replace(r, note=e.message))
+                continue
             out.append(replace(r, fits=describe_fit(place, m, False), tokens_per_s=speed(
                 Path(r.where))))
         else:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import WorkbenchError
-from .catalog import Entry, Variant, load_catalog, lookup, unknown_model
+from .catalog import DEFAULT_QUANTS, Entry, Variant, load_catalog, lookup, unknown_model
 from .discover import discover, find_local, hf_cache_dir
 
 
@@ -29,15 +29,27 @@ def _looks_like_path(spec: str) -> bool:
 
 
 def cached_copy(v: Variant) -> Path | None:
-    """The variant's file in the Hugging Face cache, if a snapshot holds it (the
-    catalog's revision, when it pins one)."""
-    snaps = hf_cache_dir() / f"models--{v.repo.replace('/', '--')}" / "snapshots"
-    names = [v.revision] if v.revision else sorted(
-        (p.name for p in snaps.glob("*")), key=lambda n: (snaps / n).stat().st_mtime,
-        reverse=True)
+    """The variant's file in the Hugging Face cache: from the catalog's revision when it
+    pins one, else from the snapshot refs/main names, else the newest that holds it. With
+    a sha256 in the catalog, only a copy that matches it (a snapshot of another revision
+    may hold another file under the same name)."""
+    from .hashing import file_sha256
+
+    repo_dir = hf_cache_dir() / f"models--{v.repo.replace('/', '--')}"
+    snaps = repo_dir / "snapshots"
+    if v.revision:
+        names = [v.revision]
+    else:
+        try:
+            main = (repo_dir / "refs" / "main").read_text().strip()
+        except OSError:
+            main = ""
+        found = [p for p in snaps.glob("*") if p.is_dir()]
+        names = [p.name for p in sorted(found, key=lambda p: (p.name != main,
+                                                              -p.stat().st_mtime))]
     for rev in names:
         f = snaps / str(rev) / v.file
-        if f.is_file():
+        if f.is_file() and (v.sha256 is None or file_sha256(f) == v.sha256):
             return f
     return None
 
@@ -57,18 +69,11 @@ def from_bundle(v: Variant) -> Path | None:
 
 
 def from_catalog(e: Entry, v: Variant, progress: Callable[[float], None] | None) -> Path:
-    from .fetch import download, verify
-    from .hashing import file_sha256
+    """A verified local copy of the variant (the bundled file, or one in the cache),
+    else a download."""
+    from .fetch import download
 
-    bundled = from_bundle(v)
-    if bundled:
-        return bundled
-    local = cached_copy(v)
-    if local is not None:
-        if v.sha256 is None or file_sha256(local) == v.sha256:
-            return local
-        verify(local, v)  # removes it and says why
-    return download(v, progress=progress)
+    return from_bundle(v) or cached_copy(v) or download(v, progress=progress)
 
 
 def resolve(spec: str | os.PathLike | None,
@@ -84,8 +89,9 @@ def resolve(spec: str | os.PathLike | None,
     if ".." not in s and "/" not in s and s.partition(":")[0].lower() in {e.id for e in entries}:
         e, v = lookup(s, entries)
         if ":" not in s:  # no quantization named: one already here, before a download
-            here = next((w for w in e.variants if from_bundle(w) or cached_copy(w)), None)
-            v = here or v
+            order = sorted(e.variants, key=lambda w: (DEFAULT_QUANTS.index(w.quant)
+                                                      if w.quant in DEFAULT_QUANTS else 99))
+            v = next((w for w in order if from_bundle(w) or cached_copy(w)), v)
         return from_catalog(e, v, progress)
     found = discover()
     local = find_local(s, found)  # refuses '..'
