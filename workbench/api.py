@@ -223,6 +223,70 @@ def update_model(name: str, *, progress: bool = True) -> Path:
         bar.close()
 
 
+def quantize(model: str | os.PathLike | None = None, to: str = "int8",
+             out: str | os.PathLike | None = None, *, overwrite: bool = False,
+             progress: bool = True) -> Any:
+    """Quantize a model with llama.cpp's quantizer, in a child process. `to`: int8
+    (= Q8_0), int4 (= Q4_K_M), Q6_K, Q5_K_M, Q4_0, Q2_K or F16. The file goes next to
+    the source as `<name>.<QUANT>.gguf` (the bundled model's: ~/.workbench/models)."""
+    from .compress.quantize import quantize as _quantize
+
+    path = resolve_model(model)
+    bar = progress_bar(f"Quantizing {path.name}", enabled=progress)
+    try:
+        result = _quantize(path, to, out, overwrite=overwrite, progress=bar)
+    finally:
+        bar.close()
+    return result
+
+
+def prune(model: str | os.PathLike | None = None, layers: Any = 1, *,
+          out: str | os.PathLike | None = None, overwrite: bool = False,
+          progress: bool = True) -> Any:
+    """Remove whole layers: `layers` as a count (the ones that change their input least,
+    measured on calibration text) or as indices. Returns the written file's summary."""
+    from .compress.prune import prune as _prune
+
+    path = resolve_model(model)
+    bar = progress_bar(f"Pruning {path.name}", enabled=progress)
+    try:
+        return _prune(path, layers, out=out, overwrite=overwrite, progress=bar)
+    finally:
+        bar.close()
+
+
+def evaluate(models: Sequence[Any], reference: Any = None, *, text: str | None = None,
+             n_ctx: int = 512, max_chunks: int = 8, progress: bool = True) -> Any:
+    """Perplexity, KL divergence and top-1 agreement against `reference` (all on the same
+    tokens), load time and speed of each model; `.figure()` plots quality against size."""
+    from .compress.evaluate import evaluate as _evaluate
+
+    paths = [resolve_model(getattr(m, "path", m)) for m in models]
+    ref = resolve_model(getattr(reference, "path", reference)) if reference is not None else None
+    note = ""
+    source = getattr(reference, "source", None)  # a `quantize` result knows where it came from
+    if source is not None and getattr(reference, "quant", "") == "F16":
+        from .models.gguf_file import read_header
+
+        was = read_header(source).quantization
+        if was.upper() not in ("F16", "F32", "BF16"):
+            note = (f"The reference is an F16 copy of {source.name}, which is itself {was}: the "
+                    "deltas measure requantization loss, not loss against the original "
+                    "weights.")
+    bar = progress_bar("Evaluating", enabled=progress)
+    try:
+        return _evaluate(paths, ref, text, n_ctx=n_ctx, max_chunks=max_chunks, note=note,
+                         progress=bar)
+    finally:
+        bar.close()
+
+
+def compare(models: Sequence[Any], reference: Any = None, **kwargs: Any) -> Any:
+    """`evaluate`, for a comparison: its result shows the table; `.figure()` the chart of
+    quality against size with the Pareto front."""
+    return evaluate(models, reference, **kwargs)
+
+
 def calibrate(model: str | os.PathLike | None = None, *, progress: bool = True,
               **settings: Any) -> Any:
     """Measure how far the planner's predicted peak memory is from this machine's: load

@@ -61,6 +61,18 @@ def _load_parser() -> _Parser:
     return p
 
 
+def _quantize_parser() -> _Parser:
+    p = _Parser(prog="%quantize", description="Quantize a model with llama.cpp's quantizer "
+                "(in a child process). The file goes next to the source.")
+    p.add_argument("model", nargs="?", default=None,
+                   help="what %%load_model takes (default: the default model)")
+    p.add_argument("--to", default="int8",
+                   help="int8 (= Q8_0), int4 (= Q4_K_M), Q6_K, Q5_K_M, Q4_0, Q2_K or F16")
+    p.add_argument("--out", default=None, help="output path (default: <name>.<QUANT>.gguf)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    return p
+
+
 def _models_parser() -> _Parser:
     p = _Parser(prog="%models", description="The model catalog and the GGUF models on this "
                 "machine (the Hugging Face cache, Ollama, LM Studio, ./models).")
@@ -143,6 +155,7 @@ PARSERS = {
     "workbench": _Parser(prog="%workbench", description="Show the engine's status."),
     "kv": _kv_parser(),
     "models": _models_parser(),
+    "quantize": _quantize_parser(),
 }
 
 
@@ -225,6 +238,14 @@ class WorkbenchMagics(Magics):
         if ns.updates:
             return api.check_updates()
         return api.list_models(fits=ns.fits, family=ns.family, local=ns.local)
+
+    @line_magic
+    def quantize(self, line: str) -> Any:
+        """%quantize [MODEL] [--to int8|int4|Q6_K|...] [--out PATH] [--overwrite]"""
+        ns = parse("quantize", line)
+        if ns is None:
+            return None
+        return api.quantize(ns.model, ns.to, ns.out, overwrite=ns.overwrite)
 
     @line_magic
     def unload_model(self, line: str) -> None:

@@ -1,0 +1,154 @@
+"""Quantization, quality evaluation and layer pruning on the real default model, through
+llama.cpp in child processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from IPython.core.interactiveshell import InteractiveShell
+
+import workbench
+from workbench.errors import WorkbenchError
+from workbench.models.gguf_file import read_header
+from workbench.models.inspect import inspect_model
+
+
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory, default_model):
+    d = tmp_path_factory.mktemp("q")
+    f16 = workbench.quantize(default_model, "f16", d / "ref.F16.gguf", progress=False)
+    q8 = workbench.quantize(default_model, "int8", d / "m.Q8_0.gguf", progress=False)
+    q4 = workbench.quantize(default_model, "int4", d / "m.Q4_K_M.gguf", progress=False)
+    return {"f16": f16, "q8": q8, "q4": q4, "dir": d}
+
+
+def test_quantize_writes_valid_files_of_the_asked_type(variants, default_model):
+    for key, quant in (("f16", "F16"), ("q8", "Q8_0"), ("q4", "Q4_K_M")):
+        q = variants[key]
+        assert q.quant == quant and q.path.is_file() and q.source == default_model
+        assert read_header(q.path).quantization == quant
+        assert q.bytes == q.path.stat().st_size
+    assert variants["f16"].bytes > variants["q8"].bytes > variants["q4"].bytes
+    assert not list(variants["dir"].glob(".*.partial"))
+
+
+def test_quantize_through_the_magic_with_a_default_name(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path))
+    sh = InteractiveShell.instance()
+    sh.run_cell("%load_ext workbench", store_history=False)
+    r = sh.run_cell("%quantize --to q4_0")
+    assert r.success, r.error_in_exec
+    # the bundled model lives in a package: the output goes to ~/.workbench/models
+    assert r.result.path == tmp_path / "models" / "SmolLM2-135M-Instruct.Q4_0.gguf"
+    assert "Q4_0" in repr(r.result)
+
+
+def test_quantize_bad_inputs(variants, default_model, tmp_path):
+    with pytest.raises(WorkbenchError, match="unknown quantization 'q3_x'") as e:
+        workbench.quantize(default_model, "q3_x", progress=False)
+    assert "int8" in e.value.hint and "Q4_K_M" in e.value.hint
+    with pytest.raises(WorkbenchError, match="already Q8_0"):
+        workbench.quantize(variants["q8"].path, "int8", tmp_path / "x.gguf", progress=False)
+    with pytest.raises(WorkbenchError, match="exists") as e:
+        workbench.quantize(default_model, "int8", variants["q8"].path, progress=False)
+    assert "overwrite=True" in e.value.hint
+    again = workbench.quantize(default_model, "int8", variants["q8"].path, overwrite=True,
+                               progress=False)
+    assert again.path == variants["q8"].path
+    with pytest.raises(WorkbenchError, match="does not exist"):
+        workbench.quantize(default_model, "int8", tmp_path / "no" / "x.gguf", progress=False)
+    for layers, match in (([40], "out of range"), (list(range(30)), "every layer")):
+        with pytest.raises(WorkbenchError, match=match):
+            workbench.prune(default_model, layers, out=tmp_path / "p.gguf", progress=False)
+    with pytest.raises(WorkbenchError, match="cannot prune 30"):
+        workbench.prune(default_model, 30, progress=False)
+
+
+def test_a_disk_that_fills_leaves_no_partial_file(tmp_path, default_model):
+    # The child may write 20 MiB at most; Q8_0 is 145 MB: the write fails as on a full disk.
+    code = ("import resource, signal\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (20 << 20, 20 << 20))\n"
+            "import workbench\n"
+            "if __name__ == '__main__':\n"
+            "    try:\n"
+            f"        workbench.quantize(None, 'int8', {str(tmp_path / 'q8.gguf')!r}, "
+            "progress=False)\n"
+            "    except workbench.WorkbenchError as e:\n"
+            "        print('ERROR', e.message, '|', e.hint)\n")
+    script = tmp_path / "fill.py"
+    script.write_text(code)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "WORKBENCH_HOME": str(tmp_path)})
+    assert "ERROR" in out.stdout, out.stdout + out.stderr
+    assert "could not quantize" in out.stdout
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".gguf"
+                  or p.name.endswith(".partial")) == []
+
+
+def test_evaluate_against_the_f16_reference(variants, default_model):
+    ev = workbench.evaluate([default_model, variants["q8"], variants["q4"]],
+                            reference=variants["f16"], max_chunks=2, progress=False)
+    ref, q41, q8, q4 = (ev.row(p) for p in (variants["f16"].path, default_model,
+                                            variants["q8"].path, variants["q4"].path))
+    assert ref.kl_mean is None and ref.perplexity > 1
+    assert "requantization loss" in ev.note  # the reference is an F16 copy of a Q4_1 model
+    for r in (q41, q8, q4):
+        assert r.kl_mean is not None and 0 <= r.kl_mean and 0 < r.top1 <= 1
+        assert r.pp_tps > 0 and r.tg_tps > 0 and r.load_s > 0
+    assert q8.kl_mean < q4.kl_mean and q8.top1 > q4.top1  # more bits, closer to the reference
+    assert q8.kl_mean < 0.02
+    assert ev.tokens_scored == 2 * 255
+    # the original Q4_1 is both the smallest and the closest: nothing else is on the front
+    assert ev.pareto() == [q41]
+    fig = ev.figure("kl_mean")
+    marker = fig.data[0]
+    assert list(marker.x) == [r.bytes / 2**20 for r in (q41, q8, q4)]
+    assert [c == "#d62728" for c in marker.marker.color] == [True, False, False]
+    assert "KL (mean)" in repr(ev) and "<table>" in ev._repr_html_()
+
+
+def test_evaluate_bad_inputs(default_model, tmp_path):
+    from workbench.models import synthetic
+
+    import gguf
+
+    vocab = tmp_path / "vocab.gguf"  # a vocabulary-only file of 300 tokens
+    w = gguf.GGUFWriter(str(vocab), "llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([f"t{i}" for i in range(300)])
+    w.add_token_types([1] * 300)
+    w.add_token_merges([])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+    other = synthetic("tiny", "q4_0", tmp_path / "tiny.gguf", tokenizer_from=vocab)
+    with pytest.raises(WorkbenchError, match="vocabulary"):
+        workbench.evaluate([other], reference=default_model, progress=False)
+    with pytest.raises(WorkbenchError, match="fewer than one chunk"):
+        workbench.evaluate([default_model], text="too short", progress=False)
+
+
+def test_prune_ranks_layers_and_writes_a_loadable_model(default_model, tmp_path):
+    from workbench.compress.prune import rank_layers
+
+    ranking = rank_layers(default_model)
+    assert len(ranking.distances) == 30 and ranking.tokens == 512
+    assert all(0 <= d <= 1 for d in ranking.distances)
+    # the first and last layers change their input most
+    two = ranking.least_important(2)
+    assert 0 not in two and 29 not in two
+    p = workbench.prune(default_model, 2, out=tmp_path / "p.gguf", progress=False)
+    assert p.pruned_layers == two and p.ranking.distances == ranking.distances
+    assert inspect_model(p.path).n_layers == 28
+    assert read_header(p.path).quantization == "Q4_1"  # tensors copied as they were
+    ev = workbench.evaluate([p], reference=default_model, max_chunks=1, progress=False)
+    assert ev.row(p.path).kl_mean > 0.01  # two layers fewer: measurably different
+    workbench.load_model(p.path, progress=False, n_ctx=256)
+    assert workbench.generate("The", max_tokens=3, temperature=0,
+                              ignore_eos=True).metrics.generated_tokens == 3

@@ -1,0 +1,155 @@
+"""`workbench.quantize`: llama.cpp's own quantizer (`llama_model_quantize`), in a child
+process, with a progress bar, writing next to the source under a clear name.
+
+The file is written under a temporary name and renamed when whole: a failure (a full
+disk, a crash) leaves no partial file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .. import _paths
+from ..errors import WorkbenchError
+from ..models.gguf_file import read_header
+
+# name -> llama_ftype (llama.h); int8 and int4 are the names the workbench teaches with
+QUANT_TYPES: dict[str, int] = {"F16": 1, "Q8_0": 7, "Q6_K": 18, "Q5_K_M": 17, "Q4_K_M": 15,
+                               "Q4_0": 2, "Q2_K": 10}
+ALIASES = {"INT8": "Q8_0", "INT4": "Q4_K_M"}
+_PROGRESS = re.compile(r"\[\s*(\d+)/\s*(\d+)\]")
+_QUANT_SUFFIX = re.compile(r"[.-](F32|F16|BF16|Q\d_K(_[SML])?|Q\d_\d|IQ\w+)$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """What `quantize` wrote."""
+    path: Path
+    source: Path
+    quant: str
+    bytes: int
+    source_bytes: int
+    seconds: float
+    pruned_layers: tuple[int, ...] = ()
+
+    def _repr_html_(self) -> str:
+        return f"<pre>{self!r}</pre>"
+
+    def __repr__(self) -> str:
+        pruned = f", layers {list(self.pruned_layers)} removed" if self.pruned_layers else ""
+        return (f"{self.quant}{pruned}: {self.path} ({self.bytes / 2**20:,.1f} MiB, "
+                f"{self.bytes / self.source_bytes:.2f}× the source's "
+                f"{self.source_bytes / 2**20:,.1f} MiB) in {self.seconds:.1f} s")
+
+
+def quant_name(to: str) -> str:
+    """The canonical name of a quantization ("int8" -> "Q8_0"), or a clear error."""
+    name = ALIASES.get(to.upper(), to.upper())
+    if name not in QUANT_TYPES:
+        raise WorkbenchError(f"unknown quantization {to!r}",
+                             "Valid: int8 (= Q8_0), int4 (= Q4_K_M), " + ", ".join(QUANT_TYPES)
+                             + ".")
+    return name
+
+
+def default_output(src: Path, quant: str, suffix: str = "") -> Path:
+    """`<name>.<QUANT>.gguf` beside the source, or in ~/.workbench/models when the
+    source lives inside an installed package (the bundled default model)."""
+    stem = _QUANT_SUFFIX.sub("", src.name.removesuffix(".gguf"))
+    folder = src.parent
+    if "site-packages" in folder.parts or "dist-packages" in folder.parts \
+            or not os.access(folder, os.W_OK):
+        folder = _paths.home() / "models"
+        folder.mkdir(parents=True, exist_ok=True)  # the workbench's own folder
+    return folder / f"{stem}{suffix}.{quant}.gguf"
+
+
+def quantize(model: str | os.PathLike, to: str = "int8", out: str | os.PathLike | None = None,
+             *, overwrite: bool = False, prune_layers: Sequence[int] = (),
+             threads: int | None = None, same_type: bool = False,
+             progress: Callable[[float], None] | None = None) -> Quantized:
+    """Quantize `model` (a path) to `to`. `prune_layers`: layer indices to drop (the
+    rest are renumbered). `out` defaults to `<name>.<QUANT>.gguf` beside the source.
+    `same_type`: copy the tensors as they are (with `prune_layers`)."""
+    from . import _child
+
+    src = Path(model).expanduser()
+    header = read_header(src)  # a clear error for a missing or damaged file
+    quant = header.quantization.upper() if same_type else quant_name(to)
+    n_layers = int(header.arch_value("block_count", 0))
+    pruned = tuple(sorted(set(int(i) for i in prune_layers)))
+    if pruned:
+        bad = [i for i in pruned if not 0 <= i < n_layers]
+        if bad:
+            raise WorkbenchError(f"layer {bad[0]} is out of range: {src.name} has layers "
+                                 f"0 to {n_layers - 1}", "Give layer indices in that range.")
+        if len(pruned) >= n_layers:
+            raise WorkbenchError(f"pruning {len(pruned)} layers would remove every layer of "
+                                 f"{src.name} ({n_layers})", "Keep at least one layer.")
+    elif header.quantization.upper() == quant:
+        raise WorkbenchError(f"{src.name} is already {quant}",
+                             "Pick another type, or copy the file if a copy is what you want.")
+    dst = Path(out).expanduser() if out else default_output(
+        src, quant, f"-pruned{len(pruned)}" if pruned else "")
+    if dst.resolve() == src.resolve():
+        raise WorkbenchError("the output would overwrite the source", "Give another --out.")
+    if dst.exists() and not overwrite:
+        raise WorkbenchError(f"{dst} exists", "Pass overwrite=True (--overwrite) to replace it.")
+    if not dst.parent.is_dir():
+        raise WorkbenchError(f"the output folder {dst.parent} does not exist",
+                             "Create it first, or give another --out.")
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.partial")
+    t0 = time.monotonic()
+    try:
+        _child.run(_quantize_child, (str(src), str(tmp), QUANT_TYPES.get(quant, 0), pruned,
+                                     threads or 0, same_type),
+                   f"quantizing {src.name} to {quant}", progress)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return Quantized(dst, src, quant, dst.stat().st_size, src.stat().st_size,
+                     time.monotonic() - t0, pruned)
+
+
+def _quantize_child(src: str, tmp: str, ftype: int, pruned: tuple[int, ...], threads: int,
+                    same_type: bool, report: Any) -> None:
+    import ctypes
+
+    import llama_cpp as L
+
+    errors: list[str] = []
+
+    def on_log(level: int, text: bytes, _user: object) -> None:
+        s = text.decode("utf-8", errors="replace")
+        m = _PROGRESS.search(s)
+        if m:
+            report.progress(int(m.group(1)) / max(1, int(m.group(2))))
+        if level == 4 or "failed" in s or "error" in s.lower():  # GGML_LOG_LEVEL_ERROR
+            errors.append(s.strip())
+
+    cb = L.llama_log_callback(on_log)
+    L.llama_log_set(cb, None)
+    L.llama_backend_init()
+    params = L.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.allow_requantize = True  # the default model is itself quantized (Q4_1)
+    params.nthread = threads
+    params.only_copy = same_type
+    keep: Any = None
+    if pruned:
+        keep = (ctypes.c_int32 * (len(pruned) + 1))(*pruned, -1)
+        params.prune_layers = ctypes.cast(keep, ctypes.POINTER(ctypes.c_int32))
+    status = L.llama_model_quantize(src.encode(), tmp.encode(), ctypes.byref(params))
+    if status != 0:
+        why = next((e for e in reversed(errors) if "failed to quantize" in e),
+                   errors[-1] if errors else f"status {status}")
+        disk = any(w in why.lower() for w in ("no space", "file too large", "quota"))
+        raise WorkbenchError(
+            f"llama.cpp could not quantize {Path(src).name}: {why}",
+            "The disk is full: free some space and run it again." if disk else
+            "No file was written. Check the source model with workbench.inspect_model().")
