@@ -24,62 +24,22 @@ import os
 import statistics
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import _provenance  # noqa: E402
+from benchmarks import _native, _provenance  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(__file__).resolve().parent / ".cache"
 N_PROMPT, N_GEN = 512, 128
 
 
-def _cmake_args(gpu: bool) -> list[str]:
-    env = dict(os.environ, WORKBENCH_CUDA="1" if gpu else "0")
-    out = subprocess.run([str(ROOT / "scripts/llama-cmake-args.sh")], capture_output=True,
-                         text=True, check=True, env=env).stdout.split()
-    return [a for a in out if a != "-DGGML_RPC=on"]
-
-
 def build_llama_bench(gpu: bool) -> Path:
-    """Build llama-bench from the llama.cpp vendored in this llama-cpp-python (cached)."""
-    import llama_cpp
-
+    """llama-bench from the llama.cpp vendored in this llama-cpp-python (built once)."""
     if os.environ.get("LLAMA_BENCH"):
         return Path(os.environ["LLAMA_BENCH"])
-    version = llama_cpp.__version__
-    root = CACHE / f"llama.cpp-{version}{'-cuda' if gpu else ''}"
-    exe = root / "build" / "bin" / "llama-bench"
-    if exe.exists():
-        return exe
-    sdist_dir = CACHE / "sdist"
-    sdist = sdist_dir / f"llama_cpp_python-{version}.tar.gz"
-    if not sdist.exists():
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary",
-                        ":all:", f"llama-cpp-python=={version}", "-d", str(sdist_dir)],
-                       check=True)
-    src = root / "src"
-    if not src.exists():
-        prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
-        with tarfile.open(sdist) as tar:
-            members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
-            for m in members:
-                m.name = m.name[len(prefix):]
-            tar.extractall(src, members=members, filter="data")
-    print(f"building llama-bench in {root} (once; log in build.log) ...", file=sys.stderr)
-    root.mkdir(parents=True, exist_ok=True)
-    logf = open(root / "build.log", "w")
-    subprocess.run(["cmake", "-S", str(src), "-B", str(root / "build"),
-                    "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF",
-                    "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-                    "-DLLAMA_BUILD_SERVER=OFF", *_cmake_args(gpu)],
-                   check=True, stdout=logf, stderr=subprocess.STDOUT)
-    subprocess.run(["cmake", "--build", str(root / "build"), "--target", "llama-bench",
-                    "-j", str(os.cpu_count() or 2)], check=True, stdout=logf,
-                   stderr=subprocess.STDOUT)
-    return exe
+    return _native.build_tool("llama-bench", gpu)
 
 
 def run_native(exe: Path, model: Path, threads: int, ngl: int, fa: str) -> dict[str, float]:

@@ -1,0 +1,111 @@
+"""Compression: what int8, int4 and a pruned model cost in quality, and what they save.
+
+On the default model (SmolLM2-135M-Instruct, itself Q4_1):
+1. Quality. Each variant's perplexity, KL divergence and top-1 agreement against the
+   reference, on the same tokens of Python standard library docstrings. The reference is
+   the default model's F16 copy (dequantized Q4_1): the deltas measure requantization
+   loss, as llama.cpp's own KL tables measure quantization loss against F16.
+2. Quantizer speed. `workbench.quantize` (llama_model_quantize in a child process)
+   against llama.cpp's `llama-quantize` on the same file, Q8_0, alternating, medians.
+3. Pruning. Two of the 30 layers, chosen by angular distance, removed: what it costs.
+
+Usage: python benchmarks/compression.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import _native  # noqa: E402
+import _provenance  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer chunks and repetitions")
+    args = ap.parse_args()
+
+    import workbench
+    from workbench.compress.text import stdlib_text, text_sha256
+    from workbench.device.profile import usable_cores
+    from workbench.models.default import default_model_path
+
+    src = default_model_path()
+    chunks, reps = (4, 3) if args.quick else (16, 5)
+    threads = usable_cores()
+    out = Path(tempfile.mkdtemp(prefix="wb-compress-"))
+    text = stdlib_text()
+    result = {"machine": _provenance.machine(), "model": src.name,
+              "model_sha256": _provenance.sha256(src),
+              "params": {"quick": args.quick, "n_ctx": 512, "max_chunks": chunks,
+                         "threads": threads, "text": "Python standard library docstrings",
+                         "python": sys.version.split()[0], "text_sha256": text_sha256(text),
+                         "quantize_repetitions": reps}}
+
+    # 1. quality
+    print("quality: variants against the F16 reference", file=sys.stderr)
+    ref = workbench.quantize(src, "f16", out / "ref.F16.gguf", progress=False)
+    variants = {q: workbench.quantize(src, q, out / f"m.{q}.gguf", progress=False)
+                for q in ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q2_K")}
+    pruned = workbench.prune(src, 2, out=out / "m-pruned2.Q4_1.gguf", progress=False)
+    ev = workbench.evaluate([src, *variants.values(), pruned], reference=ref,
+                            max_chunks=chunks, progress=False, text=text)
+    print(repr(ev), file=sys.stderr)
+    rows = []
+    for r in ev.rows:
+        rows.append({"file": r.path.name, "quant": r.quantization, "bytes": r.bytes,
+                     "perplexity": r.perplexity, "kl_mean": r.kl_mean, "kl_p99": r.kl_p99,
+                     "top1": r.top1, "load_s": r.load_s, "pp_tps": r.pp_tps,
+                     "tg_tps": r.tg_tps})
+    result["quality"] = {"tokens_scored": ev.tokens_scored, "chunks": ev.chunks,
+                         "note": ev.note, "rows": rows,
+                         "pareto_kl": [r.path.name for r in ev.pareto("kl_mean")]}
+    result["pruning"] = {"layers_removed": list(pruned.pruned_layers),
+                         "angular_distance": list(pruned.ranking.distances),
+                         "perplexity_before": ev.row(src).perplexity,
+                         "perplexity_after": ev.row(pruned.path).perplexity,
+                         "distilled": None}
+    _provenance.write("compression", {**result, "incomplete": True})
+
+    # 2. quantizer speed, side by side with llama-quantize on the same file
+    print("speed: workbench.quantize against llama-quantize, Q8_0", file=sys.stderr)
+    native = _native.build_tool("llama-quantize")
+    ours_s, theirs_s = [], []
+    for i in range(reps):
+        t0 = time.perf_counter()
+        workbench.quantize(src, "q8_0", out / "ours.gguf", overwrite=True, progress=False)
+        ours_s.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        subprocess.run([str(native), "--allow-requantize", str(src), str(out / "theirs.gguf"),
+                        "Q8_0", str(threads)], check=True, capture_output=True)
+        theirs_s.append(time.perf_counter() - t0)
+        print(f"  round {i + 1}: ours {ours_s[-1]:.2f} s, llama-quantize {theirs_s[-1]:.2f} s",
+              file=sys.stderr)
+    same = (out / "ours.gguf").read_bytes() == (out / "theirs.gguf").read_bytes()
+    result["quantize_speed"] = {"ours_s": ours_s, "llama_quantize_s": theirs_s,
+                                "identical_output": same}
+
+    q8, q4 = ev.row(variants["Q8_0"].path), ev.row(variants["Q4_K_M"].path)
+    values = {"q8_kl": q8.kl_mean, "q8_top1": q8.top1, "q4km_kl": q4.kl_mean,
+              "q4km_top1": q4.top1,
+              "prune2_ppl_ratio": ev.row(pruned.path).perplexity / ev.row(src).perplexity,
+              "prune_recovered": "not_done",
+              "quantize_time_vs_native": statistics.median(ours_s) / statistics.median(theirs_s),
+              "same_bytes_as_native": same}
+    result["result"] = values
+    path = _provenance.write("compression", result)
+    print(f"wrote {path}", file=sys.stderr)
+    print(_provenance.result_line(values))
+
+
+if __name__ == "__main__":
+    main()
