@@ -7,7 +7,8 @@ On the default model (SmolLM2-135M-Instruct, itself Q4_1):
    loss, as llama.cpp's own KL tables measure quantization loss against F16.
 2. Quantizer speed. `workbench.quantize` (llama_model_quantize in a child process)
    against llama.cpp's `llama-quantize` on the same file, Q8_0, alternating, medians.
-3. Pruning. Two of the 30 layers, chosen by angular distance, removed: what it costs.
+3. Pruning. Two of the 30 layers, chosen by angular distance, removed; and a quarter of
+   every layer's FFN channels, the least active, removed: what each costs.
 
 Usage: python benchmarks/compression.py [--quick]
 """
@@ -56,8 +57,9 @@ def main() -> None:
     ref = workbench.quantize(src, "f16", out / "ref.F16.gguf", progress=False)
     variants = {q: workbench.quantize(src, q, out / f"m.{q}.gguf", progress=False)
                 for q in ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q2_K")}
-    pruned = workbench.prune(src, 2, out=out / "m-pruned2.Q4_1.gguf", progress=False)
-    ev = workbench.evaluate([src, *variants.values(), pruned], reference=ref,
+    pruned = workbench.prune(src, layers=2, out=out / "m-pruned2.Q4_1.gguf", progress=False)
+    ffn = workbench.prune(src, ffn_keep=0.75, out=out / "m-ffn1152.Q4_1.gguf", progress=False)
+    ev = workbench.evaluate([src, *variants.values(), pruned, ffn], reference=ref,
                             max_chunks=chunks, progress=False, text=text)
     print(repr(ev), file=sys.stderr)
     rows = []
@@ -73,6 +75,8 @@ def main() -> None:
                          "angular_distance": list(pruned.ranking.distances),
                          "perplexity_before": ev.row(src).perplexity,
                          "perplexity_after": ev.row(pruned.path).perplexity,
+                         "ffn_keep": 0.75,
+                         "ffn_perplexity_after": ev.row(ffn.path).perplexity,
                          "distilled": None}
     _provenance.write("compression", {**result, "incomplete": True})
 
@@ -98,6 +102,7 @@ def main() -> None:
     values = {"q8_kl": q8.kl_mean, "q8_top1": q8.top1, "q4km_kl": q4.kl_mean,
               "q4km_top1": q4.top1,
               "prune2_ppl_ratio": ev.row(pruned.path).perplexity / ev.row(src).perplexity,
+              "ffn75_ppl_ratio": ev.row(ffn.path).perplexity / ev.row(src).perplexity,
               "prune_recovered": "not_done",
               "quantize_time_vs_native": statistics.median(ours_s) / statistics.median(theirs_s),
               "same_bytes_as_native": same}

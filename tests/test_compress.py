@@ -62,9 +62,10 @@ def test_quantize_bad_inputs(variants, default_model, tmp_path):
         workbench.quantize(default_model, "int8", tmp_path / "no" / "x.gguf", progress=False)
     for layers, match in (([40], "out of range"), (list(range(30)), "every layer")):
         with pytest.raises(WorkbenchError, match=match):
-            workbench.prune(default_model, layers, out=tmp_path / "p.gguf", progress=False)
+            workbench.prune(default_model, layers=layers, out=tmp_path / "p.gguf",
+                            progress=False)
     with pytest.raises(WorkbenchError, match="cannot prune 30"):
-        workbench.prune(default_model, 30, progress=False)
+        workbench.prune(default_model, layers=30, progress=False)
 
 
 def test_a_disk_that_fills_leaves_no_partial_file(tmp_path, default_model):
@@ -142,7 +143,7 @@ def test_prune_ranks_layers_and_writes_a_loadable_model(default_model, tmp_path)
     # the first and last layers change their input most
     two = ranking.least_important(2)
     assert 0 not in two and 29 not in two
-    p = workbench.prune(default_model, 2, out=tmp_path / "p.gguf", progress=False)
+    p = workbench.prune(default_model, layers=2, out=tmp_path / "p.gguf", progress=False)
     assert p.pruned_layers == two and p.ranking.distances == ranking.distances
     assert inspect_model(p.path).n_layers == 28
     assert read_header(p.path).quantization == "Q4_1"  # tensors copied as they were
@@ -151,3 +152,19 @@ def test_prune_ranks_layers_and_writes_a_loadable_model(default_model, tmp_path)
     workbench.load_model(p.path, progress=False, n_ctx=256)
     assert workbench.generate("The", max_tokens=3, temperature=0,
                               ignore_eos=True).metrics.generated_tokens == 3
+
+
+def test_ffn_channels_pruned_by_activation(default_model, tmp_path):
+    p = workbench.prune(default_model, ffn_keep=0.75, out=tmp_path / "f.gguf", progress=False)
+    m = inspect_model(p.path)
+    assert m.n_ff == 1152 and m.n_layers == 30  # 3/4 of 1,536, in whole 32-wide blocks
+    assert p.bytes < p.source_bytes
+    ev = workbench.evaluate([p], reference=default_model, max_chunks=1, progress=False)
+    assert 0.01 < ev.row(p.path).kl_mean and ev.row(p.path).perplexity < 100
+    for bad, match in (({"ffn_keep": 1.5}, "between 0 and 1"),
+                       ({"ffn_keep": 0.75, "layers": 2}, "either layers"),
+                       ({}, "either layers")):
+        with pytest.raises(WorkbenchError, match=match):
+            workbench.prune(default_model, out=tmp_path / "g.gguf", progress=False, **bad)
+    with pytest.raises(WorkbenchError, match="exists"):
+        workbench.prune(default_model, ffn_keep=0.5, out=p.path, progress=False)

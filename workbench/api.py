@@ -240,16 +240,26 @@ def quantize(model: str | os.PathLike | None = None, to: str = "int8",
     return result
 
 
-def prune(model: str | os.PathLike | None = None, layers: Any = 1, *,
-          out: str | os.PathLike | None = None, overwrite: bool = False,
-          progress: bool = True) -> Any:
-    """Remove whole layers: `layers` as a count (the ones that change their input least,
-    measured on calibration text) or as indices. Returns the written file's summary."""
+def prune(model: str | os.PathLike | None = None, layers: Any = None, *,
+          ffn_keep: float | None = None, out: str | os.PathLike | None = None,
+          overwrite: bool = False, progress: bool = True) -> Any:
+    """Structured pruning, in one of two forms:
+    - `layers`: remove whole layers, as a count (those that change their input least,
+      measured on calibration text) or as indices;
+    - `ffn_keep`: keep that share (0-1) of every layer's FFN channels, the most active.
+    Returns the written file's summary."""
     from .compress.prune import prune as _prune
+    from .compress.prune_ffn import prune_ffn
 
+    if (layers is None) == (ffn_keep is None):
+        raise WorkbenchError("give either layers (whole layers) or ffn_keep (a share of the "
+                             "FFN channels)", "For example prune(layers=2) or "
+                             "prune(ffn_keep=0.75).")
     path = resolve_model(model)
     bar = progress_bar(f"Pruning {path.name}", enabled=progress)
     try:
+        if ffn_keep is not None:
+            return prune_ffn(path, ffn_keep, out=out, overwrite=overwrite, progress=bar)
         return _prune(path, layers, out=out, overwrite=overwrite, progress=bar)
     finally:
         bar.close()
