@@ -168,3 +168,24 @@ def test_ffn_channels_pruned_by_activation(default_model, tmp_path):
             workbench.prune(default_model, out=tmp_path / "g.gguf", progress=False, **bad)
     with pytest.raises(WorkbenchError, match="exists"):
         workbench.prune(default_model, ffn_keep=0.5, out=p.path, progress=False)
+
+
+def test_distill_trains_toward_the_teacher_and_writes_a_loadable_model(default_model, tmp_path):
+    pruned = workbench.prune(default_model, layers=[14, 25], out=tmp_path / "p.gguf",
+                             progress=False)
+    d = workbench.distill(pruned, steps=4, seq_len=64, out=tmp_path / "d.gguf", progress=False)
+    assert d.path.is_file() and len(d.losses) == 4 and all(x > 0 for x in d.losses)
+    assert read_header(d.path).quantization == "Q4_1"  # quantized back to the student's type
+    assert inspect_model(d.path).n_layers == 28
+    assert not list(tmp_path.glob(".*partial"))
+    # the weights changed, and llama.cpp loads and runs the result
+    ev = workbench.evaluate([pruned, d], reference=default_model, max_chunks=1, progress=False)
+    assert ev.row(d.path).kl_mean != ev.row(pruned.path).kl_mean
+    workbench.load_model(d.path, progress=False, n_ctx=256)
+    assert workbench.generate("The", max_tokens=3, temperature=0,
+                              ignore_eos=True).metrics.generated_tokens == 3
+    assert "steps" in repr(d) and len(d.figure().data) == 1
+    with pytest.raises(WorkbenchError, match="steps must be"):
+        workbench.distill(pruned, steps=0, progress=False)
+    with pytest.raises(WorkbenchError, match="exists"):
+        workbench.distill(pruned, steps=1, out=d.path, progress=False)

@@ -265,6 +265,24 @@ def prune(model: str | os.PathLike | None = None, layers: Any = None, *,
         bar.close()
 
 
+def distill(student: Any, teacher: Any = None, *, steps: int = 40, seq_len: int = 256,
+            lr: float = 2e-4, out: str | os.PathLike | None = None, overwrite: bool = False,
+            progress: bool = True) -> Any:
+    """Train a pruned `student` toward `teacher` (default: the default model) by minimizing
+    the KL divergence from the teacher's next-token distributions on calibration text
+    (PyTorch, CPU, in a child process); write it back as GGUF. `.figure()` plots the loss."""
+    from .compress.distill import distill as _distill
+
+    s = resolve_model(getattr(student, "path", student))
+    t = resolve_model(getattr(teacher, "path", teacher))
+    bar = progress_bar(f"Distilling {s.name}", enabled=progress)
+    try:
+        return _distill(s, t, out=out, steps=steps, seq_len=seq_len, lr=lr,
+                        overwrite=overwrite, progress=bar)
+    finally:
+        bar.close()
+
+
 def evaluate(models: Sequence[Any], reference: Any = None, *, text: str | None = None,
              n_ctx: int = 512, max_chunks: int = 8, progress: bool = True) -> Any:
     """Perplexity, KL divergence and top-1 agreement against `reference` (all on the same

@@ -30,7 +30,7 @@ def prune_ffn(model: str | os.PathLike, keep: float = 0.75, *,
 
     from ..device.profile import usable_cores
     from . import _child
-    from .text import stdlib_text
+    from .text import calibration_text
 
     src = Path(model).expanduser()
     h = read_header(src)
@@ -56,7 +56,7 @@ def prune_ffn(model: str | os.PathLike, keep: float = 0.75, *,
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.partial")
     t0 = time.monotonic()
     try:
-        _child.run(_prune_ffn_child, (str(src), str(tmp), k, text or stdlib_text(20000),
+        _child.run(_prune_ffn_child, (str(src), str(tmp), k, text or calibration_text(20000),
                                       n_tokens, threads or usable_cores()),
                    f"pruning the FFN channels of {src.name}", progress)
         os.replace(tmp, dst)

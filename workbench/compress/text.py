@@ -8,17 +8,23 @@ import hashlib
 import importlib
 import inspect
 
+# Calibration (layer ranking, FFN activations, distillation) reads other modules than
+# evaluation does, so a model is never scored on the text it was fitted to.
+CALIBRATION_MODULES = ("asyncio", "contextlib", "dataclasses", "enum", "gzip", "hashlib",
+                       "ipaddress", "locale", "mailbox", "pickle", "pprint", "queue", "random",
+                       "sched", "secrets", "selectors", "socket", "sqlite3", "subprocess",
+                       "tarfile", "tempfile", "typing", "uuid", "weakref")
 MODULES = ("argparse", "collections", "csv", "datetime", "decimal", "difflib", "email.message",
            "fractions", "functools", "heapq", "http.client", "inspect", "itertools", "json",
            "logging", "pathlib", "shutil", "statistics", "string", "textwrap", "threading",
            "unittest", "urllib.parse", "zipfile")
 
 
-def stdlib_text(min_chars: int = 0) -> str:
-    """Module, class and function docstrings of MODULES, deduplicated, in order."""
+def stdlib_text(min_chars: int = 0, modules: tuple[str, ...] = MODULES) -> str:
+    """Module, class and function docstrings of `modules`, deduplicated, in order."""
     seen: set[str] = set()
     parts: list[str] = []
-    for name in MODULES:
+    for name in modules:
         mod = importlib.import_module(name)
         for obj in [mod] + [v for _, v in sorted(vars(mod).items())
                             if not _.startswith("_") and (inspect.isclass(v) or inspect.isfunction(v))
@@ -30,6 +36,11 @@ def stdlib_text(min_chars: int = 0) -> str:
         if min_chars and sum(len(p) for p in parts) >= min_chars:
             break
     return "\n\n".join(parts)
+
+
+def calibration_text(min_chars: int = 0) -> str:
+    """Text for fitting (ranking, activations, distillation): disjoint from stdlib_text."""
+    return stdlib_text(min_chars, CALIBRATION_MODULES)
 
 
 def text_sha256(text: str) -> str:

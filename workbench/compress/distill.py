@@ -1,0 +1,213 @@
+"""`workbench.distill`: bring a pruned student back toward its teacher.
+
+The student and the teacher are loaded by transformers from their GGUF files
+(dequantized), in a child process on the CPU. The student's weights are trained to
+minimize the KL divergence from the teacher's next-token distributions over calibration
+text; then they are written back into a copy of the student's GGUF (same metadata and
+tokenizer), as F16, and quantized again to the student's type by llama.cpp's quantizer.
+Only the llama architecture's tensor names are mapped.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import WorkbenchError
+from ..models.gguf_file import read_header
+
+
+@dataclass
+class Distilled:
+    path: Path
+    student: Path
+    teacher: Path
+    steps: int
+    losses: list[float] = field(default_factory=list)   # KL per step, nats per token
+    seconds: float = 0.0
+
+    def figure(self) -> Any:
+        import plotly.graph_objects as go
+
+        fig = go.Figure(go.Scatter(y=self.losses, mode="lines+markers"))
+        fig.update_layout(title="Distillation: KL from the teacher per step",
+                          xaxis_title="step", yaxis_title="KL (nats/token)", height=300,
+                          margin=dict(l=50, r=20, t=50, b=40))
+        return fig
+
+    def __repr__(self) -> str:
+        first, last = (self.losses[0], self.losses[-1]) if self.losses else (0.0, 0.0)
+        return (f"{self.path}: {self.steps} steps in {self.seconds:.0f} s, KL from the teacher "
+                f"{first:.3f} → {last:.3f} nats/token")
+
+
+def distill(student: str | os.PathLike, teacher: str | os.PathLike, *,
+            out: str | os.PathLike | None = None, steps: int = 40, seq_len: int = 256,
+            lr: float = 5e-5, text: str | None = None, overwrite: bool = False,
+            threads: int | None = None,
+            progress: Callable[[float], None] | None = None) -> Distilled:
+    """Train `student` toward `teacher` (both GGUF paths, one tokenizer) for `steps`
+    steps of `seq_len` tokens; write the result as `<student>-distilled.<QUANT>.gguf`."""
+    from ..device.profile import usable_cores
+    from . import _child
+    from .quantize import QUANT_TYPES, default_output, quantize
+    from .text import calibration_text
+
+    s, t = Path(student).expanduser(), Path(teacher).expanduser()
+    hs, ht = read_header(s), read_header(t)
+    for h, p in ((hs, s), (ht, t)):
+        if h.architecture != "llama":
+            raise WorkbenchError(f"distillation maps llama-architecture models; {p.name} is "
+                                 f"{h.architecture}", "Use a llama-architecture model.")
+    if steps < 1 or seq_len < 16:
+        raise WorkbenchError("steps must be ≥ 1 and seq_len ≥ 16", "For example steps=40.")
+    quant = hs.quantization.upper()
+    dst = Path(out).expanduser() if out else default_output(s, quant, "-distilled")
+    if dst.exists() and not overwrite:
+        raise WorkbenchError(f"{dst} exists", "Pass overwrite=True to replace it.")
+    f16 = dst.with_name(f".{dst.name}.{os.getpid()}.f16.partial")
+    t0 = time.monotonic()
+    try:
+        losses = _child.run(_distill_child, (str(s), str(t), str(f16), steps, seq_len, lr,
+                                             text or calibration_text(), threads or usable_cores()),
+                            f"distilling {s.name} from {t.name}", progress)
+        if quant == "F16":
+            os.replace(f16, dst)
+        elif quant in QUANT_TYPES:
+            quantize(f16, quant, dst, overwrite=True)
+        else:  # a type `quantize` does not offer (the default model's Q4_1)
+            _requantize_same(f16, quant, dst)
+    finally:
+        f16.unlink(missing_ok=True)
+    return Distilled(dst, s, t, steps, losses, time.monotonic() - t0)
+
+
+def _requantize_same(src: Path, quant: str, dst: Path) -> None:
+    """Quantize to a llama.cpp type outside QUANT_TYPES (e.g. Q4_1), by its ftype."""
+    from . import _child
+    from .quantize import _quantize_child
+
+    ftypes = {"Q4_1": 3, "Q5_0": 8, "Q5_1": 9, "Q8_0": 7, "Q4_0": 2}
+    if quant.upper() not in ftypes:
+        raise WorkbenchError(f"cannot quantize back to {quant}", "Quantize the F16 yourself.")
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.partial")
+    try:
+        _child.run(_quantize_child, (str(src), str(tmp), ftypes[quant.upper()], (), 0, False),
+                   f"quantizing the distilled model to {quant}")
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _permute(w: Any, n_head: int) -> Any:
+    """transformers' q/k row order -> llama.cpp's (rotary pairs interleaved)."""
+    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def _gguf_name(hf: str) -> str | None:
+    table = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+             "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    if hf == "model.embed_tokens.weight":
+        return "token_embd.weight"
+    if hf == "model.norm.weight":
+        return "output_norm.weight"
+    if hf == "lm_head.weight":
+        return "output.weight"
+    parts = hf.split(".")
+    if len(parts) >= 5 and parts[0] == "model" and parts[1] == "layers":
+        key = ".".join(parts[3:-1])
+        if key in table:
+            return f"blk.{parts[2]}.{table[key]}.weight"
+    return None
+
+
+def _distill_child(student: str, teacher: str, f16_out: str, steps: int, seq_len: int,
+                   lr: float, text: str, threads: int, report: Any) -> list[float]:
+    import gguf
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+
+    def load(path: str) -> Any:
+        p = Path(path)
+        return AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name,
+                                                    dtype=torch.float32)
+
+    tok = AutoTokenizer.from_pretrained(str(Path(student).parent), gguf_file=Path(student).name)
+    teach, stud = load(teacher), load(student)
+    teach.eval()
+    stud.train()
+    ids = tok(text, return_tensors="pt").input_ids[0]
+    n = len(ids) // seq_len
+    if n < 1:
+        raise WorkbenchError("the calibration text is shorter than one sequence",
+                             "Give a longer text or a smaller seq_len.")
+    params = list(stud.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    losses = []
+    for step in range(steps):
+        i = step % n
+        x = ids[i * seq_len:(i + 1) * seq_len].unsqueeze(0)
+        with torch.no_grad():
+            t_logp = F.log_softmax(teach(x).logits.float(), dim=-1)
+        s_logp = F.log_softmax(stud(x).logits.float(), dim=-1)
+        loss = F.kl_div(s_logp, t_logp, log_target=True, reduction="none").sum(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(loss.item())
+        report.progress(0.9 * (step + 1) / steps)
+
+    # write: the student's GGUF with every mapped tensor replaced (F16; norms F32)
+    cfg = stud.config
+    state = {k: v.detach().float().numpy() for k, v in stud.state_dict().items()}
+    new: dict[str, Any] = {}
+    for k, v in state.items():
+        name = _gguf_name(k)
+        if name is None:
+            continue
+        if k.endswith("q_proj.weight"):
+            v = _permute(v, cfg.num_attention_heads)
+        elif k.endswith("k_proj.weight"):
+            v = _permute(v, cfg.num_key_value_heads)
+        new[name] = v
+    reader = gguf.GGUFReader(student)
+    arch = str(reader.fields["general.architecture"].contents())
+    w = gguf.GGUFWriter(f16_out, arch)
+    for key, fld in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        value = fld.contents()
+        if key == "general.file_type":
+            value = 1  # LLAMA_FTYPE_MOSTLY_F16
+        vtype = fld.types[0]
+        w.add_key_value(key, value, vtype,
+                        sub_type=fld.types[1] if vtype == gguf.GGUFValueType.ARRAY else None)
+    for t in reader.tensors:
+        if t.name in new:
+            arr = new[t.name]
+            arr = arr.astype(np.float32 if arr.ndim == 1 else np.float16)
+            w.add_tensor(t.name, np.ascontiguousarray(arr))
+        else:
+            w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    report.progress(1.0)
+    return losses
