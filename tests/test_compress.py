@@ -60,6 +60,9 @@ def test_quantize_bad_inputs(variants, default_model, tmp_path):
     assert again.path == variants["q8"].path
     with pytest.raises(WorkbenchError, match="does not exist"):
         workbench.quantize(default_model, "int8", tmp_path / "no" / "x.gguf", progress=False)
+    # a folder nobody may write to, even root: /proc
+    with pytest.raises(WorkbenchError, match="cannot write to /proc"):
+        workbench.quantize(default_model, "int8", "/proc/x.Q8_0.gguf", progress=False)
     for layers, match in (([40], "out of range"), (list(range(30)), "every layer")):
         with pytest.raises(WorkbenchError, match=match):
             workbench.prune(default_model, layers=layers, out=tmp_path / "p.gguf",

@@ -129,6 +129,7 @@ def _gguf_name(hf: str) -> str | None:
 
 def _distill_child(student: str, teacher: str, f16_out: str, steps: int, seq_len: int,
                    lr: float, text: str, threads: int, report: Any) -> list[float]:
+    os.environ["TQDM_DISABLE"] = "1"  # transformers' GGUF loader draws its own bars
     import gguf
     import numpy as np
     import torch

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from ..errors import WorkbenchError
 from ..models.gguf_file import read_header
-from .quantize import Quantized, default_output
+from .quantize import Quantized, check_writable, default_output
 
 
 def prune_ffn(model: str | os.PathLike, keep: float = 0.75, *,
@@ -54,6 +54,7 @@ def prune_ffn(model: str | os.PathLike, keep: float = 0.75, *,
         raise WorkbenchError(f"the output folder {dst.parent} does not exist",
                              "Create it first, or give another out.")
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.partial")
+    check_writable(tmp)
     t0 = time.monotonic()
     try:
         _child.run(_prune_ffn_child, (str(src), str(tmp), k, text or calibration_text(20000),

@@ -69,6 +69,17 @@ def default_output(src: Path, quant: str, suffix: str = "") -> Path:
     return folder / f"{stem}{suffix}.{quant}.gguf"
 
 
+def check_writable(tmp: Path) -> None:
+    """Create and remove `tmp` now: an unwritable folder is named before any work."""
+    try:
+        with open(tmp, "wb"):
+            pass
+        tmp.unlink()
+    except OSError as e:
+        raise WorkbenchError(f"cannot write to {tmp.parent}: {e.strerror}",
+                             "Give an output path in a folder you can write to.") from None
+
+
 def quantize(model: str | os.PathLike, to: str = "int8", out: str | os.PathLike | None = None,
              *, overwrite: bool = False, prune_layers: Sequence[int] = (),
              threads: int | None = None, same_type: bool = False,
@@ -104,6 +115,7 @@ def quantize(model: str | os.PathLike, to: str = "int8", out: str | os.PathLike 
         raise WorkbenchError(f"the output folder {dst.parent} does not exist",
                              "Create it first, or give another --out.")
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.partial")
+    check_writable(tmp)
     t0 = time.monotonic()
     try:
         _child.run(_quantize_child, (str(src), str(tmp), QUANT_TYPES.get(quant, 0), pruned,
