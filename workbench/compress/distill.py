@@ -130,11 +130,12 @@ def _gguf_name(hf: str) -> str | None:
 def _distill_child(student: str, teacher: str, f16_out: str, steps: int, seq_len: int,
                    lr: float, text: str, threads: int, report: Any) -> list[float]:
     os.environ["TQDM_DISABLE"] = "1"  # transformers' GGUF loader draws its own bars
-    import gguf
     import numpy as np
     import torch
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ._gguf import finish, writer_like
 
     from transformers.utils import logging as hf_logging
 
@@ -187,18 +188,7 @@ def _distill_child(student: str, teacher: str, f16_out: str, steps: int, seq_len
         elif k.endswith("k_proj.weight"):
             v = _permute(v, cfg.num_key_value_heads)
         new[name] = v
-    reader = gguf.GGUFReader(student)
-    arch = str(reader.fields["general.architecture"].contents())
-    w = gguf.GGUFWriter(f16_out, arch)
-    for key, fld in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        value = fld.contents()
-        if key == "general.file_type":
-            value = 1  # LLAMA_FTYPE_MOSTLY_F16
-        vtype = fld.types[0]
-        w.add_key_value(key, value, vtype,
-                        sub_type=fld.types[1] if vtype == gguf.GGUFValueType.ARRAY else None)
+    reader, w = writer_like(student, f16_out, {"general.file_type": 1})  # MOSTLY_F16
     for t in reader.tensors:
         if t.name in new:
             arr = new[t.name]
@@ -206,9 +196,6 @@ def _distill_child(student: str, teacher: str, f16_out: str, steps: int, seq_len
             w.add_tensor(t.name, np.ascontiguousarray(arr))
         else:
             w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
     report.progress(1.0)
     return losses

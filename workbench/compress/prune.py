@@ -93,82 +93,20 @@ def prune(model: str | os.PathLike, layers: int | Sequence[int] = 1, *,
 
 def _rank_child(path: str, text: str, n_tokens: int, threads: int,
                 report: Any) -> tuple[list[float], int]:
-    import ctypes
-
-    import llama_cpp as L
     import numpy as np
 
-    from ..engine.devices import _load_ggml
+    from ._capture import capture
 
-    quiet = L.llama_log_callback(lambda *a: None)
-    L.llama_log_set(quiet, None)
-    L.llama_backend_init()
-    g = _load_ggml()
-    g.ggml_get_name.argtypes, g.ggml_get_name.restype = [ctypes.c_void_p], ctypes.c_char_p
-    g.ggml_nbytes.argtypes, g.ggml_nbytes.restype = [ctypes.c_void_p], ctypes.c_size_t
-    g.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
-                                          ctypes.c_size_t]
-    mp = L.llama_model_default_params()
-    mp.n_gpu_layers = 0
-    model = L.llama_model_load_from_file(path.encode(), mp)
-    if not model:
-        raise WorkbenchError(f"llama.cpp could not load {path}", "Check it with inspect_model().")
-    n_layer = L.llama_model_n_layer(model)
-    n_embd = L.llama_model_n_embd(model)
-    states: dict[int, Any] = {}
-    parts: dict[str, Any] = {}  # layer 0's residual pieces, for its input (see below)
-
-    def on_tensor(t: int, ask: bool, _user: object) -> bool:
-        name = (g.ggml_get_name(t) or b"").decode()
-        if name in ("inp_embd", "attn_out-0", "ffn_inp-0"):
-            layer = -1
-        elif name.startswith("l_out-"):
-            layer = int(name[6:])
-        else:
-            return not ask  # ask: "do you want this one?" no; else: "go on": yes
-        if ask:
-            return True
-        size = g.ggml_nbytes(t)
-        buf = np.empty(size // 4, dtype=np.float32)
-        g.ggml_backend_tensor_get(t, buf.ctypes.data, 0, size)
-        rows = buf.reshape(-1, n_embd).copy()
-        if layer == -1:
-            parts[name] = rows
-        else:
-            states[layer] = rows
-        return True
-
-    cb = L.ggml_backend_sched_eval_callback(on_tensor)
-    cp = L.llama_context_default_params()
-    cp.n_ctx = cp.n_batch = cp.n_ubatch = n_tokens
-    cp.n_threads = cp.n_threads_batch = threads
-    cp.cb_eval = cb
-    cp.no_perf = True
-    ctx = L.llama_init_from_model(model, cp)
-    if not ctx:
-        raise WorkbenchError(f"llama.cpp could not make a context for {path}", "Lower n_tokens.")
-    vocab = L.llama_model_get_vocab(model)
-    raw = text.encode()
-    buf = (L.llama_token * (len(raw) + 16))()
-    n = L.llama_tokenize(vocab, raw, len(raw), buf, len(buf), True, False)
-    toks = list(buf[:max(0, min(n, n_tokens))])
-    if len(toks) < 16:
-        raise WorkbenchError("the calibration text is too short", "Give a longer text.")
-    batch = L.llama_batch_init(len(toks), 0, 1)
-    batch.n_tokens = len(toks)
-    for i, tok in enumerate(toks):
-        batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, i, 1
-        batch.seq_id[i][0] = 0
-        batch.logits[i] = 1  # every position, so the last layer keeps every row
-    if L.llama_decode(ctx, batch) != 0:
-        raise WorkbenchError("llama_decode failed while ranking layers", "Lower n_tokens.")
+    got, n_tok, n_layer = capture(path, text, n_tokens, threads, lambda name: name.startswith(
+        "l_out-") or name in ("inp_embd", "attn_out-0", "ffn_inp-0"))
     report.progress(1.0)
+    states = {int(k[6:]): v for k, v in got.items() if k.startswith("l_out-")}
     # Layer 0's input is the token embeddings. llama.cpp does not pass "inp_embd" to the
     # callback on this build; the residual stream gives it back: ffn_inp = attn_out + input.
-    if "inp_embd" in parts:
-        states[-1] = parts["inp_embd"]
-    elif "ffn_inp-0" in parts and "attn_out-0" in parts:
-        states[-1] = parts["ffn_inp-0"] - parts["attn_out-0"]
+    if "inp_embd" in got:
+        states[-1] = got["inp_embd"]
+    elif "ffn_inp-0" in got and "attn_out-0" in got:
+        states[-1] = got["ffn_inp-0"] - got["attn_out-0"]
     missing = [i for i in range(-1, n_layer) if i not in states]
     if missing:
         raise WorkbenchError(f"llama.cpp did not expose the hidden states around layers "
@@ -179,7 +117,4 @@ def _rank_child(path: str, text: str, n_tokens: int, threads: int,
         a, b = states[i - 1], states[i]
         cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
         dist.append(float(np.mean(np.arccos(np.clip(cos, -1.0, 1.0)) / np.pi)))
-    L.llama_batch_free(batch)
-    L.llama_free(ctx)
-    L.llama_model_free(model)
-    return dist, len(toks)
+    return dist, n_tok

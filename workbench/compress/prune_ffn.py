@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from ..errors import WorkbenchError
 from ..models.gguf_file import read_header
-from .quantize import Quantized, check_writable, default_output
+from .quantize import Quantized, default_output, temporary_output
 
 
 def prune_ffn(model: str | os.PathLike, keep: float = 0.75, *,
@@ -48,13 +48,7 @@ def prune_ffn(model: str | os.PathLike, keep: float = 0.75, *,
         raise WorkbenchError(f"keep={keep} keeps all {n_ff} channels", "Use a smaller keep.")
     dst = Path(out).expanduser() if out else default_output(
         src, h.quantization.upper(), f"-ffn{k}")
-    if dst.exists() and not overwrite:
-        raise WorkbenchError(f"{dst} exists", "Pass overwrite=True to replace it.")
-    if not dst.parent.is_dir():
-        raise WorkbenchError(f"the output folder {dst.parent} does not exist",
-                             "Create it first, or give another out.")
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.partial")
-    check_writable(tmp)
+    tmp = temporary_output(src, dst, overwrite)
     t0 = time.monotonic()
     try:
         _child.run(_prune_ffn_child, (str(src), str(tmp), k, text or calibration_text(20000),
@@ -69,67 +63,13 @@ def prune_ffn(model: str | os.PathLike, keep: float = 0.75, *,
 
 def _channel_activity(path: str, text: str, n_tokens: int, threads: int) -> dict[int, Any]:
     """Mean |activation| of each FFN channel, per layer, from a real decode."""
-    import ctypes
-
-    import llama_cpp as L
     import numpy as np
 
-    from ..engine.devices import _load_ggml
+    from ._capture import capture
 
-    quiet = L.llama_log_callback(lambda *a: None)
-    L.llama_log_set(quiet, None)
-    L.llama_backend_init()
-    g = _load_ggml()
-    g.ggml_get_name.argtypes, g.ggml_get_name.restype = [ctypes.c_void_p], ctypes.c_char_p
-    g.ggml_nbytes.argtypes, g.ggml_nbytes.restype = [ctypes.c_void_p], ctypes.c_size_t
-    g.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
-                                          ctypes.c_size_t]
-    mp = L.llama_model_default_params()
-    mp.n_gpu_layers = 0
-    model = L.llama_model_load_from_file(path.encode(), mp)
-    if not model:
-        raise WorkbenchError(f"llama.cpp could not load {path}", "Check it with inspect_model().")
-    activity: dict[int, Any] = {}
-
-    def on_tensor(t: int, ask: bool, _user: object) -> bool:
-        name = (g.ggml_get_name(t) or b"").decode()
-        if not name.startswith("ffn_swiglu-"):
-            return not ask
-        if ask:
-            return True
-        size = g.ggml_nbytes(t)
-        buf = np.empty(size // 4, dtype=np.float32)
-        g.ggml_backend_tensor_get(t, buf.ctypes.data, 0, size)
-        n = int(name.split("-")[1])
-        rows = buf.reshape(n_tokens_seen[0], -1)
-        activity[n] = np.abs(rows).mean(axis=0)
-        return True
-
-    cb = L.ggml_backend_sched_eval_callback(on_tensor)
-    cp = L.llama_context_default_params()
-    cp.n_ctx = cp.n_batch = cp.n_ubatch = n_tokens
-    cp.n_threads = cp.n_threads_batch = threads
-    cp.cb_eval = cb
-    cp.no_perf = True
-    ctx = L.llama_init_from_model(model, cp)
-    vocab = L.llama_model_get_vocab(model)
-    raw = text.encode()
-    buf = (L.llama_token * (len(raw) + 16))()
-    n = L.llama_tokenize(vocab, raw, len(raw), buf, len(buf), True, False)
-    toks = list(buf[:max(0, min(n, n_tokens))])
-    n_tokens_seen = [len(toks)]
-    batch = L.llama_batch_init(len(toks), 0, 1)
-    batch.n_tokens = len(toks)
-    for i, tok in enumerate(toks):
-        batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, i, 1
-        batch.seq_id[i][0] = 0
-        batch.logits[i] = 1
-    if L.llama_decode(ctx, batch) != 0:
-        raise WorkbenchError("llama_decode failed while measuring activations", "Lower n_tokens.")
-    L.llama_batch_free(batch)
-    L.llama_free(ctx)
-    n_layer = L.llama_model_n_layer(model)
-    L.llama_model_free(model)
+    got, _, n_layer = capture(path, text, n_tokens, threads,
+                              lambda name: name.startswith("ffn_swiglu-"))
+    activity = {int(k.split("-")[1]): np.abs(v).mean(axis=0) for k, v in got.items()}
     if sorted(activity) != list(range(n_layer)):
         raise WorkbenchError("llama.cpp did not expose every layer's FFN activation "
                              "(ffn_swiglu) for this model", "Prune whole layers instead.")
@@ -142,21 +82,12 @@ def _prune_ffn_child(src: str, tmp: str, k: int, text: str, n_tokens: int, threa
     import numpy as np
     from gguf import quants
 
+    from ._gguf import finish, writer_like
+
     activity = _channel_activity(src, text, n_tokens, threads)
     report.progress(0.3)
     keep = {n: np.sort(np.argsort(a)[::-1][:k]) for n, a in activity.items()}
-    reader = gguf.GGUFReader(src)
-    arch = str(reader.fields["general.architecture"].contents())
-    w = gguf.GGUFWriter(tmp, arch)
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        value = field.contents()
-        if key == f"{arch}.feed_forward_length":
-            value = k
-        vtype = field.types[0]
-        sub = field.types[1] if vtype == gguf.GGUFValueType.ARRAY else None
-        w.add_key_value(key, value, vtype, sub_type=sub)
+    reader, w = writer_like(src, tmp, {"{arch}.feed_forward_length": k})
     out = []
     for t in reader.tensors:
         data, qtype = t.data, t.tensor_type
@@ -176,8 +107,5 @@ def _prune_ffn_child(src: str, tmp: str, k: int, text: str, n_tokens: int, threa
         out.append((t.name, data, qtype))
     for name, data, qtype in out:
         w.add_tensor(name, data, raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
     report.progress(1.0)

@@ -69,8 +69,18 @@ def default_output(src: Path, quant: str, suffix: str = "") -> Path:
     return folder / f"{stem}{suffix}.{quant}.gguf"
 
 
-def check_writable(tmp: Path) -> None:
-    """Create and remove `tmp` now: an unwritable folder is named before any work."""
+def temporary_output(src: Path, dst: Path, overwrite: bool) -> Path:
+    """The temporary name `dst` is written under, after checking that `dst` may be
+    written: not the source, not an existing file (unless `overwrite`), in a folder that
+    exists and takes a file now (so an unwritable one is named before any work)."""
+    if dst.resolve() == src.resolve():
+        raise WorkbenchError("the output would overwrite the source", "Give another output.")
+    if dst.exists() and not overwrite:
+        raise WorkbenchError(f"{dst} exists", "Pass overwrite=True (--overwrite) to replace it.")
+    if not dst.parent.is_dir():
+        raise WorkbenchError(f"the output folder {dst.parent} does not exist",
+                             "Create it first, or give another output path.")
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.partial")
     try:
         with open(tmp, "wb"):
             pass
@@ -78,6 +88,7 @@ def check_writable(tmp: Path) -> None:
     except OSError as e:
         raise WorkbenchError(f"cannot write to {tmp.parent}: {e.strerror}",
                              "Give an output path in a folder you can write to.") from None
+    return tmp
 
 
 def quantize(model: str | os.PathLike, to: str = "int8", out: str | os.PathLike | None = None,
@@ -107,15 +118,7 @@ def quantize(model: str | os.PathLike, to: str = "int8", out: str | os.PathLike 
                              "Pick another type, or copy the file if a copy is what you want.")
     dst = Path(out).expanduser() if out else default_output(
         src, quant, f"-pruned{len(pruned)}" if pruned else "")
-    if dst.resolve() == src.resolve():
-        raise WorkbenchError("the output would overwrite the source", "Give another --out.")
-    if dst.exists() and not overwrite:
-        raise WorkbenchError(f"{dst} exists", "Pass overwrite=True (--overwrite) to replace it.")
-    if not dst.parent.is_dir():
-        raise WorkbenchError(f"the output folder {dst.parent} does not exist",
-                             "Create it first, or give another --out.")
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.partial")
-    check_writable(tmp)
+    tmp = temporary_output(src, dst, overwrite)
     t0 = time.monotonic()
     try:
         _child.run(_quantize_child, (str(src), str(tmp), QUANT_TYPES.get(quant, 0), pruned,
