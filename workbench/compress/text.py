@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import inspect
+import warnings
 
 # Calibration (layer ranking, FFN activations, distillation) reads other modules than
 # evaluation does, so a model is never scored on the text it was fitted to.
@@ -24,17 +25,21 @@ def stdlib_text(min_chars: int = 0, modules: tuple[str, ...] = MODULES) -> str:
     """Module, class and function docstrings of `modules`, deduplicated, in order."""
     seen: set[str] = set()
     parts: list[str] = []
-    for name in modules:
-        mod = importlib.import_module(name)
-        for obj in [mod] + [v for _, v in sorted(vars(mod).items())
-                            if not _.startswith("_") and (inspect.isclass(v) or inspect.isfunction(v))
-                            and getattr(v, "__module__", "") == mod.__name__]:
-            doc = inspect.cleandoc(obj.__doc__ or "")
-            if len(doc) > 80 and doc not in seen:
-                seen.add(doc)
-                parts.append(doc)
-        if min_chars and sum(len(p) for p in parts) >= min_chars:
-            break
+    with warnings.catch_warnings():  # reading some names warns (typing.io, ...)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for name in modules:
+            mod = importlib.import_module(name)
+            objects = [mod] + [v for _, v in sorted(vars(mod).items())
+                               if not _.startswith("_")
+                               and (inspect.isclass(v) or inspect.isfunction(v))
+                               and getattr(v, "__module__", "") == mod.__name__]
+            for obj in objects:
+                doc = inspect.cleandoc(obj.__doc__ or "")
+                if len(doc) > 80 and doc not in seen:
+                    seen.add(doc)
+                    parts.append(doc)
+            if min_chars and sum(len(p) for p in parts) >= min_chars:
+                break
     return "\n\n".join(parts)
 
 
