@@ -159,16 +159,13 @@ def _fit_tools() -> tuple[Any, Any, int]:
     e = engine()
     budgets = budget.budgets(e, LoadConfig())
     machine = fingerprint()
-    db = TuningDB()
-    try:
-        over = budget.overheads(e, db, machine)
-    finally:
-        db.close()
     cores = usable_cores()
     version = e.worker.llama_cpp_version
     db = TuningDB()
-    try:
-        measured = db.measured_models(machine, version)
+    try:  # the calibration here, and autotune's best decode speed of each model measured
+        over = budget.overheads(e, db, machine)
+        fastest = {sha: db.best(machine, sha, version)["tg_tps"]
+                   for sha in db.measured_models(machine, version)}
     finally:
         db.close()
 
@@ -176,19 +173,11 @@ def _fit_tools() -> tuple[Any, Any, int]:
         return place(m, budgets, cores=cores, overheads=over)
 
     def speed(path: Path) -> float | None:
-        if not measured:  # nothing measured here: no file needs hashing
+        if not fastest:  # nothing measured here: no file needs hashing
             return None
         from .models.fetch import _blob_sha
 
-        sha = _blob_sha(path) or file_sha256(path)  # a Hub cache file is named by it
-        if sha not in measured:
-            return None
-        db = TuningDB()
-        try:
-            best = db.best(machine, sha, version)
-        finally:
-            db.close()
-        return best["tg_tps"] if best else None
+        return fastest.get(_blob_sha(path) or file_sha256(path))  # Hub files: named by it
 
     return planned, speed, max(b.usable for b in budgets)
 

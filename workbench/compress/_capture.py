@@ -1,5 +1,6 @@
-"""Hidden tensors of a real llama.cpp decode: the graph callback (`cb_eval`) hands over
-each named node as it is computed ("l_out-5", "ffn_swiglu-3", ...). Child processes only."""
+"""llama.cpp in the compression children: quiet set-up, model and context, tokens and
+batches; and hidden tensors of a real decode, which the graph callback (`cb_eval`) hands
+over as each named node is computed ("l_out-5", "ffn_swiglu-3", ...). Child processes only."""
 
 from __future__ import annotations
 
@@ -7,6 +8,62 @@ import ctypes
 from typing import Any, Callable
 
 from ..errors import WorkbenchError
+
+
+def init_llama() -> Any:
+    """Silence llama.cpp's log and start its backends. Keep what it returns referenced:
+    C holds the callback's pointer."""
+    import llama_cpp as L
+
+    quiet = L.llama_log_callback(lambda *a: None)
+    L.llama_log_set(quiet, None)
+    L.llama_backend_init()
+    return quiet
+
+
+def load(path: str, n_ctx: int, threads: int, cb_eval: Any = None) -> tuple[Any, Any]:
+    """(model, context) on the CPU, with a batch of n_ctx tokens."""
+    import llama_cpp as L
+
+    mp = L.llama_model_default_params()
+    mp.n_gpu_layers = 0
+    model = L.llama_model_load_from_file(path.encode(), mp)
+    if not model:
+        raise WorkbenchError(f"llama.cpp could not load {path}", "Check it with inspect_model().")
+    cp = L.llama_context_default_params()
+    cp.n_ctx = cp.n_batch = cp.n_ubatch = n_ctx
+    cp.n_threads = cp.n_threads_batch = threads
+    cp.no_perf = True
+    if cb_eval is not None:
+        cp.cb_eval = cb_eval
+    ctx = L.llama_init_from_model(model, cp)
+    if not ctx:
+        L.llama_model_free(model)
+        raise WorkbenchError(f"llama.cpp could not make a context for {path}",
+                             "Use a shorter context.")
+    return model, ctx
+
+
+def tokenize(model: Any, text: str) -> list[int]:
+    import llama_cpp as L
+
+    vocab = L.llama_model_get_vocab(model)
+    raw = text.encode()
+    buf = (L.llama_token * (len(raw) + 16))()
+    n = L.llama_tokenize(vocab, raw, len(raw), buf, len(buf), True, False)
+    if n < 0:
+        raise WorkbenchError("the text could not be tokenized", "Try a shorter text.")
+    return list(buf[:n])
+
+
+def fill(batch: Any, toks: list[int], pos0: int = 0, all_logits: bool = True) -> Any:
+    """One sequence's tokens in `batch`, with logits at every position (or the last)."""
+    batch.n_tokens = len(toks)
+    for i, tok in enumerate(toks):
+        batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, pos0 + i, 1
+        batch.seq_id[i][0] = 0
+        batch.logits[i] = 1 if all_logits or i == len(toks) - 1 else 0
+    return batch
 
 
 def capture(path: str, text: str, n_tokens: int, threads: int,
@@ -19,27 +76,14 @@ def capture(path: str, text: str, n_tokens: int, threads: int,
 
     from ..engine.devices import _load_ggml
 
-    quiet = L.llama_log_callback(lambda *a: None)  # kept referenced: C holds the pointer
-    L.llama_log_set(quiet, None)
-    L.llama_backend_init()
+    keep = init_llama()
     g = _load_ggml()
     g.ggml_get_name.argtypes, g.ggml_get_name.restype = [ctypes.c_void_p], ctypes.c_char_p
     g.ggml_nbytes.argtypes, g.ggml_nbytes.restype = [ctypes.c_void_p], ctypes.c_size_t
     g.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
                                           ctypes.c_size_t]
-    mp = L.llama_model_default_params()
-    mp.n_gpu_layers = 0
-    model = L.llama_model_load_from_file(path.encode(), mp)
-    if not model:
-        raise WorkbenchError(f"llama.cpp could not load {path}", "Check it with inspect_model().")
-    vocab = L.llama_model_get_vocab(model)
-    raw = text.encode()
-    buf = (L.llama_token * (len(raw) + 16))()
-    n = L.llama_tokenize(vocab, raw, len(raw), buf, len(buf), True, False)
-    toks = list(buf[:max(0, min(n, n_tokens))])
-    if len(toks) < 16:
-        raise WorkbenchError("the calibration text is too short", "Give a longer text.")
     got: dict[str, Any] = {}
+    n_rows = [0]
 
     def on_tensor(t: int, ask: bool, _user: object) -> bool:
         name = (g.ggml_get_name(t) or b"").decode()
@@ -50,29 +94,22 @@ def capture(path: str, text: str, n_tokens: int, threads: int,
         size = g.ggml_nbytes(t)
         data = np.empty(size // 4, dtype=np.float32)
         g.ggml_backend_tensor_get(t, data.ctypes.data, 0, size)
-        got[name] = data.reshape(len(toks), -1)
+        got[name] = data.reshape(n_rows[0], -1)
         return True
 
     cb = L.ggml_backend_sched_eval_callback(on_tensor)
-    cp = L.llama_context_default_params()
-    cp.n_ctx = cp.n_batch = cp.n_ubatch = len(toks)
-    cp.n_threads = cp.n_threads_batch = threads
-    cp.cb_eval = cb
-    cp.no_perf = True
-    ctx = L.llama_init_from_model(model, cp)
-    if not ctx:
-        raise WorkbenchError(f"llama.cpp could not make a context for {path}", "Lower n_tokens.")
-    batch = L.llama_batch_init(len(toks), 0, 1)
-    batch.n_tokens = len(toks)
-    for i, tok in enumerate(toks):
-        batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, i, 1
-        batch.seq_id[i][0] = 0
-        batch.logits[i] = 1
+    model, ctx = load(path, n_tokens, threads, cb)
+    toks = tokenize(model, text)[:n_tokens]
+    if len(toks) < 16:
+        raise WorkbenchError("the calibration text is too short", "Give a longer text.")
+    n_rows[0] = len(toks)
+    batch = fill(L.llama_batch_init(len(toks), 0, 1), toks)
     status = L.llama_decode(ctx, batch)
     n_layer = L.llama_model_n_layer(model)
     L.llama_batch_free(batch)
     L.llama_free(ctx)
     L.llama_model_free(model)
+    del keep, cb
     if status != 0:
         raise WorkbenchError("llama_decode failed on the calibration text", "Lower n_tokens.")
     return got, len(toks), n_layer

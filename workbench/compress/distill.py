@@ -53,7 +53,7 @@ def distill(student: str | os.PathLike, teacher: str | os.PathLike, *,
     steps of `seq_len` tokens; write the result as `<student>-distilled.<QUANT>.gguf`."""
     from ..device.profile import usable_cores
     from . import _child
-    from .quantize import QUANT_TYPES, default_output, quantize
+    from .quantize import default_output, quantize
     from .text import calibration_text
 
     s, t = Path(student).expanduser(), Path(teacher).expanduser()
@@ -76,30 +76,11 @@ def distill(student: str | os.PathLike, teacher: str | os.PathLike, *,
                             f"distilling {s.name} from {t.name}", progress)
         if quant == "F16":
             os.replace(f16, dst)
-        elif quant in QUANT_TYPES:
-            quantize(f16, quant, dst, overwrite=True)
-        else:  # a type `quantize` does not offer (the default model's Q4_1)
-            _requantize_same(f16, quant, dst)
+        else:
+            quantize(f16, quant, dst, overwrite=True)  # back to the student's own type
     finally:
         f16.unlink(missing_ok=True)
     return Distilled(dst, s, t, steps, losses, time.monotonic() - t0)
-
-
-def _requantize_same(src: Path, quant: str, dst: Path) -> None:
-    """Quantize to a llama.cpp type outside QUANT_TYPES (e.g. Q4_1), by its ftype."""
-    from . import _child
-    from .quantize import _quantize_child
-
-    ftypes = {"Q4_1": 3, "Q5_0": 8, "Q5_1": 9, "Q8_0": 7, "Q4_0": 2}
-    if quant.upper() not in ftypes:
-        raise WorkbenchError(f"cannot quantize back to {quant}", "Quantize the F16 yourself.")
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.partial")
-    try:
-        _child.run(_quantize_child, (str(src), str(tmp), ftypes[quant.upper()], (), 0, False),
-                   f"quantizing the distilled model to {quant}")
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _permute(w: Any, n_head: int) -> Any:

@@ -165,38 +165,19 @@ def evaluate(models: Sequence[str | os.PathLike], reference: str | os.PathLike |
 
 def _evaluate_child(paths: list[str], text: str, n_ctx: int, max_chunks: int, threads: int,
                     with_reference: bool, report: Any) -> tuple[list[dict[str, Any]], int, int]:
-
     import llama_cpp as L
     import numpy as np
 
-    quiet = L.llama_log_callback(lambda *a: None)  # kept referenced: C holds the pointer
-    L.llama_log_set(quiet, None)
-    L.llama_backend_init()
+    from ._capture import fill, init_llama, load, tokenize
+
+    keep = init_llama()
     loaded = []
     for p in paths:
         t0 = time.perf_counter()
-        mp = L.llama_model_default_params()
-        mp.n_gpu_layers = 0
-        model = L.llama_model_load_from_file(p.encode(), mp)
-        if not model:
-            raise WorkbenchError(f"llama.cpp could not load {p}", "Check it with inspect_model().")
-        cp = L.llama_context_default_params()
-        cp.n_ctx = cp.n_batch = cp.n_ubatch = n_ctx
-        cp.n_threads = cp.n_threads_batch = threads
-        cp.no_perf = True
-        ctx = L.llama_init_from_model(model, cp)
-        if not ctx:
-            raise WorkbenchError(f"llama.cpp could not make a context for {p}", "Lower n_ctx.")
+        model, ctx = load(p, n_ctx, threads)
         loaded.append((p, model, ctx, time.perf_counter() - t0))
-
-    vocab = L.llama_model_get_vocab(loaded[0][1])
-    n_vocab = L.llama_vocab_n_tokens(vocab)
-    raw = text.encode()
-    buf = (L.llama_token * (len(raw) + 16))()
-    n = L.llama_tokenize(vocab, raw, len(raw), buf, len(buf), True, False)
-    if n < 0:
-        raise WorkbenchError("the text could not be tokenized", "Try a shorter text.")
-    tokens = list(buf[:n])
+    n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(loaded[0][1]))
+    tokens = tokenize(loaded[0][1], text)
     n_chunks = min(max_chunks, len(tokens) // n_ctx)
     if n_chunks < 1:
         raise WorkbenchError(f"the text has {len(tokens):,} tokens, fewer than one chunk of "
@@ -207,14 +188,7 @@ def _evaluate_child(paths: list[str], text: str, n_ctx: int, max_chunks: int, th
     steps = n_chunks * len(loaded) + len(loaded)
 
     def decode(ctx: Any, toks: list[int], pos0: int, all_logits: bool) -> None:
-        batch.n_tokens = len(toks)
-        for i, t in enumerate(toks):
-            batch.token[i] = t
-            batch.pos[i] = pos0 + i
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = 0
-            batch.logits[i] = 1 if all_logits or i == len(toks) - 1 else 0
-        if L.llama_decode(ctx, batch) != 0:
+        if L.llama_decode(ctx, fill(batch, toks, pos0, all_logits)) != 0:
             raise WorkbenchError("llama_decode failed while scoring", "Lower n_ctx.")
 
     def log_softmax(x: Any) -> Any:
@@ -267,4 +241,5 @@ def _evaluate_child(paths: list[str], text: str, n_ctx: int, max_chunks: int, th
                      "tg_tps": tg[j]})
         L.llama_free(ctx)
         L.llama_model_free(model)
+    del keep
     return rows, scored, n_chunks

@@ -20,7 +20,7 @@ from ..models.gguf_file import read_header
 
 # name -> llama_ftype (llama.h); int8 and int4 are the names the workbench teaches with
 QUANT_TYPES: dict[str, int] = {"F16": 1, "Q8_0": 7, "Q6_K": 18, "Q5_K_M": 17, "Q4_K_M": 15,
-                               "Q4_0": 2, "Q2_K": 10}
+                               "Q4_0": 2, "Q2_K": 10, "Q4_1": 3, "Q5_0": 8, "Q5_1": 9}
 ALIASES = {"INT8": "Q8_0", "INT4": "Q4_K_M"}
 _PROGRESS = re.compile(r"\[\s*(\d+)/\s*(\d+)\]")
 _QUANT_SUFFIX = re.compile(r"[.-](F32|F16|BF16|Q\d_K(_[SML])?|Q\d_\d|IQ\w+)$", re.IGNORECASE)
@@ -36,6 +36,7 @@ class Quantized:
     source_bytes: int
     seconds: float
     pruned_layers: tuple[int, ...] = ()
+    ranking: Any = None  # prune.LayerRanking, when the pruned layers were ranked
 
     def _repr_html_(self) -> str:
         return f"<pre>{self!r}</pre>"
@@ -93,7 +94,7 @@ def temporary_output(src: Path, dst: Path, overwrite: bool) -> Path:
 
 def quantize(model: str | os.PathLike, to: str = "int8", out: str | os.PathLike | None = None,
              *, overwrite: bool = False, prune_layers: Sequence[int] = (),
-             threads: int | None = None, same_type: bool = False,
+             threads: int | None = None, same_type: bool = False, ranking: Any = None,
              progress: Callable[[float], None] | None = None) -> Quantized:
     """Quantize `model` (a path) to `to`. `prune_layers`: layer indices to drop (the
     rest are renumbered). `out` defaults to `<name>.<QUANT>.gguf` beside the source.
@@ -128,7 +129,7 @@ def quantize(model: str | os.PathLike, to: str = "int8", out: str | os.PathLike 
     finally:
         tmp.unlink(missing_ok=True)
     return Quantized(dst, src, quant, dst.stat().st_size, src.stat().st_size,
-                     time.monotonic() - t0, pruned)
+                     time.monotonic() - t0, pruned, ranking)
 
 
 def _quantize_child(src: str, tmp: str, ftype: int, pruned: tuple[int, ...], threads: int,
