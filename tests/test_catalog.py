@@ -430,3 +430,20 @@ def test_after_an_update_the_name_loads_the_new_revision(hub, tmp_path, monkeypa
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(WorkbenchError, match="HF_HUB_OFFLINE is set"):
         workbench.check_updates()
+
+
+def test_an_unreachable_hub_and_a_model_not_from_it(places, tmp_path, monkeypatch, tiny):
+    import socket
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    _catalog(tmp_path, monkeypatch, [_variant(b"x")])
+    with pytest.raises(WorkbenchError, match="cannot reach the Hub") as e:
+        resolve("tiny-test")
+    assert "HF_HUB_OFFLINE" in e.value.hint
+    _fake_places(places, tiny)
+    with pytest.raises(WorkbenchError, match="not a model from the Hugging Face cache") as e:
+        workbench.update_model("ollama:tiny:latest", progress=False)
+    assert "--updates" in e.value.hint

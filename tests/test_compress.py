@@ -192,3 +192,18 @@ def test_distill_trains_toward_the_teacher_and_writes_a_loadable_model(default_m
         workbench.distill(pruned, steps=0, progress=False)
     with pytest.raises(WorkbenchError, match="exists"):
         workbench.distill(pruned, steps=1, out=d.path, progress=False)
+
+
+def test_more_bad_inputs_of_evaluation_and_pruning(default_model, tmp_path):
+    from gguf_edit import with_strings
+
+    with pytest.raises(WorkbenchError, match="too small or odd") as e:
+        workbench.evaluate([default_model], n_ctx=511, progress=False)
+    assert e.value.hint
+    other = with_strings(default_model, tmp_path / "other-arch.gguf",
+                         {"general.architecture": "gemma3"})
+    with pytest.raises(WorkbenchError, match="llama-architecture") as e:
+        workbench.prune(other, ffn_keep=0.5, progress=False)
+    assert "workbench.prune" in e.value.hint
+    with pytest.raises(WorkbenchError, match="llama-architecture"):
+        workbench.distill(other, steps=1, progress=False)
