@@ -68,6 +68,8 @@ def load_model(model: str | os.PathLike | None = None, *, progress: bool = True,
     planner fills in what is not given, from this machine's measured memory (`plan`).
     """
     config: LoadConfig = build(LoadConfig, settings)
+    if config.lora:
+        config = dataclasses.replace(config, lora=str(_check_lora(config.lora)))
     path = resolve_model(model, progress=progress)
     placement = _plan(path, config, settings)
     config = dataclasses.replace(config, **placement.settings).validate()
@@ -75,6 +77,20 @@ def load_model(model: str | os.PathLike | None = None, *, progress: bool = True,
     info = engine().load(path, config, on_progress=bar)
     bar.close(f"{info.load_seconds:.1f} s")
     return LoadedModel(info, placement)
+
+
+def _check_lora(path: str | os.PathLike) -> Path:
+    from .models.gguf_file import read_header
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise WorkbenchError(f"no LoRA adapter at {p}",
+                             "Give the adapter.gguf that %finetune wrote (its result names it).")
+    kind = read_header(p).metadata.get("general.type")
+    if kind != "adapter":
+        raise WorkbenchError(f"{p.name} is a model, not a LoRA adapter",
+                             "Load it as the model, or give an adapter GGUF to --lora.")
+    return p.resolve()
 
 
 def inspect_model(model: str | os.PathLike | None = None) -> Any:
@@ -470,3 +486,92 @@ def kv_stats() -> KVReport:
 def kv_evict() -> KVReport:
     """Move the RAM tier's entries to the disk tier (named sessions stay in RAM)."""
     return KVReport("KV cache", engine().kv("clear_ram"))
+
+
+def finetune(base: Any = None, data: Any = None, *, out: str | os.PathLike | None = None,
+             resume: bool = False, overwrite: bool = False, **settings: Any) -> Any:
+    """Fine-tune `base` (a GGUF model; default: the default model) on `data` with LoRA or
+    QLoRA, in a background process. Returns the running job at once: it shows a live
+    widget (loss curves, tokens/s, ETA, memory, cancel); `.wait()` gives the result.
+
+    `data`: a .jsonl file (one {"messages": [...]}, {"prompt", "completion"} or {"text"}
+    per line), a .txt file (one example per paragraph), or a list of such dicts.
+    `out`: the run's folder (checkpoints/, adapter.gguf); default under
+    $WORKBENCH_HOME/finetune. `resume=True` continues from its newest whole checkpoint.
+    `settings`: fields of `FinetuneConfig` (method, rank, lr, epochs, batch_size, ...).
+    """
+    from .config import FinetuneConfig
+    from .device.profile import usable_cores
+    from .finetune.checkpoint import CheckpointStore
+    from .finetune.data import read_data, split
+    from .finetune.job import FinetuneJob
+
+    config: FinetuneConfig = build(FinetuneConfig, settings)
+    if data is None:
+        raise WorkbenchError("no data to fine-tune on",
+                             "Pass data='examples.jsonl' (or a list of examples).")
+    if config.method == "qlora" or config.device == "cuda":
+        from .device.nvml import open_nvml
+
+        if not open_nvml()[1]:
+            what = "QLoRA (4-bit base weights through bitsandbytes)" \
+                if config.method == "qlora" else "device='cuda'"
+            raise WorkbenchError(f"{what} needs a CUDA GPU, and this machine has none",
+                                 "Use method='lora': it trains the full-precision base on the "
+                                 "CPU (the default model takes a few minutes).")
+    path = resolve_model(getattr(base, "path", base))
+    records = read_data(data)
+    train, val = split(records, config.val_fraction, config.seed)
+    if out is None:
+        stem = Path(str(data)).stem if isinstance(data, (str, os.PathLike)) else "data"
+        out = _paths.home() / "finetune" / f"{path.name.removesuffix('.gguf')}-{stem}"
+    out_dir = Path(out).expanduser()
+    store = CheckpointStore(out_dir / "checkpoints")
+    if store.paths() and not (resume or overwrite):
+        raise WorkbenchError(f"{out_dir} holds the checkpoints of an earlier run",
+                             "Pass resume=True to continue it, overwrite=True to start over, "
+                             "or another out=.")
+    if overwrite and not resume:
+        for p in store.paths():
+            p.unlink()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise WorkbenchError(f"cannot write to {out_dir}: {e.strerror or e}",
+                             "Choose a writable folder with out=.") from None
+    spec = {**dataclasses.asdict(config), "base": str(path), "train": train, "val": val,
+            "out_dir": str(out_dir), "resume": resume,
+            "threads": config.threads or usable_cores()}
+    return FinetuneJob(spec)
+
+
+def merge_lora(base: Any, adapter: str | os.PathLike, *, out: str | os.PathLike | None = None,
+               to: str | None = None, scale: float = 1.0, overwrite: bool = False,
+               progress: bool = True) -> Any:
+    """Fold a GGUF LoRA into its base model: a full GGUF (F16, or quantized `to` a type
+    `quantize` takes), which loads without --lora and which the compression tools take."""
+    from .compress import _child
+    from .compress.quantize import default_output, quant_name, temporary_output
+    from .compress.quantize import quantize as _quantize
+    from .finetune.export import merge_child
+
+    path = resolve_model(getattr(base, "path", base))
+    lora = _check_lora(getattr(adapter, "adapter", adapter))
+    quant = quant_name(to) if to else "F16"
+    dst = Path(out).expanduser() if out else default_output(path, quant, "-lora")
+    tmp = temporary_output(path, dst, overwrite)
+    bar = progress_bar(f"Merging {lora.name} into {path.name}", enabled=progress)
+    f16 = tmp.with_name(tmp.name + ".f16")
+    try:
+        _child.run(merge_child, (str(path), str(lora), str(f16), scale), f"merging {lora.name}",
+                   bar)
+        if quant == "F16":
+            os.replace(f16, dst)
+            return dst
+        return _quantize(f16, quant, dst, overwrite=True).path
+    finally:
+        f16.unlink(missing_ok=True)
+        bar.close()

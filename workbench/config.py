@@ -52,6 +52,9 @@ class LoadConfig:
     kv_dir: str | None = setting(None, "folder of the prefix cache's disk tier "
                                  "(default: $WORKBENCH_HOME/kv)")
     tensor_split: tuple[float, ...] = setting((), "share of the layers on each GPU", flag=False)
+    lora: str | None = setting(None, "a GGUF LoRA adapter to apply (what %finetune writes)")
+    lora_scale: float = setting(1.0, "strength of the LoRA adapter (1 = as trained)",
+                                lo=-100.0, hi=100.0)
     gpu_mem_mib: int | None = setting(None, "most memory the planner may use on each GPU, MiB "
                                       "(default: free memory less 512 MiB)", lo=0)
     ram_mib: int | None = setting(None, "most RAM the planner may use, MiB (default: "
@@ -92,6 +95,51 @@ class GenerationConfig:
         if any(not isinstance(x, str) or not x for x in self.stop):
             raise GenerationError(f"stop must be non-empty strings (got {self.stop!r})",
                                   "Pass stop='text' or stop=['a', 'b'].")
+        return self
+
+
+FINETUNE_METHODS = ("lora", "qlora")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """How a fine-tuning run trains."""
+
+    method: str = setting("lora", "lora (full-precision base, CPU or GPU) or qlora (4-bit base "
+                          "weights with bitsandbytes; needs a CUDA GPU)")
+    rank: int = setting(8, "LoRA rank (width of the adapter matrices)", lo=1, hi=1024)
+    alpha: float = setting(16.0, "LoRA alpha: the update is scaled by alpha / rank", lo=0.0,
+                           lo_open=True)
+    dropout: float = setting(0.05, "dropout on the adapter's input", lo=0.0, hi=0.9)
+    lr: float = setting(5e-4, "peak learning rate (warm-up, then cosine decay)", lo=0.0,
+                        lo_open=True, hi=1.0)
+    epochs: int = setting(3, "passes over the training examples", lo=1, hi=10_000)
+    steps: int | None = setting(None, "optimizer steps (overrides epochs)", lo=1)
+    batch_size: int = setting(4, "examples per step", lo=1, hi=4096)
+    max_len: int = setting(512, "longest example in tokens (capped at the model's context)",
+                           lo=8, hi=1 << 20)
+    truncate: bool = setting(True, "truncate longer examples with a warning (else refuse)",
+                             flag=False)
+    val_fraction: float = setting(0.1, "share of the examples held out for validation",
+                                  lo=0.0, hi=1.0, lo_open=True)
+    eval_every: int = setting(10, "steps between validation losses", lo=1)
+    ckpt_every: int = setting(20, "steps between checkpoints", lo=1)
+    keep: int = setting(3, "checkpoints kept (the newest)", lo=1, hi=1000)
+    seed: int = setting(0, "seed of the data split, the order and the initialization", lo=0)
+    threads: int | None = setting(None, "CPU threads (default: physical cores)", lo=1, hi=1024)
+    device: str = setting("auto", "where training runs: auto (a CUDA GPU if PyTorch sees one), "
+                          "cpu or cuda")
+    async_checkpoints: bool = setting(True, "write checkpoints from a background thread",
+                                      flag=False)
+
+    def validate(self) -> "FinetuneConfig":
+        _check_bounds(self, WorkbenchError)
+        if self.method not in FINETUNE_METHODS:
+            raise WorkbenchError(f"method must be lora or qlora (got {self.method!r})",
+                                 "Use --method lora.")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise WorkbenchError(f"device must be auto, cpu or cuda (got {self.device!r})",
+                                 "Use --device auto.")
         return self
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
 from . import api
-from .config import GenerationConfig, LoadConfig, flag_fields
+from .config import FinetuneConfig, GenerationConfig, LoadConfig, flag_fields
 from .errors import WorkbenchError
 from .results import Completion
 
@@ -70,6 +70,21 @@ def _quantize_parser() -> _Parser:
                    help="int8 (= Q8_0), int4 (= Q4_K_M), Q6_K, Q5_K_M, Q4_0, Q2_K or F16")
     p.add_argument("--out", default=None, help="output path (default: <name>.<QUANT>.gguf)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    return p
+
+
+def _finetune_parser() -> _Parser:
+    p = _parser("%finetune", "Fine-tune a model with LoRA/QLoRA in a background process, with "
+                "a live loss chart and crash-safe checkpoints.", FinetuneConfig)
+    p.add_argument("data", help="a .jsonl file (messages, prompt/completion or text per line) "
+                   "or a .txt file (one example per paragraph)")
+    p.add_argument("--base", default=None, help="what %%load_model takes (default: the "
+                   "default model)")
+    p.add_argument("--out", default=None, help="the run's folder (default: under "
+                   "$WORKBENCH_HOME/finetune)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="start over in a used folder")
+    p.add_argument("--wait", action="store_true", help="block until the run ends")
     return p
 
 
@@ -156,6 +171,7 @@ PARSERS = {
     "kv": _kv_parser(),
     "models": _models_parser(),
     "quantize": _quantize_parser(),
+    "finetune": _finetune_parser(),
 }
 
 
@@ -246,6 +262,21 @@ class WorkbenchMagics(Magics):
         if ns is None:
             return None
         return api.quantize(ns.model, ns.to, ns.out, overwrite=ns.overwrite)
+
+    @line_magic
+    def finetune(self, line: str) -> Any:
+        """%finetune DATA [--base MODEL] [--method lora|qlora] [--epochs N] [--resume] ..."""
+        ns = parse("finetune", line)
+        if ns is None:
+            return None
+        job = api.finetune(ns.base, ns.data, out=ns.out, resume=ns.resume,
+                           overwrite=ns.overwrite, **_settings(ns, FinetuneConfig))
+        if not ns.wait:
+            return job
+        from IPython.display import display
+
+        display(job)
+        return job.wait()
 
     @line_magic
     def unload_model(self, line: str) -> None:

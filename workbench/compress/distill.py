@@ -10,6 +10,7 @@ Only the llama architecture's tensor names are mapped.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -47,10 +48,15 @@ class Distilled:
 def distill(student: str | os.PathLike, teacher: str | os.PathLike, *,
             out: str | os.PathLike | None = None, steps: int = 40, seq_len: int = 256,
             lr: float = 5e-5, text: str | None = None, overwrite: bool = False,
-            threads: int | None = None,
+            to: str | None = None, train_from: int = 0, threads: int | None = None,
             progress: Callable[[float], None] | None = None) -> Distilled:
     """Train `student` toward `teacher` (both GGUF paths, one tokenizer) for `steps`
-    steps of `seq_len` tokens; write the result as `<student>-distilled.<QUANT>.gguf`."""
+    steps of `seq_len` tokens; write the result as `<student>-distilled.<QUANT>.gguf`,
+    in the student's own type unless `to` names another.
+
+    `train_from`: the first layer trained. Layers before it, and the (tied) embeddings,
+    stay frozen; after removing layers i.., the layers before i see exactly the
+    teacher's inputs, so training from i spends the budget where the gap is."""
     from ..device.profile import usable_cores
     from . import _child
     from .quantize import default_output, quantize
@@ -64,7 +70,16 @@ def distill(student: str | os.PathLike, teacher: str | os.PathLike, *,
                                  f"{h.architecture}", "Use a llama-architecture model.")
     if steps < 1 or seq_len < 16:
         raise WorkbenchError("steps must be ≥ 1 and seq_len ≥ 16", "For example steps=40.")
-    quant = hs.quantization.upper()
+    n_layers = int(hs.arch_value("block_count", 0))
+    if not 0 <= train_from < n_layers:
+        raise WorkbenchError(f"train_from={train_from} is not a layer of {s.name} "
+                             f"({n_layers} layers)", f"Give 0 to {n_layers - 1}.")
+    if to is not None:
+        from .quantize import quant_name
+
+        quant = quant_name(to)
+    else:
+        quant = hs.quantization.upper()
     dst = Path(out).expanduser() if out else default_output(s, quant, "-distilled")
     if dst.exists() and not overwrite:
         raise WorkbenchError(f"{dst} exists", "Pass overwrite=True to replace it.")
@@ -72,7 +87,8 @@ def distill(student: str | os.PathLike, teacher: str | os.PathLike, *,
     t0 = time.monotonic()
     try:
         losses = _child.run(_distill_child, (str(s), str(t), str(f16), steps, seq_len, lr,
-                                             text or calibration_text(), threads or usable_cores()),
+                                             train_from, text or calibration_text(),
+                                             threads or usable_cores()),
                             f"distilling {s.name} from {t.name}", progress)
         if quant == "F16":
             os.replace(f16, dst)
@@ -83,55 +99,20 @@ def distill(student: str | os.PathLike, teacher: str | os.PathLike, *,
     return Distilled(dst, s, t, steps, losses, time.monotonic() - t0)
 
 
-def _permute(w: Any, n_head: int) -> Any:
-    """transformers' q/k row order -> llama.cpp's (rotary pairs interleaved)."""
-    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
-            .swapaxes(1, 2).reshape(w.shape))
-
-
-def _gguf_name(hf: str) -> str | None:
-    table = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-             "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-    if hf == "model.embed_tokens.weight":
-        return "token_embd.weight"
-    if hf == "model.norm.weight":
-        return "output_norm.weight"
-    if hf == "lm_head.weight":
-        return "output.weight"
-    parts = hf.split(".")
-    if len(parts) >= 5 and parts[0] == "model" and parts[1] == "layers":
-        key = ".".join(parts[3:-1])
-        if key in table:
-            return f"blk.{parts[2]}.{table[key]}.weight"
-    return None
-
-
 def _distill_child(student: str, teacher: str, f16_out: str, steps: int, seq_len: int,
-                   lr: float, text: str, threads: int, report: Any) -> list[float]:
-    os.environ["TQDM_DISABLE"] = "1"  # transformers' GGUF loader draws its own bars
+                   lr: float, train_from: int, text: str, threads: int,
+                   report: Any) -> list[float]:
     import numpy as np
     import torch
     import torch.nn.functional as F
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ._gguf import finish, writer_like
+    from ..models.hf import load_model, load_tokenizer
+    from ._gguf import finish, hf_to_gguf_name, permute_qk, writer_like
 
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-
-    def load(path: str) -> Any:
-        p = Path(path)
-        return AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name,
-                                                    dtype=torch.float32)
-
-    tok = AutoTokenizer.from_pretrained(str(Path(student).parent), gguf_file=Path(student).name)
-    teach, stud = load(teacher), load(student)
+    tok = load_tokenizer(student)
+    teach, stud = load_model(teacher), load_model(student)
     teach.eval()
     stud.train()
     ids = tok(text, return_tensors="pt").input_ids[0]
@@ -139,8 +120,17 @@ def _distill_child(student: str, teacher: str, f16_out: str, steps: int, seq_len
     if n < 1:
         raise WorkbenchError("the calibration text is shorter than one sequence",
                              "Give a longer text or a smaller seq_len.")
-    params = list(stud.parameters())
+    frozen = ("model.embed_tokens.", "lm_head.") + tuple(
+        f"model.layers.{i}." for i in range(train_from)) if train_from else ()
+    params = []
+    for name, p in stud.named_parameters():
+        p.requires_grad_(not name.startswith(frozen))
+        if p.requires_grad:
+            params.append(p)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    # a short warm-up, then cosine decay to a tenth
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / max(1, steps // 10))
+                                              * (0.55 + 0.45 * math.cos(math.pi * k / steps)))
     losses = []
     for step in range(steps):
         i = step % n
@@ -153,6 +143,7 @@ def _distill_child(student: str, teacher: str, f16_out: str, steps: int, seq_len
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        sched.step()
         losses.append(loss.item())
         report.progress(0.9 * (step + 1) / steps)
 
@@ -161,13 +152,13 @@ def _distill_child(student: str, teacher: str, f16_out: str, steps: int, seq_len
     state = {k: v.detach().float().numpy() for k, v in stud.state_dict().items()}
     new: dict[str, Any] = {}
     for k, v in state.items():
-        name = _gguf_name(k)
+        name = hf_to_gguf_name(k)
         if name is None:
             continue
         if k.endswith("q_proj.weight"):
-            v = _permute(v, cfg.num_attention_heads)
+            v = permute_qk(v, cfg.num_attention_heads)
         elif k.endswith("k_proj.weight"):
-            v = _permute(v, cfg.num_key_value_heads)
+            v = permute_qk(v, cfg.num_key_value_heads)
         new[name] = v
     reader, w = writer_like(student, f16_out, {"general.file_type": 1})  # MOSTLY_F16
     for t in reader.tensors:

@@ -142,6 +142,7 @@ class ModelInfo:
     # the worker's peak resident memory during the load; requests' peaks count from
     # the end of the load (0: this system could not restart the count)
     load_peak_rss_bytes: int = 0
+    lora: str | None = None  # the applied LoRA adapter's path
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -173,6 +173,8 @@ class Runtime:
                 f"llama.cpp could not create a context of {cfg.n_ctx:,} tokens for {path}: "
                 f"{self.log.last_error() or 'no reason given'}",
                 "Try a smaller --n-ctx, or fewer --n-gpu-layers.")
+        if cfg.lora:
+            self._apply_lora(model, ctx, cfg)
         self.model, self.ctx = model, ctx
         self.backend_sampling = cfg.backend_sampling == "on"
         self._warm_up()
@@ -198,8 +200,25 @@ class Runtime:
             has_chat_template=bool(self.template),
             load_seconds=time.monotonic() - t0, type_k=cfg.type_k, type_v=cfg.type_v,
             kv_bytes_per_token=kv_per_token, buffers=self.log.buffers(),
-            flash_attn=cfg.flash_attn, n_ubatch=cparams.n_ubatch)
+            flash_attn=cfg.flash_attn, n_ubatch=cparams.n_ubatch, lora=cfg.lora)
         return self.info
+
+    def _apply_lora(self, model, ctx, cfg: LoadConfig) -> None:
+        """Load a GGUF LoRA and set it on the context (freed with the model)."""
+        path = str(Path(cfg.lora).expanduser())
+        self.log.clear()
+        adapter = L.llama_adapter_lora_init(model, path.encode())
+        if adapter:
+            adapters = (L.llama_adapter_lora_p_ctypes * 1)(adapter)
+            scales = (ctypes.c_float * 1)(cfg.lora_scale)
+            if L.llama_set_adapters_lora(ctx, adapters, 1, scales) == 0:
+                return
+        why = self.log.last_error() or "no reason given"
+        L.llama_free(ctx)
+        L.llama_model_free(model)
+        raise ModelFileError(f"llama.cpp could not apply the LoRA {path}: {why}",
+                             "The adapter must be a GGUF LoRA trained on this base model "
+                             "(same architecture and tensor shapes), as %finetune writes.")
 
     def measure_buffers(self, path: str, cfg: LoadConfig) -> tuple[Buffer, ...]:
         """The buffers llama.cpp would allocate for `cfg`, from a dry run that allocates
@@ -234,8 +253,9 @@ class Runtime:
         from ..models.hashing import file_sha256
 
         sha = file_sha256(path)
+        lora = f"{file_sha256(cfg.lora)}@{cfg.lora_scale:g}" if cfg.lora else ""
         namespace = hashlib.sha256(
-            f"{sha}|k={cfg.type_k}|v={cfg.type_v}|fa={cfg.flash_attn}|lora=|"
+            f"{sha}|k={cfg.type_k}|v={cfg.type_v}|fa={cfg.flash_attn}|lora={lora}|"
             f"llama.cpp={L.__version__}".encode()
         ).hexdigest()
         root = Path(cfg.kv_dir).expanduser() if cfg.kv_dir else _paths.home() / "kv"

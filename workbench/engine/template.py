@@ -30,13 +30,14 @@ def _compile(source: str):
 
 
 def render_chat(source: str, messages: list[dict[str, str]], bos: str, eos: str,
-                model_name: str) -> str:
-    """Render `messages` with a model's template, ending with the assistant's turn."""
+                model_name: str, generation: bool = True) -> str:
+    """Render `messages` with a model's template, ending with the assistant's turn
+    (`generation`) or with the last message (to train on a whole conversation)."""
     from jinja2 import TemplateError
     from jinja2.exceptions import SecurityError
 
     try:
-        return _compile(source).render(messages=messages, add_generation_prompt=True,
+        return _compile(source).render(messages=messages, add_generation_prompt=generation,
                                        bos_token=bos, eos_token=eos)
     except SecurityError as e:
         raise GenerationError(

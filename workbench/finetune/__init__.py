@@ -1,0 +1,1 @@
+"""Fine-tuning: data, the training process, checkpoints, export (see job.py)."""
