@@ -502,9 +502,9 @@ def finetune(base: Any = None, data: Any = None, *, out: str | os.PathLike | Non
     """
     from .config import FinetuneConfig
     from .device.profile import usable_cores
-    from .finetune.checkpoint import CheckpointStore
-    from .finetune.data import read_data, split
-    from .finetune.job import FinetuneJob
+    from .training.checkpoint import CheckpointStore
+    from .training.data import read_data, split
+    from .training.job import FinetuneJob
 
     config: FinetuneConfig = build(FinetuneConfig, settings)
     if data is None:
@@ -556,7 +556,7 @@ def merge_lora(base: Any, adapter: str | os.PathLike, *, out: str | os.PathLike 
     from .compress import _child
     from .compress.quantize import default_output, quant_name, temporary_output
     from .compress.quantize import quantize as _quantize
-    from .finetune.export import merge_child
+    from .training.export import merge_child
 
     path = resolve_model(getattr(base, "path", base))
     lora = _check_lora(getattr(adapter, "adapter", adapter))

@@ -1,1 +1,0 @@
-"""Fine-tuning: data, the training process, checkpoints, export (see job.py)."""
