@@ -34,11 +34,18 @@ def _gpus() -> list[str]:
 
 
 def machine() -> dict[str, Any]:
-    import llama_cpp
     import psutil
 
     from workbench.device.profile import cpu_model
 
+    try:
+        import llama_cpp
+
+        lcp = {"llama_cpp_python": llama_cpp.__version__,
+               "llama_cpp_system_info": llama_cpp.llama_print_system_info().decode(
+                   errors="replace")}
+    except ImportError:  # a training-only run on a machine without the bindings
+        lcp = {"llama_cpp_python": None, "llama_cpp_system_info": None}
     return {
         "cpu": cpu_model(),
         "cores_physical": psutil.cpu_count(logical=False),
@@ -47,8 +54,7 @@ def machine() -> dict[str, Any]:
         "gpus": _gpus(),
         "os": platform.platform(),
         "python": sys.version.split()[0],
-        "llama_cpp_python": llama_cpp.__version__,
-        "llama_cpp_system_info": llama_cpp.llama_print_system_info().decode(errors="replace"),
+        **lcp,
     }
 
 

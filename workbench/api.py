@@ -513,7 +513,8 @@ def finetune(base: Any = None, data: Any = None, *, out: str | os.PathLike | Non
     if config.method == "qlora" or config.device == "cuda":
         from .device.nvml import open_nvml
 
-        if not open_nvml()[1]:
+        gpus = Path("/proc/driver/nvidia/gpus")
+        if not open_nvml()[1] and not (gpus.is_dir() and any(gpus.iterdir())):
             what = "QLoRA (4-bit base weights through bitsandbytes)" \
                 if config.method == "qlora" else "device='cuda'"
             raise WorkbenchError(f"{what} needs a CUDA GPU, and this machine has none",

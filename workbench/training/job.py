@@ -170,7 +170,8 @@ class FinetuneJob:
                 val_loss_before=r["val_loss_before"], val_loss_after=r["val_loss_after"],
                 tokens_per_s=r["tokens_per_s"],
                 checkpoints=[Path(p) for p in r["checkpoints"]],
-                checkpoint_stalls_s=r["checkpoint_stalls_s"], history=r["history"],
+                checkpoint_stalls_s=r["checkpoint_stalls_s"],
+                history={**r["history"], "steps": list(self.history["steps"])},
                 warnings=list(self.warnings))
             self.status = "cancelled" if r["cancelled"] else "finished"
         elif kind == "error":
