@@ -190,6 +190,10 @@ def test_distill_trains_toward_the_teacher_and_writes_a_loadable_model(default_m
     assert "steps" in repr(d) and len(d.figure().data) == 1
     with pytest.raises(WorkbenchError, match="steps must be"):
         workbench.distill(pruned, steps=0, progress=False)
+    with pytest.raises(WorkbenchError, match="train_from=99 is not a layer"):
+        workbench.distill(pruned, steps=1, train_from=99, progress=False)
+    with pytest.raises(WorkbenchError, match="unknown quantization"):
+        workbench.distill(pruned, steps=1, to="Q3_X", progress=False)
     with pytest.raises(WorkbenchError, match="exists"):
         workbench.distill(pruned, steps=1, out=d.path, progress=False)
 

@@ -323,3 +323,17 @@ def test_the_magic_runs_and_reports_bad_lines(tmp_path, capsys):
     assert r.result.steps == 1 and r.result.adapter.exists()
     r = sh.run_cell("%finetune --help")
     assert r.success and "--method" in capsys.readouterr().out
+
+
+def test_the_live_widget_shows_the_run(trained):
+    from workbench.dashboards.finetune import FinetuneDashboard
+
+    job, result, _, _ = trained
+    view = FinetuneDashboard(job)
+    view.refresh()
+    train, val = view.figure.data
+    assert list(train.x) == [1, 2, 3, 4, 5, 6] and len(val.x) == 2  # before and after
+    assert view.progress.value == view.progress.max == 6
+    assert view.progress.bar_style == "success" and view.cancel_button.disabled
+    assert "tokens/s" in view.stats.value and "MiB" in view.stats.value
+    assert "ETA" in view.stats.value

@@ -271,19 +271,27 @@ def prune(model: str | os.PathLike | None = None, layers: Any = None, *,
 
 
 def distill(student: Any, teacher: Any = None, *, steps: int = 40, seq_len: int = 256,
-            lr: float = 2e-4, out: str | os.PathLike | None = None, overwrite: bool = False,
+            lr: float = 5e-4, train_from: int | str = "auto", to: str | None = None,
+            out: str | os.PathLike | None = None, overwrite: bool = False,
             progress: bool = True) -> Any:
     """Train a pruned `student` toward `teacher` (default: the default model) by minimizing
     the KL divergence from the teacher's next-token distributions on calibration text
-    (PyTorch, CPU, in a child process); write it back as GGUF. `.figure()` plots the loss."""
+    (PyTorch, CPU, in a child process); write it back as GGUF, in the student's type or
+    `to`. `train_from`: the first layer trained; "auto" is three layers before the first
+    removed one when `student` is what `prune(layers=...)` returned, else 0 (all layers).
+    Small updates do not survive a coarse type: distil an F16 student (prune the F16
+    reference), then quantize. `.figure()` plots the loss."""
     from .compress.distill import distill as _distill
 
     s = resolve_model(getattr(student, "path", student))
     t = resolve_model(getattr(teacher, "path", teacher))
+    if train_from == "auto":
+        removed = getattr(student, "pruned_layers", ())
+        train_from = max(0, min(removed) - 3) if removed else 0
     bar = progress_bar(f"Distilling {s.name}", enabled=progress)
     try:
-        return _distill(s, t, out=out, steps=steps, seq_len=seq_len, lr=lr,
-                        overwrite=overwrite, progress=bar)
+        return _distill(s, t, out=out, steps=steps, seq_len=seq_len, lr=lr, to=to,
+                        train_from=int(train_from), overwrite=overwrite, progress=bar)
     finally:
         bar.close()
 

@@ -14,7 +14,17 @@ import warnings
 CALIBRATION_MODULES = ("asyncio", "contextlib", "dataclasses", "enum", "gzip", "hashlib",
                        "ipaddress", "locale", "mailbox", "pickle", "pprint", "queue", "random",
                        "sched", "secrets", "selectors", "socket", "sqlite3", "subprocess",
-                       "tarfile", "tempfile", "typing", "uuid", "weakref")
+                       "tarfile", "tempfile", "typing", "uuid", "weakref",
+                       # more for distillation, which overfits a short text (appended, so
+                       # the first 20,000 characters that rank layers stay the same)
+                       "ast", "bisect", "calendar", "cmd", "codecs", "concurrent.futures",
+                       "configparser", "copy", "dis", "doctest", "email.parser", "filecmp",
+                       "fnmatch", "ftplib", "gettext", "glob", "graphlib", "html.parser",
+                       "imaplib", "io", "mimetypes", "multiprocessing.pool", "numbers",
+                       "optparse", "os", "pdb", "pkgutil", "platform", "plistlib", "poplib",
+                       "pydoc", "re", "reprlib", "shelve", "shlex", "smtplib", "ssl",
+                       "sysconfig", "tokenize", "trace", "traceback", "types",
+                       "urllib.request", "wave", "webbrowser", "zipapp", "zoneinfo")
 MODULES = ("argparse", "collections", "csv", "datetime", "decimal", "difflib", "email.message",
            "fractions", "functools", "heapq", "http.client", "inspect", "itertools", "json",
            "logging", "pathlib", "shutil", "statistics", "string", "textwrap", "threading",

@@ -127,6 +127,24 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _copy_into(buf: dict[str, Any], tensors: dict[str, Any]) -> None:
+    """Copy `tensors` into the host buffer `buf`, reusing its tensors where they fit."""
+    import torch
+
+    on_gpu = False
+    for name, t in tensors.items():
+        held = buf.get(name)
+        if held is None or held.shape != t.shape or held.dtype != t.dtype:
+            # page-locked when the source is on a GPU, so the copies run asynchronously
+            held = buf[name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
+        held.copy_(t.detach(), non_blocking=t.is_cuda)
+        on_gpu = on_gpu or t.is_cuda
+    if on_gpu:  # one wait for all the copies, not one per tensor
+        torch.cuda.current_stream().synchronize()
+    for name in set(buf) - set(tensors):
+        del buf[name]
+
+
 def _write_error(store: CheckpointStore, step: int, e: BaseException) -> WorkbenchError:
     before = [p.name for p in store.paths()]
     kept = (f"The previous checkpoint, {before[-1]}, is intact." if before
@@ -163,15 +181,7 @@ class AsyncCheckpointer:
             self._raise_if_failed()
             i = self._busy.index(False)
             self._busy[i] = True
-        buf = self._buffers[i]
-        for name, t in tensors.items():
-            held = buf.get(name)
-            if held is None or held.shape != t.shape or held.dtype != t.dtype:
-                buf[name] = held = t.detach().to("cpu", copy=True).contiguous()
-            else:
-                held.copy_(t.detach())
-        for name in set(buf) - set(tensors):
-            del buf[name]
+        _copy_into(self._buffers[i], tensors)
         with self._cond:
             self._queue.append((i, step, info))
             self._cond.notify_all()
@@ -216,12 +226,13 @@ class SyncCheckpointer:
     def __init__(self, store: CheckpointStore) -> None:
         self.store = store
         self.written: list[Path] = []
+        self._buffer: dict[str, Any] = {}
 
     def save(self, step: int, tensors: dict[str, Any], info: dict[str, Any]) -> float:
         t0 = time.perf_counter()
         try:
-            self.written.append(self.store.write(step, {k: v.detach().cpu().contiguous()
-                                                        for k, v in tensors.items()}, info))
+            _copy_into(self._buffer, tensors)  # the same copy as the asynchronous path
+            self.written.append(self.store.write(step, self._buffer, info))
         except OSError as e:
             raise _write_error(self.store, step, e) from None
         return time.perf_counter() - t0
