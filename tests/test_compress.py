@@ -180,6 +180,7 @@ def test_distill_trains_toward_the_teacher_and_writes_a_loadable_model(default_m
     assert d.path.is_file() and len(d.losses) == 4 and all(x > 0 for x in d.losses)
     assert read_header(d.path).quantization == "Q4_1"  # quantized back to the student's type
     assert inspect_model(d.path).n_layers == 28
+    assert workbench.inspect_model(pruned).n_layers == 28  # a result stands for its file
     assert not list(tmp_path.glob(".*partial"))
     # the weights changed, and llama.cpp loads and runs the result
     ev = workbench.evaluate([pruned, d], reference=default_model, max_chunks=1, progress=False)
@@ -211,3 +212,21 @@ def test_more_bad_inputs_of_evaluation_and_pruning(default_model, tmp_path):
     assert "workbench.prune" in e.value.hint
     with pytest.raises(WorkbenchError, match="llama-architecture"):
         workbench.distill(other, steps=1, progress=False)
+
+
+def test_importance_matrix_quantization(variants, tmp_path):
+    from workbench.compress import _child
+    from workbench.compress.imatrix import importance_child
+    from workbench.compress.text import calibration_text
+
+    imp = _child.run(importance_child, (str(variants["f16"].path), calibration_text(4000), 128,
+                                        2), "measuring")
+    assert len(imp) == 30 * 7 + 1 and imp["output.weight"].shape == (576,)
+    assert imp["blk.3.ffn_down.weight"].shape == (1536,) and (imp["blk.3.attn_q.weight"] > 0).all()
+    plain = workbench.quantize(variants["f16"], "Q4_0", tmp_path / "plain.gguf", progress=False)
+    weighed = workbench.quantize(variants["f16"], "Q4_0", imatrix=True, progress=False,
+                                 out=tmp_path / "weighed.gguf")
+    assert weighed.quant == "Q4_0" and weighed.bytes == plain.bytes
+    assert weighed.path.read_bytes() != plain.path.read_bytes()  # the rounding moved
+    ev = workbench.evaluate([weighed], reference=variants["f16"], max_chunks=1, progress=False)
+    assert ev.row(weighed.path).kl_mean < 1.0  # llama.cpp loads and runs it

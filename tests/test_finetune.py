@@ -337,3 +337,30 @@ def test_the_live_widget_shows_the_run(trained):
     assert view.progress.bar_style == "success" and view.cancel_button.disabled
     assert "tokens/s" in view.stats.value and "MiB" in view.stats.value
     assert "ETA" in view.stats.value
+
+
+def test_cancel_stops_checkpoints_and_exports_what_it_has(tmp_path):
+    job = workbench.finetune(None, small_data(tmp_path), out=tmp_path / "run", steps=40,
+                             ckpt_every=100, **FAST)
+    _wait_for(lambda: job.step >= 2 or job.done)
+    job.cancel()
+    result = job.wait(timeout=120)
+    assert result.cancelled and 2 <= result.steps < 40 and job.status == "cancelled"
+    assert result.adapter.exists()
+    # the checkpoint written on cancel is where a resume would continue
+    assert result.checkpoints[-1].name == f"ckpt-{result.steps:08d}.safetensors"
+
+
+def test_a_disk_that_fills_during_training_keeps_the_last_checkpoint(tiny_disk, tmp_path):
+    # rank 2: a checkpoint (adapter and optimizer state) takes 7.3 MB; 10 MB hold one
+    subprocess.run(["mount", "-o", "remount,size=10m", str(tiny_disk)], check=True)
+    job = workbench.finetune(None, small_data(tmp_path), out=tiny_disk / "run", steps=4,
+                             ckpt_every=1, **{**FAST, "rank": 2})
+    with pytest.raises(WorkbenchError) as e:
+        job.wait(timeout=300)
+    assert "No space left on device" in e.value.message
+    assert "ckpt-00000001.safetensors, is intact" in e.value.message
+    store = CheckpointStore(tiny_disk / "run" / "checkpoints")
+    assert [p.name for p in store.paths()] == ["ckpt-00000001.safetensors"]
+    assert store.load(store.paths()[0])[1]["step"] == 1
+    assert not list((tiny_disk / "run" / "checkpoints").glob(".*"))

@@ -36,9 +36,11 @@ def engine() -> Engine:
 
 def resolve_model(model: str | os.PathLike | None, progress: bool = False) -> Path:
     """The file `model` names: the default model, a catalog id (fetched if needed), a
-    model found on this machine, or a path, in that order (see models/resolve.py)."""
+    model found on this machine, or a path, in that order (see models/resolve.py). The
+    result of quantize, prune or distill stands for the file it wrote."""
     from .models.resolve import resolve
 
+    model = getattr(model, "path", model)
     if model is None or str(model) in ("", "default"):
         return default_model_path()
     bars: list[Any] = []
@@ -230,16 +232,18 @@ def update_model(name: str, *, progress: bool = True) -> Path:
 
 def quantize(model: str | os.PathLike | None = None, to: str = "int8",
              out: str | os.PathLike | None = None, *, overwrite: bool = False,
-             progress: bool = True) -> Any:
+             imatrix: bool | str = False, progress: bool = True) -> Any:
     """Quantize a model with llama.cpp's quantizer, in a child process. `to`: int8
     (= Q8_0), int4 (= Q4_K_M), Q6_K, Q5_K_M, Q4_0, Q2_K or F16. The file goes next to
-    the source as `<name>.<QUANT>.gguf` (the bundled model's: ~/.workbench/models)."""
+    the source as `<name>.<QUANT>.gguf` (the bundled model's: ~/.workbench/models).
+    `imatrix`: True (calibration text) or a text of your own: weigh each weight's
+    rounding by how large its inputs are on that text (llama.cpp's importance matrix)."""
     from .compress.quantize import quantize as _quantize
 
     path = resolve_model(model)
     bar = progress_bar(f"Quantizing {path.name}", enabled=progress)
     try:
-        result = _quantize(path, to, out, overwrite=overwrite, progress=bar)
+        result = _quantize(path, to, out, overwrite=overwrite, imatrix=imatrix, progress=bar)
     finally:
         bar.close()
     return result

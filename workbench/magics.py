@@ -70,6 +70,8 @@ def _quantize_parser() -> _Parser:
                    help="int8 (= Q8_0), int4 (= Q4_K_M), Q6_K, Q5_K_M, Q4_0, Q2_K or F16")
     p.add_argument("--out", default=None, help="output path (default: <name>.<QUANT>.gguf)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--imatrix", action="store_true", help="measure an importance matrix on "
+                   "calibration text and quantize with it")
     return p
 
 
@@ -261,7 +263,7 @@ class WorkbenchMagics(Magics):
         ns = parse("quantize", line)
         if ns is None:
             return None
-        return api.quantize(ns.model, ns.to, ns.out, overwrite=ns.overwrite)
+        return api.quantize(ns.model, ns.to, ns.out, overwrite=ns.overwrite, imatrix=ns.imatrix)
 
     @line_magic
     def finetune(self, line: str) -> Any:

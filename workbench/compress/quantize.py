@@ -95,10 +95,12 @@ def temporary_output(src: Path, dst: Path, overwrite: bool) -> Path:
 def quantize(model: str | os.PathLike, to: str = "int8", out: str | os.PathLike | None = None,
              *, overwrite: bool = False, prune_layers: Sequence[int] = (),
              threads: int | None = None, same_type: bool = False, ranking: Any = None,
+             imatrix: bool | str = False,
              progress: Callable[[float], None] | None = None) -> Quantized:
     """Quantize `model` (a path) to `to`. `prune_layers`: layer indices to drop (the
     rest are renumbered). `out` defaults to `<name>.<QUANT>.gguf` beside the source.
-    `same_type`: copy the tensors as they are (with `prune_layers`)."""
+    `same_type`: copy the tensors as they are (with `prune_layers`). `imatrix`: True (the
+    calibration text) or a text: measure an importance matrix on it and quantize with it."""
     from . import _child
 
     src = Path(model).expanduser()
@@ -118,12 +120,22 @@ def quantize(model: str | os.PathLike, to: str = "int8", out: str | os.PathLike 
         raise WorkbenchError(f"{src.name} is already {quant}",
                              "Pick another type, or copy the file if a copy is what you want.")
     dst = Path(out).expanduser() if out else default_output(
-        src, quant, f"-pruned{len(pruned)}" if pruned else "")
+        src, quant, (f"-pruned{len(pruned)}" if pruned else "") + ("-imatrix" if imatrix else ""))
     tmp = temporary_output(src, dst, overwrite)
     t0 = time.monotonic()
+    importance = None
+    if imatrix:
+        from ..device.profile import usable_cores
+        from .imatrix import importance_child
+        from .text import calibration_text
+
+        text = imatrix if isinstance(imatrix, str) else calibration_text(20000)
+        importance = _child.run(importance_child, (str(src), text, 1024,
+                                                   threads or usable_cores()),
+                                f"measuring the importance matrix of {src.name}")
     try:
         _child.run(_quantize_child, (str(src), str(tmp), QUANT_TYPES.get(quant, 0), pruned,
-                                     threads or 0, same_type),
+                                     threads or 0, same_type, importance),
                    f"quantizing {src.name} to {quant}", progress)
         os.replace(tmp, dst)
     finally:
@@ -133,7 +145,7 @@ def quantize(model: str | os.PathLike, to: str = "int8", out: str | os.PathLike 
 
 
 def _quantize_child(src: str, tmp: str, ftype: int, pruned: tuple[int, ...], threads: int,
-                    same_type: bool, report: Any) -> None:
+                    same_type: bool, importance: dict[str, Any] | None, report: Any) -> None:
     import ctypes
 
     import llama_cpp as L
@@ -160,7 +172,14 @@ def _quantize_child(src: str, tmp: str, ftype: int, pruned: tuple[int, ...], thr
     if pruned:
         keep = (ctypes.c_int32 * (len(pruned) + 1))(*pruned, -1)
         params.prune_layers = ctypes.cast(keep, ctypes.POINTER(ctypes.c_int32))
+    held: Any = None
+    if importance:
+        from .imatrix import as_params
+
+        entries, held = as_params(importance)
+        params.imatrix = ctypes.cast(entries, ctypes.POINTER(L.llama_model_imatrix_data))
     status = L.llama_model_quantize(src.encode(), tmp.encode(), ctypes.byref(params))
+    del held  # the importance data had to live until here
     if status != 0:
         why = next((e for e in reversed(errors) if "failed to quantize" in e),
                    errors[-1] if errors else f"status {status}")

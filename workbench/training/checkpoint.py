@@ -104,7 +104,7 @@ class CheckpointStore:
             finally:
                 os.close(fd)
             os.replace(tmp, final)
-            _fsync_dir(self.folder)
+            fsync_path(self.folder)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -119,8 +119,9 @@ class CheckpointStore:
                 p.unlink(missing_ok=True)
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """fsync a file, or a folder (so a rename in it is durable)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

@@ -59,9 +59,7 @@ def write_lora_gguf(adapter: dict[str, Any], base: str, out: str | os.PathLike, 
         for name, (a, b) in sorted(_pairs(adapter, n_head, n_kv_head).items()):
             w.add_tensor(f"{name}.lora_a", a)
             w.add_tensor(f"{name}.lora_b", b)
-        finish(w)
-        _fsync(tmp)
-        os.replace(tmp, out)
+        _commit(w, tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     return out
@@ -103,20 +101,20 @@ def merge_lora(base: str, lora: str, out: str | os.PathLike, scale: float = 1.0)
                 w.add_tensor(t.name, np.ascontiguousarray(weight.astype(np.float16)))
             else:
                 w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
-        finish(w)
-        _fsync(tmp)
-        os.replace(tmp, out)
+        _commit(w, tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     return out
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _commit(w: Any, tmp: Path, out: Path) -> None:
+    """Write out a GGUF writer's file at `tmp`, make it durable, rename it to `out`."""
+    from .checkpoint import fsync_path
+
+    finish(w)
+    fsync_path(tmp)
+    os.replace(tmp, out)
+    fsync_path(out.parent)
 
 
 def merge_child(base: str, lora: str, out: str, scale: float, report: Any) -> str:
