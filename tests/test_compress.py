@@ -226,7 +226,8 @@ def test_importance_matrix_quantization(variants, tmp_path):
     plain = workbench.quantize(variants["f16"], "Q4_0", tmp_path / "plain.gguf", progress=False)
     weighed = workbench.quantize(variants["f16"], "Q4_0", imatrix=True, progress=False,
                                  out=tmp_path / "weighed.gguf")
-    assert weighed.quant == "Q4_0" and weighed.bytes == plain.bytes
+    # with an importance matrix llama.cpp keeps a few early ffn_down tensors finer
+    assert weighed.quant == "Q4_0" and abs(weighed.bytes / plain.bytes - 1) < 0.01
     assert weighed.path.read_bytes() != plain.path.read_bytes()  # the rounding moved
     ev = workbench.evaluate([weighed], reference=variants["f16"], max_chunks=1, progress=False)
     assert ev.row(weighed.path).kl_mean < 1.0  # llama.cpp loads and runs it

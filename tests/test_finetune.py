@@ -277,11 +277,15 @@ def test_kill_9_at_random_moments_then_resume(trained, tmp_path):
     data, out, rng = tmp / "small.jsonl", tmp_path / "run", random.Random(7)
     settings = dict(out=out, steps=6, ckpt_every=2, keep=2, lr=1e-3, **FAST)
     job = workbench.finetune(None, data, **settings)
+    kills = 0
     for kill in range(3):
+        if job.step >= 5:  # the resumed run got far before we looked
+            break
         target = rng.randint(job.step + 1, 5)
         _wait_for(lambda: job.step >= target or job.done)
         if job.done:
             break
+        kills += 1
         time.sleep(rng.random() * 1.5)  # anywhere in a step, or in a checkpoint write
         killed_at = job.step
         os.kill(job.pid, signal.SIGKILL)
@@ -297,7 +301,7 @@ def test_kill_9_at_random_moments_then_resume(trained, tmp_path):
         _wait_for(lambda: job.total_steps or job.done)
         assert job.step == newest
     result = job.wait(timeout=400)
-    assert result.steps == 6
+    assert result.steps == 6 and kills >= 1
     import torch
 
     ours = CheckpointStore(out / "checkpoints").load(result.checkpoints[-1])[0]
