@@ -58,6 +58,7 @@ def test_help_prints_usage(shell, capsys):
     assert r.success and r.result is None
     out = capsys.readouterr().out
     assert "--n-ctx" in out and "--n-gpu-layers" in out and "--threads" in out
+    assert "--lora " in out and "%finetune" in out  # a % in a help text is escaped
     r = run(shell, "%%chat --help\nignored")
     assert "--temperature" in capsys.readouterr().out
 

@@ -37,13 +37,13 @@ def _parser(prog: str, description: str, *configs: type) -> _Parser:
     p = _Parser(prog=prog, description=description, add_help=True)
     for cls in configs:
         for flag, typ, f in flag_fields(cls):
+            text = f.metadata["help"].replace("%", "%%")  # argparse formats help with %
             if typ is bool:
-                p.add_argument(flag, dest=f.name, action="store_true", default=None,
-                               help=f.metadata["help"])
+                p.add_argument(flag, dest=f.name, action="store_true", default=None, help=text)
                 continue
             p.add_argument(flag, dest=f.name, type=typ, default=None, metavar=f.name.upper(),
-                           help=f.metadata["help"] + (f" (default: {f.default})"
-                                                      if f.default is not None else ""))
+                           help=text + (f" (default: {f.default})"
+                                        if f.default is not None else ""))
     return p
 
 
