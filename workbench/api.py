@@ -287,8 +287,8 @@ def distill(student: Any, teacher: Any = None, *, steps: int = 40, seq_len: int 
     reference), then quantize. `.figure()` plots the loss."""
     from .compress.distill import distill as _distill
 
-    s = resolve_model(getattr(student, "path", student))
-    t = resolve_model(getattr(teacher, "path", teacher))
+    s = resolve_model(student)
+    t = resolve_model(teacher)
     if train_from == "auto":
         removed = getattr(student, "pruned_layers", ())
         train_from = max(0, min(removed) - 3) if removed else 0
@@ -306,8 +306,8 @@ def evaluate(models: Sequence[Any], reference: Any = None, *, text: str | None =
     tokens), load time and speed of each model; `.figure()` plots quality against size."""
     from .compress.evaluate import evaluate as _evaluate
 
-    paths = [resolve_model(getattr(m, "path", m)) for m in models]
-    ref = resolve_model(getattr(reference, "path", reference)) if reference is not None else None
+    paths = [resolve_model(m) for m in models]
+    ref = resolve_model(reference) if reference is not None else None
     note = ""
     source = getattr(reference, "source", None)  # a `quantize` result knows where it came from
     if source is not None and getattr(reference, "quant", "") == "F16":
@@ -532,7 +532,7 @@ def finetune(base: Any = None, data: Any = None, *, out: str | os.PathLike | Non
             raise WorkbenchError(f"{what} needs a CUDA GPU, and this machine has none",
                                  "Use method='lora': it trains the full-precision base on the "
                                  "CPU (the default model takes a few minutes).")
-    path = resolve_model(getattr(base, "path", base))
+    path = resolve_model(base)
     records = read_data(data)
     train, val = split(records, config.val_fraction, config.seed)
     if out is None:
@@ -547,14 +547,7 @@ def finetune(base: Any = None, data: Any = None, *, out: str | os.PathLike | Non
     if overwrite and not resume:
         for p in store.paths():
             p.unlink()
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise WorkbenchError(f"cannot write to {out_dir}: {e.strerror or e}",
-                             "Choose a writable folder with out=.") from None
+    _paths.check_writable(out_dir, "Choose a writable folder with out=.", create=True)
     spec = {**dataclasses.asdict(config), "base": str(path), "train": train, "val": val,
             "out_dir": str(out_dir), "resume": resume,
             "threads": config.threads or usable_cores()}
@@ -571,13 +564,12 @@ def merge_lora(base: Any, adapter: str | os.PathLike, *, out: str | os.PathLike 
     from .compress.quantize import quantize as _quantize
     from .training.export import merge_child
 
-    path = resolve_model(getattr(base, "path", base))
+    path = resolve_model(base)
     lora = _check_lora(getattr(adapter, "adapter", adapter))
     quant = quant_name(to) if to else "F16"
     dst = Path(out).expanduser() if out else default_output(path, quant, "-lora")
-    tmp = temporary_output(path, dst, overwrite)
+    f16 = temporary_output(path, dst, overwrite)  # the merged F16, before any quantizing
     bar = progress_bar(f"Merging {lora.name} into {path.name}", enabled=progress)
-    f16 = tmp.with_name(tmp.name + ".f16")
     try:
         _child.run(merge_child, (str(path), str(lora), str(f16), scale), f"merging {lora.name}",
                    bar)

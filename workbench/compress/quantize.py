@@ -81,15 +81,8 @@ def temporary_output(src: Path, dst: Path, overwrite: bool) -> Path:
     if not dst.parent.is_dir():
         raise WorkbenchError(f"the output folder {dst.parent} does not exist",
                              "Create it first, or give another output path.")
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.partial")
-    try:
-        with open(tmp, "wb"):
-            pass
-        tmp.unlink()
-    except OSError as e:
-        raise WorkbenchError(f"cannot write to {tmp.parent}: {e.strerror}",
-                             "Give an output path in a folder you can write to.") from None
-    return tmp
+    _paths.check_writable(dst.parent, "Give an output path in a folder you can write to.")
+    return dst.with_name(f".{dst.name}.{os.getpid()}.partial")
 
 
 def quantize(model: str | os.PathLike, to: str = "int8", out: str | os.PathLike | None = None,

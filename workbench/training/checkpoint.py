@@ -37,7 +37,7 @@ def _digest(tensors: dict[str, Any]) -> str:
         h.update(name.encode())
         h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
         if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer, not a copy
     return h.hexdigest()
 
 
@@ -55,15 +55,19 @@ class CheckpointStore:
             return []
         return sorted(p for p in self.folder.iterdir() if _NAME.match(p.name))
 
-    def latest(self) -> Path | None:
-        """The newest checkpoint that reads back whole (an older one if it does not)."""
+    def newest(self) -> tuple[Path, dict[str, Any], dict[str, Any]] | None:
+        """(path, tensors, metadata) of the newest checkpoint that reads back whole (an
+        older one if it does not)."""
         for p in reversed(self.paths()):
             try:
-                self.load(p)
-                return p
+                return (p, *self.load(p))
             except WorkbenchError:
                 continue
         return None
+
+    def latest(self) -> Path | None:
+        found = self.newest()
+        return found[0] if found else None
 
     def load(self, path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
         """(tensors, metadata) of a checkpoint, its digest checked."""

@@ -167,10 +167,9 @@ def tokenize(records: list[Record], tokenizer: Any, template: str | None, bos: s
         labels = [t if any(a <= s < b for a, b in spans) else -100
                   for t, (s, _) in zip(ids, offsets)]
         if len(ids) > max_len:
-            if not truncate:
-                long.append(f"{r.where} ({len(ids)} tokens)")
-                continue
             long.append(f"{r.where} ({len(ids)} tokens)")
+            if not truncate:
+                continue
             ids, labels = ids[:max_len], labels[:max_len]
         if all(x == -100 for x in labels[1:]):
             dropped.append(r.where)

@@ -30,8 +30,7 @@ def _pairs(adapter: dict[str, Any], n_head: int, n_kv_head: int) -> dict[str, tu
             name = hf_to_gguf_name(module + ".weight")
             if name is None:
                 raise ValueError(f"no GGUF name for the adapted module {module}")
-            arr = np.ascontiguousarray(t.float().cpu().numpy() if hasattr(t, "cpu") else t,
-                                       dtype=np.float32)
+            arr = np.ascontiguousarray(t.float().cpu().numpy())
             if slot == 1 and module.endswith("q_proj"):
                 arr = np.ascontiguousarray(permute_qk(arr, n_head))
             elif slot == 1 and module.endswith("k_proj"):

@@ -244,9 +244,9 @@ def _train(spec: dict[str, Any], emit: Any, cancel: Any) -> dict[str, Any]:
     store.clean_partials()
     start, history = 0, {"train": [], "val": []}
     if spec["resume"]:
-        latest = store.latest()
-        if latest is not None:
-            tensors, info = store.load(latest)
+        found = store.newest()
+        if found is not None:
+            latest, tensors, info = found
             _restore(tensors, opt, names, params)
             start, history = int(info["step"]), info["history"]
             emit("status", f"resumed from {latest.name} (step {start} of {total})")
@@ -267,6 +267,7 @@ def _train(spec: dict[str, Any], emit: Any, cancel: Any) -> dict[str, Any]:
 
     stalls: list[float] = []
     step, cancelled, t_run, tokens_run = start, False, 0.0, 0
+    batches, batches_epoch = [], -1
     try:
         parent = os.getppid()
         while step < total:
@@ -274,7 +275,10 @@ def _train(spec: dict[str, Any], emit: Any, cancel: Any) -> dict[str, Any]:
                 cancelled = True
                 break
             epoch, index = divmod(step, steps_per_epoch)
-            batch = _batches(train, spec["batch_size"], spec["seed"], epoch)[index]
+            if epoch != batches_epoch:  # the order is drawn once per epoch
+                batches = _batches(train, spec["batch_size"], spec["seed"], epoch)
+                batches_epoch = epoch
+            batch = batches[index]
             t0 = time.perf_counter()
             ids, labels, mask, n_tok = _collate(batch, pad, device)
             for g in opt.param_groups:
