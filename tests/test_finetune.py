@@ -250,6 +250,12 @@ def test_a_run_trains_checkpoints_and_exports_a_lora_llama_cpp_loads(trained, de
     workbench.load_model(merged, progress=False, n_ctx=1024)
     same = workbench.chat(q, system=SYSTEM, temperature=0, max_tokens=24).text
     assert same.split()[:3] == after.split()[:3]
+    # merged and quantized in one call (the F16 step has a name of its own)
+    from workbench.models.gguf_file import read_header
+
+    q8 = workbench.merge_lora(None, result.adapter, to="int8", out=tmp / "merged.Q8_0.gguf",
+                              progress=False)
+    assert read_header(q8).quantization == "Q8_0" and not list(tmp.glob(".merged*"))
     workbench.load_model(progress=False, n_ctx=2048)
 
 
@@ -346,6 +352,9 @@ def test_the_live_widget_shows_the_run(trained):
 def test_cancel_stops_checkpoints_and_exports_what_it_has(tmp_path):
     job = workbench.finetune(None, small_data(tmp_path), out=tmp_path / "run", steps=40,
                              ckpt_every=100, **FAST)
+    with pytest.raises(WorkbenchError, match="still running after") as e:
+        job.wait(timeout=0.01)
+    assert "job.cancel()" in e.value.hint
     _wait_for(lambda: job.step >= 2 or job.done)
     job.cancel()
     result = job.wait(timeout=120)
@@ -368,3 +377,76 @@ def test_a_disk_that_fills_during_training_keeps_the_last_checkpoint(tiny_disk, 
     assert [p.name for p in store.paths()] == ["ckpt-00000001.safetensors"]
     assert store.load(store.paths()[0])[1]["step"] == 1
     assert not list((tiny_disk / "run" / "checkpoints").glob(".*"))
+
+
+def test_more_bad_data(tmp_path, default_model):
+    (tmp_path / "latin1.jsonl").write_bytes('{"text": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(WorkbenchError, match="not UTF-8"):
+        read_data(tmp_path / "latin1.jsonl")
+    for line, message in (('[1, 2]', "is a list, not an object"),
+                          ('{"messages": "hi"}', "messages must be a non-empty list"),
+                          ('{"messages": [{"role": "robot", "content": "x"}]}', "needs a role"),
+                          ('{"prompt": 3, "completion": "x"}', "must both be strings"),
+                          ('"   "', "is empty")):
+        with pytest.raises(WorkbenchError, match=message) as e:
+            read_data(write_jsonl(tmp_path / "one.jsonl", [line]))
+        assert "line 1 of one.jsonl" in e.value.message and e.value.hint
+    data = small_data(tmp_path)
+    with pytest.raises(WorkbenchError, match="val_fraction must be between 0 and 1"):
+        workbench.finetune(None, data, val_fraction=1.0, out=tmp_path / "v")
+    with pytest.raises(WorkbenchError, match="device='cuda' needs a CUDA GPU"):
+        workbench.finetune(None, data, device="cuda", out=tmp_path / "c")
+
+    from workbench.training.data import tokenize
+    from workbench.models.hf import load_tokenizer
+
+    tok = load_tokenizer(default_model)
+    with pytest.raises(WorkbenchError, match="no chat template"):
+        tokenize(read_data(data), tok, None, "", "", 512, True)
+    # in the training process: every reply cut away by max_len leaves nothing to learn
+    job = workbench.finetune(None, data, out=tmp_path / "short", max_len=8, steps=1)
+    with pytest.raises(WorkbenchError, match="no example is left") as e:
+        job.wait(timeout=300)
+    assert "max_len" in e.value.hint
+
+
+def test_resuming_with_other_settings_is_refused(trained):
+    _, result, _, tmp = trained
+    job = workbench.finetune(None, tmp / "small.jsonl", out=result.out_dir, resume=True,
+                             **{**FAST, "rank": 2}, steps=8)
+    with pytest.raises(WorkbenchError, match="does not match this run's adapter") as e:
+        job.wait(timeout=300)
+    assert "same base model, rank" in e.value.hint
+
+
+def test_a_lora_of_another_shape_and_an_unsupported_architecture(tmp_path, default_model):
+    import gguf
+    import numpy as np
+
+    lora = tmp_path / "wrong.gguf"
+    w = gguf.GGUFWriter(str(lora), "llama")
+    w.add_type("adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", 8.0)
+    w.add_tensor("blk.0.attn_q.weight.lora_a", np.zeros((4, 100), dtype=np.float32))
+    w.add_tensor("blk.0.attn_q.weight.lora_b", np.zeros((576, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(WorkbenchError, match="could not apply the LoRA") as e:
+        workbench.load_model(lora=str(lora), progress=False, n_ctx=512)
+    assert "trained on this base model" in e.value.hint
+    workbench.load_model(progress=False, n_ctx=2048)
+
+    odd = tmp_path / "gemma.gguf"
+    w = gguf.GGUFWriter(str(odd), "gemma3")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    job = workbench.finetune(odd, small_data(tmp_path), out=tmp_path / "g")
+    with pytest.raises(WorkbenchError, match="llama-architecture .* 'gemma3'"):
+        job.wait(timeout=120)

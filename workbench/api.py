@@ -568,7 +568,8 @@ def merge_lora(base: Any, adapter: str | os.PathLike, *, out: str | os.PathLike 
     lora = _check_lora(getattr(adapter, "adapter", adapter))
     quant = quant_name(to) if to else "F16"
     dst = Path(out).expanduser() if out else default_output(path, quant, "-lora")
-    f16 = temporary_output(path, dst, overwrite)  # the merged F16, before any quantizing
+    # the merged F16, before any quantizing: not the quantizer's own temporary name
+    f16 = temporary_output(path, dst, overwrite).with_suffix(".f16")
     bar = progress_bar(f"Merging {lora.name} into {path.name}", enabled=progress)
     try:
         _child.run(merge_child, (str(path), str(lora), str(f16), scale), f"merging {lora.name}",
