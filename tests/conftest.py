@@ -10,6 +10,8 @@ import pytest
 
 # Before anything imports the workbench: keep the user's metrics log out of the tests.
 os.environ["WORKBENCH_HOME"] = tempfile.mkdtemp(prefix="workbench-test-home-")
+# ... and the engines' status files out of the user's Jupyter runtime directory.
+os.environ["WORKBENCH_STATUS_DIR"] = tempfile.mkdtemp(prefix="workbench-test-status-")
 
 
 @pytest.fixture(scope="session")

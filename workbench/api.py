@@ -21,16 +21,25 @@ from .progress import progress_bar
 from .results import Completion, EngineStatus, KVReport, LoadedModel, MetricsTable
 
 _engine: Engine | None = None
+_publisher: Any = None  # the engine's StatusPublisher, when it publishes
 _engine_lock = threading.Lock()
 
 
 def engine() -> Engine:
-    """The workbench's engine in this process (created on first use)."""
-    global _engine
+    """The workbench's engine in this process (created on first use). It publishes its
+    state for the JupyterLab panel (`engine/status.py`); WORKBENCH_PUBLISH=0 keeps it
+    from doing so."""
+    global _engine, _publisher
     with _engine_lock:
         if _engine is None:
             _engine = Engine()
             atexit.register(_engine.close)
+            if os.environ.get("WORKBENCH_PUBLISH", "1") != "0":
+                from .engine.status import StatusPublisher
+
+                # registered after close, so it runs first: the entry goes before the worker
+                _publisher = StatusPublisher(_engine)
+                atexit.register(_publisher.close)
         return _engine
 
 
@@ -446,7 +455,8 @@ def status() -> EngineStatus:
     w, m, st = e.worker, e.model, e.last_stats
     return EngineStatus(
         state="ready" if e.alive and m else "no model" if e.alive else
-        "crashed (restarts on next call)" if e.last_crash else "not started",
+        "stopped from the Workbench panel" if _publisher and _publisher.stopped_from_panel
+        else "crashed (restarts on next call)" if e.last_crash else "not started",
         worker_pid=e.pid if e.alive else None,
         model=m.name if m else None,
         context=f"{m.n_ctx:,} tokens" if m else None,

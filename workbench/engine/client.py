@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 _START_TIMEOUT_S = 120.0
 _CANCEL_WAIT_S = 30.0
+_STOPPED = ("the engine worker was stopped", "The next call starts it again.")
 _ERRORS: dict[str, type[WorkbenchError]] = {
     c.__name__: c for c in (WorkbenchError, ModelFileError, GenerationError, EngineCrashed)}
 
@@ -130,6 +131,7 @@ class Engine:
         self.last_crash: str | None = None
         self.notices: list[str] = []
         self._closing: Any = None  # the process close() is stopping
+        self._stop_reason = _STOPPED
 
     # ---- events for dashboards -------------------------------------------
 
@@ -204,13 +206,15 @@ class Engine:
             proc.kill()
             proc.join(5)
 
-    def close(self) -> None:
-        """Stop the worker (politely, then by force)."""
+    def close(self, reason: tuple[str, str] | None = None) -> None:
+        """Stop the worker (politely, then by force). A request in flight fails with
+        `reason` (message, hint)."""
         with self._lock:
             proc = self._proc
             if proc is None:
                 return
             self._closing = proc
+            self._stop_reason = reason or _STOPPED
             if proc.is_alive():
                 try:
                     self._requests.put(P.Shutdown(id=self._new_id("shutdown")))
@@ -220,6 +224,22 @@ class Engine:
             self._kill()
             self._proc = None
             self.model = None
+
+    def stop(self, reason: str = "the engine was stopped from the Workbench panel") -> None:
+        """Stop the worker and forget the model: a request in flight ends with `reason`,
+        and the next generation asks for a `load_model` first."""
+        with self._lock:
+            self._last_load = None
+            self.close((reason, "Load a model to go on (`%load_model`)."))
+
+    def activity(self) -> str | None:
+        """"loading" or "generating" while such a request is in flight, else None."""
+        kinds = {type(c.request) for c in list(self._calls.values())}
+        if P.LoadModel in kinds:
+            return "loading"
+        if kinds & {P.Chat, P.Generate}:
+            return "generating"
+        return None
 
     def kill_worker(self) -> None:
         """Kill the worker with SIGKILL, as a crash would (for tests and the stop button)."""
@@ -286,8 +306,7 @@ class Engine:
     def _on_death(self, proc: Any, ready: queue.Queue[Any]) -> None:
         proc.join(1)
         if self._closing is proc:  # stopped on purpose: not a crash
-            stopped = EngineCrashed("the engine worker was stopped",
-                                    "The next call starts it again.")
+            stopped = EngineCrashed(*self._stop_reason)
             ready.put(_Crash(stopped))
             for c in list(self._calls.values()):
                 self._calls.pop(c.request.id, None)
