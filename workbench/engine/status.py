@@ -75,6 +75,18 @@ def _process_started(pid: int) -> float | None:
         return None
 
 
+def _worker_rss(engine: "Engine") -> int | None:
+    """The worker's resident memory now (its own reports come once a second)."""
+    import psutil
+
+    try:
+        rss = psutil.Process(engine.pid).memory_info().rss if engine.pid else None
+        return rss and rss >> 20 << 20  # whole MiB: the file changes only when that does
+    except psutil.Error:
+        st = engine.last_stats
+        return st.rss_bytes if st else None
+
+
 def _kernel_id() -> str | None:
     """The Jupyter kernel id when this process is a kernel (the panel shows its notebook)."""
     try:
@@ -207,7 +219,7 @@ class StatusPublisher:
                 "n_gpu_layers": gpu_layers, "n_layers": m.n_layers, "threads": m.threads,
                 "n_ctx": m.n_ctx, "n_batch": m.n_batch, "type_k": m.type_k,
                 "type_v": m.type_v, "flash_attn": m.flash_attn},
-            "memory": {"worker_rss_bytes": st.rss_bytes if st and e.alive else None,
+            "memory": {"worker_rss_bytes": _worker_rss(e) if e.alive else None,
                        "worker_gpu_bytes": st.gpu_bytes if st and e.alive else None},
             "requests": len(e.records),
             "last_tps": records[-1].decode_tps if records else None,

@@ -28,7 +28,7 @@ _STOP_WAIT_S = 5.0  # how long a stop waits for the kernel before stopping the w
 
 
 def _folder(handler: APIHandler) -> Path:
-    return Path(handler.settings.get("workbench_status_dir") or status.status_dir())
+    return status.status_dir()
 
 
 class _Base(APIHandler):
