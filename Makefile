@@ -7,7 +7,8 @@ STAMP := $(VENV)/.workbench-ready
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/setup-env.sh scripts/llama-cmake-args.sh
+$(STAMP): pyproject.toml scripts/setup-env.sh scripts/llama-cmake-args.sh \
+		labextension/package.json $(wildcard labextension/src/*.ts labextension/style/*)
 	VENV=$(VENV) scripts/setup-env.sh
 	touch $@
 
@@ -18,6 +19,7 @@ lab: setup
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(ROOT_FLAG) $(LAB_ARGS)
 
 test: setup
+	scripts/browser.sh
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 clean:
