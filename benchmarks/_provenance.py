@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).parent / "results"
+# WORKBENCH_BENCH_RESULTS sends results elsewhere (the benchmark report does, so a quick
+# run never replaces the committed numbers)
+RESULTS = Path(os.environ.get("WORKBENCH_BENCH_RESULTS") or Path(__file__).parent / "results")
 
 
 def sha256(path: str | os.PathLike) -> str:
@@ -21,41 +19,10 @@ def sha256(path: str | os.PathLike) -> str:
     return file_sha256(path)
 
 
-def _gpus() -> list[str]:
-    if not shutil.which("nvidia-smi"):
-        return []
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
-                              "--format=csv,noheader"], capture_output=True, text=True,
-                             timeout=20).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return [line.strip() for line in out.splitlines() if line.strip()]
-
-
 def machine() -> dict[str, Any]:
-    import psutil
+    from workbench.provenance import machine as _machine
 
-    from workbench.device.profile import cpu_model
-
-    try:
-        import llama_cpp
-
-        lcp = {"llama_cpp_python": llama_cpp.__version__,
-               "llama_cpp_system_info": llama_cpp.llama_print_system_info().decode(
-                   errors="replace")}
-    except ImportError:  # a training-only run on a machine without the bindings
-        lcp = {"llama_cpp_python": None, "llama_cpp_system_info": None}
-    return {
-        "cpu": cpu_model(),
-        "cores_physical": psutil.cpu_count(logical=False),
-        "cores_logical": psutil.cpu_count(logical=True),
-        "ram_bytes": psutil.virtual_memory().total,
-        "gpus": _gpus(),
-        "os": platform.platform(),
-        "python": sys.version.split()[0],
-        **lcp,
-    }
+    return _machine(system_info=True)
 
 
 def write(name: str, data: dict[str, Any]) -> Path:

@@ -4,6 +4,8 @@
 #   RPC backend: always (multi-machine inference needs it).
 #   CUDA: when nvcc and an NVIDIA GPU are both present (compiling CUDA kernels for a
 #         machine with no GPU costs an hour and gives nothing). WORKBENCH_CUDA=1/0 overrides.
+#   Portable (WORKBENCH_PORTABLE=1): no -march=native, for images built on one machine
+#         and run on others (Binder).
 #   AMX: off. llama.cpp's AMX matmul path (which -march=native picks on Xeons with AMX)
 #         crashes on multi-token batches of the default model with this llama.cpp.
 set -euo pipefail
@@ -17,6 +19,7 @@ if [ "$want_cuda" = auto ]; then
 fi
 args="-DGGML_RPC=on"
 [ "$want_cuda" = 1 ] && args="$args -DGGML_CUDA=on"
+[ "${WORKBENCH_PORTABLE:-0}" = 1 ] && args="$args -DGGML_NATIVE=off"
 if [ "$(uname -m)" = x86_64 ]; then
     args="$args -DCMAKE_C_FLAGS=-mno-amx-int8 -DCMAKE_CXX_FLAGS=-mno-amx-int8"
 fi

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .errors import WorkbenchError
@@ -47,6 +48,59 @@ def _catalog_validate(args: argparse.Namespace) -> None:
     print(f"{path}: valid, {len(data['models'])} models, {n} files")
 
 
+def _report(args: argparse.Namespace) -> None:
+    """Run notebooks/06-benchmark-report.ipynb headless (papermill) with these values."""
+    import tempfile
+    from pathlib import Path
+
+    from . import _paths, report
+
+    names = report.check_names([n.strip() for n in args.benchmarks.split(",") if n.strip()])
+    out = Path(args.out).expanduser().resolve()
+    if out.is_dir():
+        raise WorkbenchError(f"{out} is a folder", "Give the report a file name, for example "
+                             "report.html.")
+    _paths.check_writable(out.parent, "Choose another place for the report.", create=True)
+    if not report.NOTEBOOK.exists():
+        raise WorkbenchError(f"the report notebook is not at {report.NOTEBOOK}",
+                             "Run `workbench report` from a checkout of the repository.")
+    import papermill
+
+    executed = Path(args.notebook).expanduser() if args.notebook else \
+        Path(tempfile.mkdtemp(prefix="workbench-report-")) / report.NOTEBOOK.name
+    print(f"running {', '.join(names)} ({'quick' if not args.full else 'full'}) "
+          f"through {report.NOTEBOOK.name}...", flush=True)
+    try:
+        papermill.execute_notebook(
+            str(report.NOTEBOOK), str(executed), cwd=str(report.NOTEBOOK.parent),
+            parameters={"benchmarks": ",".join(names), "quick": not args.full,
+                        "run": not args.committed, "out": str(out)},
+            kernel_name="python3", progress_bar=False)
+    except papermill.PapermillExecutionError as e:
+        raise WorkbenchError(f"the report notebook failed: {e.ename}: {e.evalue}",
+                             f"The executed notebook is at {executed}.") from None
+    print(f"report: {out}")
+    print(f"executed notebook: {executed}")
+    failed = [line for line in _outputs(executed) if line.startswith("failed:")]
+    if failed:
+        raise WorkbenchError(f"some benchmarks {failed[-1]}",
+                             f"Their logs are in the report and in {executed}.")
+
+
+def _outputs(notebook: "os.PathLike[str] | str") -> list[str]:
+    import json
+
+    with open(notebook, encoding="utf-8") as f:
+        nb = json.load(f)
+    lines: list[str] = []
+    for cell in nb["cells"]:
+        for o in cell.get("outputs", []):
+            if o.get("output_type") == "stream":
+                text = o.get("text", "")
+                lines.extend(("".join(text) if isinstance(text, list) else text).splitlines())
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="workbench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -59,6 +113,17 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("file", nargs="?", default=None,
                    help="a catalog JSON (default: $WORKBENCH_CATALOG, else the packaged one)")
     v.set_defaults(func=_catalog_validate)
+    r = sub.add_parser("report", help="run benchmarks and write a self-contained HTML report")
+    r.add_argument("--benchmarks", default="engine_overhead,kv_cache,placement",
+                   help="comma-separated names from benchmarks/ (default: %(default)s)")
+    r.add_argument("--full", action="store_true",
+                   help="the benchmarks' full runs (default: their --quick mode)")
+    r.add_argument("--committed", action="store_true",
+                   help="report the committed results in benchmarks/results/ without running")
+    r.add_argument("--out", default="benchmark-report.html", help="the HTML file to write")
+    r.add_argument("--notebook", default=None,
+                   help="where to keep the executed notebook (default: a temporary folder)")
+    r.set_defaults(func=_report)
     args = parser.parse_args(argv)
     try:
         args.func(args)
