@@ -174,6 +174,15 @@ def test_panel_shows_the_engine_a_notebook_starts(lab, page):
     card.locator(".jp-Workbench-stop").click()
     expect(card).to_have_attribute("data-state", "stopped", timeout=60_000)
     expect(page.locator(".jp-Workbench-status")).to_have_text("Workbench: no model")
-    entry = json.loads(next(lab["status_dir"].glob("*.json")).read_text())
+    entry_file = next(lab["status_dir"].glob("*.json"))
+    entry = json.loads(entry_file.read_text())
     assert entry["state"] == "stopped" and entry["worker_pid"] is None
     _shot(page, "workbench-panel-stopped.png")
+
+    # a kernel killed outright leaves its entry behind: the server cleans it up and the
+    # panel goes back to its "no engine" state
+    os.kill(entry["kernel_pid"], signal.SIGKILL)
+    expect(panel.locator(".jp-Workbench-empty")).to_contain_text(
+        "No workbench engine is running", timeout=30_000)
+    assert not entry_file.exists()
+    expect(page.locator(".jp-Workbench-error")).to_have_count(0)

@@ -132,7 +132,10 @@ def read_entry(engine_id: str, folder: Path | None = None, *, clean: bool = True
     if is_stale(entry):
         if clean:
             for p in (path, folder / f"{engine_id}.stop"):
-                p.unlink(missing_ok=True)
+                try:
+                    p.unlink(missing_ok=True)
+                except OSError:  # another user's file: skipping it is enough
+                    pass
         return None
     return entry
 
@@ -244,9 +247,10 @@ class StatusPublisher:
         self._last, self._last_write = snap, now
 
     def _obey_stop(self) -> None:
-        if not self.stop_path.exists():
+        try:
+            self.stop_path.unlink()
+        except OSError:  # no request (or no folder)
             return
-        self.stop_path.unlink(missing_ok=True)
         log.info("stopping the engine, as asked from the Workbench panel")
         self.stopped_from_panel = True
         try:
@@ -270,4 +274,7 @@ class StatusPublisher:
         self._wake.set()
         self._unsubscribe()
         for p in (self.path, self.stop_path):
-            p.unlink(missing_ok=True)
+            try:
+                p.unlink(missing_ok=True)
+            except OSError:  # the folder itself is gone or unusable: nothing to remove
+                pass
