@@ -9,6 +9,12 @@ cd "$(dirname "$0")/.."
 venv=${VENV:-.venv}
 python=${PYTHON:-python3}
 
+if ! command -v npm >/dev/null 2>&1; then
+    echo "Node.js and npm are needed to build the JupyterLab panel (labextension/):" \
+         "install them (Debian: apt-get install nodejs npm) and run this again." >&2
+    exit 1
+fi
+
 cmake_args=$(scripts/llama-cmake-args.sh)
 
 llama_pin=$(grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)
@@ -31,4 +37,9 @@ if [ "$(cat "$venv/.llama-variant" 2>/dev/null)" != "$variant" ]; then
     echo "$variant" > "$venv/.llama-variant"
 fi
 "$venv/bin/pip" install --find-links "$wheels" -e '.[test]'
+# The panel: the labextension and its server extension, both enabled by the install.
+"$venv/bin/jupyter" labextension list 2>&1 | grep -q "workbench-lab.*enabled" \
+    || { echo "the Workbench panel (workbench-lab) is not enabled" >&2; exit 1; }
+"$venv/bin/jupyter" server extension list 2>&1 | grep -q "workbench.labext.*enabled" \
+    || { echo "the Workbench server extension is not enabled" >&2; exit 1; }
 "$venv/bin/workbench" check
