@@ -38,8 +38,9 @@ if [ "$(cat "$venv/.llama-variant" 2>/dev/null)" != "$variant" ]; then
 fi
 "$venv/bin/pip" install --find-links "$wheels" -e '.[test]'
 # The panel: the labextension and its server extension, both enabled by the install.
-"$venv/bin/jupyter" labextension list 2>&1 | grep -q "workbench-lab.*enabled" \
+# (the listing is captured first: grep -q closing the pipe early fails under pipefail)
+grep -q "workbench-lab.*enabled" <<<"$("$venv/bin/jupyter" labextension list 2>&1)" \
     || { echo "the Workbench panel (workbench-lab) is not enabled" >&2; exit 1; }
-"$venv/bin/jupyter" server extension list 2>&1 | grep -q "workbench.labext.*enabled" \
+grep -q "workbench.labext.*enabled" <<<"$("$venv/bin/jupyter" server extension list 2>&1)" \
     || { echo "the Workbench server extension is not enabled" >&2; exit 1; }
 "$venv/bin/workbench" check
