@@ -4,7 +4,7 @@ import { Widget } from '@lumino/widgets';
 
 import { formatBytes, IEngine, IModel, requestAPI } from './api';
 import { sparkline } from './sparkline';
-import { EngineStore } from './store';
+import { EngineStore, StoreView } from './store';
 
 function el<K extends keyof HTMLElementTagNameMap>(
   tag: K,
@@ -40,28 +40,20 @@ export function describePlacement(e: IEngine): string {
 }
 
 /** The running workbench engines, one card each, with sparklines and a Stop button. */
-export class EnginesView extends Widget {
+export class EnginesView extends StoreView {
   constructor(store: EngineStore) {
-    super();
-    this.addClass('jp-Workbench-engines');
-    this._store = store;
-    store.changed.connect(this._render, this);
-    this._render();
+    super(store, 'jp-Workbench-engines');
+    this.render();
   }
 
-  dispose(): void {
-    this._store.changed.disconnect(this._render, this);
-    super.dispose();
-  }
-
-  private _render(): void {
+  protected render(): void {
     const root = this.node;
     root.replaceChildren(el('h3', 'jp-Workbench-heading', 'Engines'));
-    if (this._store.error) {
-      root.appendChild(el('p', 'jp-Workbench-error', this._store.error));
+    if (this.store.error) {
+      root.appendChild(el('p', 'jp-Workbench-error', this.store.error));
       return;
     }
-    const engines = this._store.engines;
+    const engines = this.store.engines;
     if (engines.length === 0) {
       const empty = el('div', 'jp-Workbench-empty');
       empty.appendChild(el('p', '', 'No workbench engine is running.'));
@@ -123,7 +115,7 @@ export class EnginesView extends Widget {
       stop.disabled = true;
       stop.textContent = 'Stopping…';
       try {
-        await this._store.stop(e.id);
+        await this.store.stop(e.id);
       } catch (error) {
         await showErrorMessage('Could not stop the engine', String(error));
       }
@@ -131,8 +123,6 @@ export class EnginesView extends Widget {
     card.appendChild(stop);
     return card;
   }
-
-  private _store: EngineStore;
 }
 
 /** The default model and the GGUF files on disk, each with a button that inserts a

@@ -1,24 +1,14 @@
-import { Widget } from '@lumino/widgets';
-
-import { EngineStore } from './store';
+import { EngineStore, StoreView } from './store';
 
 /** The active model and its last decode speed, in JupyterLab's status bar. */
-export class ModelStatus extends Widget {
+export class ModelStatus extends StoreView {
   constructor(store: EngineStore) {
-    super();
-    this.addClass('jp-Workbench-status');
-    this._store = store;
-    store.changed.connect(this._render, this);
-    this._render();
+    super(store, 'jp-Workbench-status');
+    this.render();
   }
 
-  dispose(): void {
-    this._store.changed.disconnect(this._render, this);
-    super.dispose();
-  }
-
-  private _render(): void {
-    const live = this._store.engines.filter(e => e.model);
+  protected render(): void {
+    const live = this.store.engines.filter(e => e.model);
     if (live.length === 0) {
       this.node.textContent = 'Workbench: no model';
       this.node.title = 'No workbench engine has a model loaded';
@@ -32,6 +22,4 @@ export class ModelStatus extends Widget {
     this.node.textContent = `${e.model!.name}${tps}`;
     this.node.title = `Workbench engine ${e.id}: ${e.state}`;
   }
-
-  private _store: EngineStore;
 }

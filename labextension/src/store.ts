@@ -1,4 +1,5 @@
 import { ISignal, Signal } from '@lumino/signaling';
+import { Widget } from '@lumino/widgets';
 
 import { IEngine, requestAPI } from './api';
 
@@ -60,4 +61,23 @@ export class EngineStore {
   private _engines: IEngine[] = [];
   private _error: string | null = null;
   private _changed = new Signal<this, void>(this);
+}
+
+/** A widget that renders again each time the store has news. */
+export abstract class StoreView extends Widget {
+  constructor(store: EngineStore, className: string) {
+    super();
+    this.addClass(className);
+    this.store = store;
+    store.changed.connect(this.render, this);
+  }
+
+  dispose(): void {
+    this.store.changed.disconnect(this.render, this);
+    super.dispose();
+  }
+
+  protected abstract render(): void;
+
+  protected readonly store: EngineStore;
 }
