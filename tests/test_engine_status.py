@@ -43,9 +43,14 @@ def test_the_process_engine_publishes_its_model(loaded):
 
     workbench.chat("Hi", max_tokens=4, temperature=0)
     pub = api._publisher
-    assert _wait_for(lambda: (status.read_entry(pub.id, pub.folder) or {}).get("requests"))
+
+    def current():
+        entry = status.read_entry(pub.id, pub.folder) or {}
+        return entry.get("requests") == len(loaded.records) and entry["state"] == "idle"
+
+    assert _wait_for(current)
     entry = status.read_entry(pub.id, pub.folder)
-    assert entry["state"] == "idle" and entry["worker_pid"] == loaded.pid
+    assert entry["worker_pid"] == loaded.pid
     assert entry["model"]["name"] == loaded.model.name
     assert entry["placement"]["n_ctx"] == loaded.model.n_ctx
     assert entry["history"][-1]["tps"] == pytest.approx(entry["last_tps"])

@@ -107,6 +107,7 @@ def page(lab):
         page = context.new_page()
         page.set_default_timeout(60_000)
         yield page
+        _shot(page, "workbench-panel-last.png")  # how the page was left, pass or fail
         context.close()
         browser.close()
 
@@ -139,11 +140,9 @@ def test_panel_shows_the_engine_a_notebook_starts(lab, page):
     expect(default).to_contain_text("Q4_1")
 
     # run the notebook: load the default model, then a chat
-    page.locator(".jp-Notebook").click()
-    page.keyboard.press("Escape")
     page.locator(".jp-Notebook .jp-Cell").first.click()
-    for _ in NOTEBOOK["cells"]:
-        page.keyboard.press("Shift+Enter")
+    page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+    page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
     card = panel.locator(".jp-Workbench-engine")
     expect(card).to_have_count(1, timeout=180_000)
     expect(card.locator(".jp-Workbench-model")).to_contain_text("SmolLM2-135M-Instruct")
