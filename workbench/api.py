@@ -67,7 +67,7 @@ def resolve_model(model: str | os.PathLike | None, progress: bool = False) -> Pa
 
 
 PLACEMENT_SETTINGS = ("n_ctx", "n_gpu_layers", "threads", "n_batch", "n_ubatch", "flash_attn",
-                      "type_k", "type_v", "tensor_split", "backend_sampling")
+                      "type_k", "type_v", "tensor_split", "backend_sampling", "n_parallel")
 
 
 def load_model(model: str | os.PathLike | None = None, *, progress: bool = True,
@@ -352,18 +352,25 @@ def calibrate(model: str | os.PathLike | None = None, *, progress: bool = True,
 
 
 def profile_device(model: str | os.PathLike | None = None, *, measure: bool = True,
-                   live: bool = False) -> Any:
+                   live: bool = False, save: str | os.PathLike | None = None) -> Any:
     """This machine: CPU, RAM, measured memory bandwidth and disk read speed (of the
     model's folder), GPUs through NVML, and the devices llama.cpp sees. With `live=True`,
-    a widget of CPU/GPU utilization and memory, updated every second while it runs."""
+    a widget of CPU/GPU utilization and memory, updated every second while it runs.
+    `save`: also write the profile as JSON, for `deploy(device=PATH)` elsewhere."""
     if live:
         from .dashboards.device import DeviceMonitor
 
         return DeviceMonitor(engine())
     from .device.profile import profile_device as _profile
 
-    return _profile(resolve_model(model).parent, measure=measure,
-                    llama_devices=engine().devices())
+    if save is not None:
+        _paths.check_writable(Path(save).expanduser().resolve().parent,
+                              "Choose another place for the profile.")
+    profile = _profile(resolve_model(model).parent, measure=measure,
+                       llama_devices=engine().devices())
+    if save is not None:
+        profile.save(save)
+    return profile
 
 
 def autotune(model: str | os.PathLike | None = None, *, threads: Sequence[int] | None = None,
@@ -423,6 +430,66 @@ def chat(message: str | Sequence[Any], *, system: str | None = None, stream: boo
     config: GenerationConfig = build(GenerationConfig, params)
     s = engine().stream("chat", _messages(message, system), config)
     return s if stream else _finish(s)
+
+
+def generate_many(prompts: Sequence[Any], *, chat: bool = False, system: str | None = None,
+                  **params: Any) -> list[Completion]:
+    """Run several prompts at once and return their completions in order. With a model
+    loaded with `n_parallel` > 1 they decode together (continuous batching: one
+    llama_decode per step for all of them), else one after another. With `chat=True` each
+    prompt is a message (or a list of messages) answered with the chat template."""
+    config: GenerationConfig = build(GenerationConfig, params)
+    if isinstance(prompts, (str, bytes)):
+        raise GenerationError("generate_many takes a list of prompts",
+                              "Pass a list, e.g. generate_many(['a', 'b']); for one prompt "
+                              "use generate().")
+    if not prompts:
+        return []
+    e = engine()
+    streams: list[TokenStream] = []
+    try:
+        for p in prompts:
+            if chat:
+                streams.append(e.stream("chat", _messages(p, system), config))
+            else:
+                payload = str(p) if isinstance(p, str) else tuple(int(t) for t in p)
+                streams.append(e.stream("generate", payload, config))
+        return [_finish(s) for s in streams]
+    except BaseException:  # an interrupt or an error: stop the others too
+        for s in streams:
+            s.cancel()
+        raise
+
+
+def deploy(model: Any = None, *, device: str = "auto", quantization: str = "none",
+           output: str | os.PathLike = "ai-service", force: bool = False, port: int = 8000,
+           host: str = "127.0.0.1", n_parallel: int | None = None,
+           n_ctx_per_request: int | None = None) -> Any:
+    """Write a self-contained, OpenAI-compatible service folder for `model`: quantized
+    (int8 = Q8_0, int4 = Q4_K_M, or none), placed for `device` (auto, cpu, gpu, or a
+    profile saved with `profile_device(save=...)`), with continuous batching of
+    `n_parallel` requests. `workbench serve FOLDER` runs it."""
+    from .serve.bundle import check_output, deploy as _deploy, quant_type
+
+    quant_type(quantization)  # bad arguments are refused before any work
+    check_output(Path(output).expanduser().resolve(), force)
+    if not 1 <= (n_parallel or 1) <= 256:
+        raise WorkbenchError(f"n_parallel must be between 1 and 256 (got {n_parallel})",
+                             "Use --n-parallel 8, for example.")
+    if n_ctx_per_request is not None and not 64 <= n_ctx_per_request <= 1 << 20:
+        raise WorkbenchError(f"n_ctx_per_request must be between 64 and {1 << 20} "
+                             f"(got {n_ctx_per_request})", "Use 2048, for example.")
+    path = resolve_model(model)
+
+    def quantize_to(src: Path, to: str, out: Path) -> None:
+        quantize(src, to=to, out=out, overwrite=True, progress=False)
+
+    def plan_for(p: Path, **settings: Any) -> Any:
+        return plan(p, **settings)
+
+    return _deploy(path, device=device, quantization=quantization, output=Path(output),
+                   force=force, port=port, host=host, n_parallel=n_parallel,
+                   n_ctx_per_request=n_ctx_per_request, quantize=quantize_to, plan=plan_for)
 
 
 def _finish(s: TokenStream) -> Completion:

@@ -101,6 +101,52 @@ def _outputs(notebook: "os.PathLike[str] | str") -> list[str]:
     return lines
 
 
+def deploy_arguments(d: argparse.ArgumentParser) -> None:
+    """The options of `workbench deploy`, shared with the %deploy magic."""
+    d.add_argument("--model", default=None, help="a GGUF path, a model name, or default")
+    d.add_argument("--device", default="auto",
+                   help="auto, cpu, gpu, or a profile saved with %%profile_device --save")
+    d.add_argument("--quantization", default="none",
+                   help="int8 (Q8_0), int4 (Q4_K_M), none, or a llama.cpp type (Q6_K, ...)")
+    d.add_argument("--output", default=None, help="the service folder to write")
+    d.add_argument("--force", action="store_true", help="replace a non-empty --output")
+    d.add_argument("--host", default="127.0.0.1", help="where the service listens")
+    d.add_argument("--port", type=int, default=8000)
+    d.add_argument("--n-parallel", type=int, default=None,
+                   help="requests decoded together (default: 8 on a CPU, 16 on a GPU)")
+    d.add_argument("--n-ctx-per-request", type=int, default=None,
+                   help="context of each request, tokens (default: 2048)")
+    d.add_argument("--check", default=None, metavar="FOLDER",
+                   help="start the service in FOLDER, run a smoke test, stop it")
+
+
+def _deploy(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    if args.check:
+        from .serve.check import check
+
+        check(Path(args.check))
+        return
+    if not args.output:
+        raise WorkbenchError("--output is required", "For example: --output ./ai-service")
+    print(repr(deploy_from(args)))
+
+
+def deploy_from(args: argparse.Namespace) -> object:
+    from . import api
+
+    return api.deploy(args.model, device=args.device, quantization=args.quantization,
+                      output=args.output, force=args.force, port=args.port, host=args.host,
+                      n_parallel=args.n_parallel, n_ctx_per_request=args.n_ctx_per_request)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from .serve.run import serve
+
+    serve(args.folder, host=args.host, port=args.port, api_key=args.api_key)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="workbench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -113,6 +159,16 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("file", nargs="?", default=None,
                    help="a catalog JSON (default: $WORKBENCH_CATALOG, else the packaged one)")
     v.set_defaults(func=_catalog_validate)
+    d = sub.add_parser("deploy", help="write a tuned, OpenAI-compatible service folder")
+    deploy_arguments(d)
+    d.set_defaults(func=_deploy)
+    sv = sub.add_parser("serve", help="run a service folder written by deploy")
+    sv.add_argument("folder")
+    sv.add_argument("--host", default=None, help="default: the folder's service.json")
+    sv.add_argument("--port", type=int, default=None)
+    sv.add_argument("--api-key", default=None,
+                    help="required to listen beyond loopback (or set WORKBENCH_API_KEY)")
+    sv.set_defaults(func=_serve)
     r = sub.add_parser("report", help="run benchmarks and write a self-contained HTML report")
     r.add_argument("--benchmarks", default="engine_overhead,kv_cache,placement",
                    help="comma-separated names from benchmarks/ (default: %(default)s)")

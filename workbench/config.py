@@ -40,6 +40,9 @@ class LoadConfig:
     threads: int | None = setting(None, "CPU threads (default: physical cores)", lo=1, hi=1024)
     n_batch: int = setting(512, "prompt tokens per llama_decode call", lo=1, hi=1 << 16)
     n_ubatch: int = setting(512, "physical micro-batch size", lo=1, hi=1 << 16)
+    n_parallel: int = setting(1, "requests decoded together in one batch (continuous "
+                              "batching); each gets n_ctx / n_parallel tokens of context",
+                              lo=1, hi=256)
     flash_attn: str = setting("auto", "flash attention: auto, on or off")
     backend_sampling: str = setting(
         "auto", "sample on the backend, so only the token id leaves the GPU: auto, on or off")

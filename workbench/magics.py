@@ -139,6 +139,9 @@ def _profile_parser() -> _Parser:
     p.add_argument("--n-gpu-layers", dest="n_gpu_layers", type=_int_list, default=None,
                    metavar="N,N,...", help="GPU layer counts to try with --tune")
     p.add_argument("--repeats", type=int, default=2, help="runs of each candidate (--tune)")
+    p.add_argument("--save", metavar="PATH", default=None,
+                   help="also save the profile as JSON (for `workbench deploy --device PATH` "
+                        "on another machine)")
     p.add_argument("--calibrate", metavar="MODEL", nargs="?", const="default", default=None,
                    help="measure the planner's memory prediction against this machine with "
                         "MODEL (default: the default model) and correct later plans")
@@ -160,7 +163,17 @@ def _plan_parser() -> _Parser:
     return p
 
 
+def _deploy_parser() -> _Parser:
+    from .cli import deploy_arguments
+
+    p = _Parser(prog="%deploy", description="Write a tuned, OpenAI-compatible service folder "
+                "(or, with --check FOLDER, smoke-test one).")
+    deploy_arguments(p)
+    return p
+
+
 PARSERS = {
+    "deploy": _deploy_parser(),
     "profile_device": _profile_parser(),
     "plan": _plan_parser(),
     "load_model": _load_parser(),
@@ -235,7 +248,27 @@ class WorkbenchMagics(Magics):
                                 repeats=ns.repeats)
         if ns.calibrate:
             return api.calibrate(ns.calibrate)
-        return api.profile_device(measure=not ns.quick, live=ns.live)
+        return api.profile_device(measure=not ns.quick, live=ns.live, save=ns.save)
+
+    @line_magic
+    def deploy(self, line: str) -> Any:
+        """%deploy --output DIR [--model M] [--device auto|cpu|gpu|PROFILE] [--quantization int8]"""
+        ns = parse("deploy", line)
+        if ns is None:
+            return None
+        if ns.check:
+            from pathlib import Path
+
+            from .serve.check import check
+
+            check(Path(ns.check))
+            return None
+        if not ns.output:
+            raise WorkbenchError("%deploy: --output is required",
+                                 "For example: %deploy --quantization int8 --output ai-service")
+        from .cli import deploy_from
+
+        return deploy_from(ns)
 
     @line_magic
     def plan(self, line: str) -> Any:

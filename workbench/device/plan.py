@@ -274,10 +274,12 @@ def place(m: ModelInspection, budgets: Sequence[Budget], *, device: str = "auto"
 
     train = m.n_ctx_train or 0
     if "n_ctx" in fixed:
-        if train and fixed["n_ctx"] > train:
+        # batched sequences (n_parallel) each get n_ctx / n_parallel positions
+        per_seq = fixed["n_ctx"] // max(1, fixed.get("n_parallel") or 1)
+        if train and per_seq > train:
             raise WorkbenchError(
-                f"n_ctx={fixed['n_ctx']:,} is above the context this model was trained "
-                f"for ({train:,} tokens)",
+                f"n_ctx={per_seq:,} per sequence is above the context this model was "
+                f"trained for ({train:,} tokens)",
                 f"Use --n-ctx {train} or less; longer contexts give garbage without RoPE "
                 "scaling.")
         contexts = [fixed["n_ctx"]]

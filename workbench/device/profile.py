@@ -52,6 +52,20 @@ class DeviceProfile:
     llama_devices: tuple[Any, ...] = ()  # engine.protocol.Device
     notes: tuple[str, ...] = field(default=())
 
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the profile as JSON (atomically), for planning on another machine:
+        `workbench deploy --device PATH`."""
+        import dataclasses
+        import json
+
+        path = Path(path).expanduser()
+        data = dataclasses.asdict(self)
+        data["fingerprint"] = self.fingerprint
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
     @property
     def fingerprint(self) -> str:
         """Identifies this machine's hardware for the tuning database."""

@@ -555,6 +555,11 @@ class TokenStream:
             self._handle(msg)
         return self._ready.popleft()
 
+    def cancel_nowait(self) -> None:
+        """Ask the worker to stop the request, without waiting (for an event loop)."""
+        if not self._done:
+            self._engine.cancel(self._call)
+
     def cancel(self) -> None:
         """Stop the request and wait until the worker has stopped it."""
         if self._done:

@@ -143,6 +143,7 @@ class ModelInfo:
     # the end of the load (0: this system could not restart the count)
     load_peak_rss_bytes: int = 0
     lora: str | None = None  # the applied LoRA adapter's path
+    n_parallel: int = 1  # sequences decoded together (continuous batching)
 
 
 @dataclass(frozen=True, kw_only=True)

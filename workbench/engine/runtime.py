@@ -50,7 +50,7 @@ def _context_params(cfg: LoadConfig):
     cparams.n_ctx = cfg.n_ctx
     cparams.n_batch = cfg.n_batch
     cparams.n_ubatch = min(cfg.n_ubatch, cfg.n_batch)
-    cparams.n_seq_max = 1
+    cparams.n_seq_max = cfg.n_parallel
     cparams.n_threads = cfg.threads or 1
     cparams.n_threads_batch = cfg.threads or 1
     cparams.flash_attn_type = _FLASH_ATTN[cfg.flash_attn]
@@ -176,7 +176,8 @@ class Runtime:
         if cfg.lora:
             self._apply_lora(model, ctx, cfg)
         self.model, self.ctx = model, ctx
-        self.backend_sampling = cfg.backend_sampling == "on"
+        # Batched sequences sample on the host, each with its own chain.
+        self.backend_sampling = cfg.backend_sampling == "on" and cfg.n_parallel == 1
         self._warm_up()
         self.vocab = L.llama_model_get_vocab(model)
         self._pieces = {}
@@ -184,7 +185,7 @@ class Runtime:
         self._bos_text = self._special_text(L.llama_vocab_bos(self.vocab))
         self._eos_text = self._special_text(L.llama_vocab_eos(self.vocab))
         name = Path(path).name
-        if cfg.kv_cache == "on":
+        if cfg.kv_cache == "on" and cfg.n_parallel == 1:  # the prefix cache is sequence 0's
             self.cache = self._open_cache(path, cfg)
         from ..models.inspect import inspect_header
 
@@ -200,7 +201,8 @@ class Runtime:
             has_chat_template=bool(self.template),
             load_seconds=time.monotonic() - t0, type_k=cfg.type_k, type_v=cfg.type_v,
             kv_bytes_per_token=kv_per_token, buffers=self.log.buffers(),
-            flash_attn=cfg.flash_attn, n_ubatch=cparams.n_ubatch, lora=cfg.lora)
+            flash_attn=cfg.flash_attn, n_ubatch=cparams.n_ubatch, lora=cfg.lora,
+            n_parallel=cfg.n_parallel)
         return self.info
 
     def _apply_lora(self, model, ctx, cfg: LoadConfig) -> None:

@@ -1,7 +1,8 @@
 """The worker process: owns the llama.cpp runtime and serves requests from a queue.
 
 Threads here:
-- the main thread runs one request at a time (load, generate, chat);
+- the main thread runs one request at a time (load, generate, chat), or, for a model
+  loaded with n_parallel > 1, every generation request together (`batch.py`);
 - a reader thread takes requests off the queue, so a Cancel is seen while a
   generation runs and stops it before the next token;
 - a stats thread reports the process's memory once a second.
@@ -16,6 +17,7 @@ library before it imports numpy.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import queue
@@ -95,6 +97,8 @@ class Worker:
         self.runtime = Runtime(echo_log=bool(os.environ.get("WORKBENCH_LLAMA_LOG")))
         self.runtime.notice = lambda text: self.send(P.Notice(id="", text=text))
         self.pending: queue.Queue[P.Message] = queue.Queue()
+        # requests taken off `pending` that wait for a batch to drain
+        self.deferred: collections.deque[P.Message] = collections.deque()
         self.cancelled: set[str] = set()
         self.proc = psutil.Process()
         self.gpu = _GpuMemory()
@@ -151,7 +155,11 @@ class Worker:
         threading.Thread(target=self._read, name="requests", daemon=True).start()
         threading.Thread(target=self._stats, name="stats", daemon=True).start()
         while True:
-            msg = self.pending.get()
+            msg = self.deferred.popleft() if self.deferred else self.pending.get()
+            if isinstance(msg, (P.Generate, P.Chat)) and self.runtime.info is not None \
+                    and self.runtime.info.n_parallel > 1:
+                self._batched(msg)
+                continue
             if isinstance(msg, P.Shutdown):
                 self.stopping.set()
                 self.runtime.unload()
@@ -231,48 +239,32 @@ class Worker:
         raise WorkbenchError(f"unknown KV operation {msg.op!r}",
                              "Use save, load, ls, rm, clear_ram or stats.")
 
-    def _generate(self, msg: P.Generate | P.Chat) -> None:
-        t_received = time.monotonic()
+    def _prompt(self, msg: P.Generate | P.Chat) -> tuple[list[int], str]:
+        """The request's prompt tokens and its kind ("chat" or "generate")."""
         rt = self.runtime
         if rt.info is None:
             raise no_model()
         if isinstance(msg, P.Chat):
             text, add_bos = rt.chat_prompt([{"role": r, "content": c} for r, c in msg.messages])
-            kind = "chat"
-            tokens = rt.tokenize(text, add_special=add_bos)
-        elif isinstance(msg.prompt, tuple):
-            tokens, kind = rt.check_tokens(msg.prompt), "generate"
-        else:
-            tokens, kind = rt.tokenize(msg.prompt, add_special=True), "generate"
-        rid, send, Tokens = msg.id, self.send, P.Tokens
-        cancelled = self.cancelled
-        pieces: list[str] = []
-        ids: list[int] = []
-        state = {"first": 0, "last_send": 0.0, "prev": 0.0}
+            return rt.tokenize(text, add_special=add_bos), "chat"
+        if isinstance(msg.prompt, tuple):
+            return rt.check_tokens(msg.prompt), "generate"
+        return rt.tokenize(msg.prompt, add_special=True), "generate"
 
-        def flush(t: float) -> None:
-            send(Tokens(id=rid, pieces=tuple(pieces), token_ids=tuple(ids),
-                        index=state["first"], t=t))
-            state["first"] += len(pieces)
-            state["last_send"] = t
-            pieces.clear()
-            ids.clear()
-
-        def emit(piece: str, token: int, index: int, t: float) -> None:
-            pieces.append(piece)
-            if token >= 0:  # held-back text at the end has no token of its own
-                ids.append(token)
-            dt, state["prev"] = t - state["prev"], t
-            if index == 0 or dt >= _HOLD_MAX_S or t - state["last_send"] >= _GROUP_S:
-                flush(t)
-
+    def _generate(self, msg: P.Generate | P.Chat) -> None:
+        t_received = time.monotonic()
+        tokens, kind = self._prompt(msg)
+        out = _Emitter(self.send, msg.id)
         try:
-            r = rt.run(tokens, msg.config, t_received, emit, lambda: rid in cancelled)
+            r = self.runtime.run(tokens, msg.config, t_received, out.emit,
+                                 lambda: msg.id in self.cancelled)
         finally:
-            if pieces:
-                flush(time.monotonic())
+            out.flush_rest()
+        self._finished(msg.id, kind, r, t_received)
+
+    def _finished(self, rid: str, kind: str, r: Any, t_received: float) -> None:
         decode_s = r.t_last - r.t_first
-        info = rt.info
+        info = self.runtime.info
         metrics = P.RequestMetrics(
             request_id=rid, kind=kind, model=info.name, prompt_tokens=r.prompt_tokens,
             prompt_seconds=r.prompt_seconds,
@@ -286,6 +278,112 @@ class Worker:
             n_threads=info.threads, n_ctx=info.n_ctx, wall_time=time.time(),
             cached_tokens=r.cached_tokens, cache_tier=r.cache_tier)
         self.send(P.Finished(id=rid, text=r.text, metrics=metrics))
+
+    # ---- continuous batching -------------------------------------------------
+
+    def _batched(self, first: P.Generate | P.Chat) -> None:
+        """Serve generation requests together until none is left (n_parallel > 1).
+
+        Requests that arrive meanwhile join between steps; other requests (a load, a KV
+        command) wait until the batch has drained; a Shutdown ends it at once."""
+        from .batch import Batch
+
+        batch = Batch(self.runtime)
+        waiting: collections.deque[P.Message] = collections.deque([first])
+        outs: dict[str, tuple[_Emitter, str, float]] = {}
+        try:
+            while True:
+                while True:  # take what has arrived, without waiting
+                    try:
+                        waiting.append(self.pending.get_nowait())
+                    except queue.Empty:
+                        break
+                kept: collections.deque[P.Message] = collections.deque()
+                while waiting:
+                    msg = waiting.popleft()
+                    if isinstance(msg, P.Shutdown):
+                        self.deferred.appendleft(msg)
+                        return
+                    if not isinstance(msg, (P.Generate, P.Chat)):
+                        self.deferred.append(msg)
+                    elif batch.full:
+                        kept.append(msg)
+                    else:
+                        self._join(batch, msg, outs)
+                waiting = kept
+                if not batch.live:
+                    if not waiting:
+                        return
+                    continue
+                for seq in batch.step():
+                    out, kind, t_received = outs.pop(seq.request_id)
+                    out.flush_rest()
+                    self.cancelled.discard(seq.request_id)
+                    if seq.error is not None:
+                        e = seq.error
+                        self.send(P.Failed(id=seq.request_id, kind=type(e).__name__,
+                                           message=e.message, hint=e.hint))
+                    else:
+                        self._finished(seq.request_id, kind, seq.result(), t_received)
+        finally:
+            for rid in list(outs):  # a bug ended the loop: no request waits forever
+                self.send(P.Failed(id=rid, kind="bug", message=traceback.format_exc(),
+                                   hint=""))
+            self.pending_front(waiting)
+            batch.close()
+
+    def _join(self, batch: Any, msg: P.Generate | P.Chat,
+              outs: dict[str, tuple["_Emitter", str, float]]) -> None:
+        t_received = time.monotonic()
+        try:
+            tokens, kind = self._prompt(msg)
+            out = _Emitter(self.send, msg.id)
+            batch.join(msg.id, tokens, msg.config, t_received, out.emit,
+                       lambda rid=msg.id: rid in self.cancelled)
+        except WorkbenchError as e:
+            self.cancelled.discard(msg.id)
+            self.send(P.Failed(id=msg.id, kind=type(e).__name__, message=e.message,
+                               hint=e.hint))
+            return
+        outs[msg.id] = (out, kind, t_received)
+
+    def pending_front(self, msgs: "collections.deque[P.Message]") -> None:
+        """Put requests that were taken but not served back before the deferred ones."""
+        for msg in reversed(msgs):
+            self.deferred.appendleft(msg)
+
+
+class _Emitter:
+    """Sends a request's tokens as they come: tokens produced within _GROUP_S of the
+    last send travel together, unless they come slower than one per _HOLD_MAX_S."""
+
+    def __init__(self, send: Any, rid: str) -> None:
+        self.send, self.rid = send, rid
+        self.pieces: list[str] = []
+        self.ids: list[int] = []
+        self.first = 0
+        self.last_send = 0.0
+        self.prev = 0.0
+
+    def flush(self, t: float) -> None:
+        self.send(P.Tokens(id=self.rid, pieces=tuple(self.pieces), token_ids=tuple(self.ids),
+                           index=self.first, t=t))
+        self.first += len(self.pieces)
+        self.last_send = t
+        self.pieces.clear()
+        self.ids.clear()
+
+    def emit(self, piece: str, token: int, index: int, t: float) -> None:
+        self.pieces.append(piece)
+        if token >= 0:  # held-back text at the end has no token of its own
+            self.ids.append(token)
+        dt, self.prev = t - self.prev, t
+        if index == 0 or dt >= _HOLD_MAX_S or t - self.last_send >= _GROUP_S:
+            self.flush(t)
+
+    def flush_rest(self) -> None:
+        if self.pieces:
+            self.flush(time.monotonic())
 
 
 def main(requests: Any, replies: Any) -> None:

@@ -1,0 +1,221 @@
+"""Continuous batching in the worker: several requests decode together, one
+`llama_decode` per step.
+
+Each request owns a sequence id of the context (the model is loaded with
+`n_parallel` sequences), its own sampler chain and its own stop conditions. Requests
+join and leave between steps. A step puts one token in the batch for every sequence
+that is generating, then fills what room is left (up to `n_batch`) with prompt tokens
+of sequences that joined, so a long prompt delays the others by one batch at most.
+Each sequence may use `n_ctx / n_parallel` tokens of context.
+
+This module is part of the runtime: it is the only other place that touches llama.cpp
+objects, always through the runtime that owns them.
+"""
+
+from __future__ import annotations
+
+import codecs
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+import llama_cpp as L
+
+from ..config import GenerationConfig
+from ..errors import GenerationError
+
+if TYPE_CHECKING:
+    from .runtime import RunResult, Runtime
+
+
+class Sequence:
+    """One request in the batch: its prompt, its sampler chain, its text so far."""
+
+    def __init__(self, rt: "Runtime", seq_id: int, request_id: str, tokens: list[int],
+                 g: GenerationConfig, t_received: float,
+                 emit: Callable[[str, int, int, float], None],
+                 cancelled: Callable[[], bool]) -> None:
+        self.rt, self.seq_id, self.request_id = rt, seq_id, request_id
+        self.tokens, self.g = tokens, g
+        self.t_received = t_received
+        self.emit, self.cancelled = emit, cancelled
+        self.chain = rt._sampler(g)
+        self.n_fed = 0            # tokens whose KV state the sequence holds
+        self.next_token = -1      # sampled, fed in the next step
+        self.logit_index = -1     # where this sequence's logits are in the current batch
+        self.n_gen = 0
+        self.reason: str | None = None  # set when the sequence is done
+        self.error: GenerationError | None = None  # with reason "error"
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace").decode
+        self._out: list[str] = []
+        self._pending = ""        # text held back while it could still start a stop string
+        self._hold = max((len(s) for s in g.stop), default=0)
+        self.t_prefill = time.monotonic()
+        self.t_first = self.t_last = 0.0
+        self.prompt_seconds = 0.0
+
+    @property
+    def prefilling(self) -> bool:
+        return self.n_fed < len(self.tokens)
+
+    def accept(self, tok: int, n_ctx_seq: int) -> None:
+        """Take the token sampled for this sequence: emit its text, or finish."""
+        now = time.monotonic()
+        if self.n_gen == 0:
+            self.t_first = now
+            self.prompt_seconds = now - self.t_prefill
+        if not self.g.ignore_eos and L.llama_vocab_is_eog(self.rt.vocab, tok):
+            self.reason = "stop"
+            return
+        text = self._utf8(self.rt._piece(tok))
+        self.t_last = now
+        if self.g.stop:
+            self._pending += text
+            cuts = [i for i in (self._pending.find(s) for s in self.g.stop) if i >= 0]
+            if cuts:
+                self._send(self._pending[:min(cuts)], tok, now)
+                self._pending, self.reason = "", "stop_string"
+                return
+            keep = self._hold - 1
+            text, self._pending = ((self._pending[:-keep], self._pending[-keep:]) if keep
+                                   else (self._pending, ""))
+        self._send(text, tok, now)
+        if self.n_gen >= self.g.max_tokens:
+            self.reason = "length"
+        elif self.cancelled():
+            self.reason = "cancelled"
+        elif self.n_fed + 1 > n_ctx_seq:
+            self.reason = "context_full"
+        else:
+            self.next_token = tok
+
+    def _send(self, text: str, tok: int, now: float) -> None:
+        self._out.append(text)
+        self.emit(text, tok, self.n_gen, now)
+        self.n_gen += 1
+
+    def result(self) -> "RunResult":
+        from .runtime import RunResult
+
+        if self._pending:
+            self._out.append(self._pending)
+            self.emit(self._pending, -1, self.n_gen, time.monotonic())
+        now = time.monotonic()
+        return RunResult("".join(self._out), len(self.tokens), self.prompt_seconds,
+                         self.t_received, self.t_first or now, self.t_last or now,
+                         self.n_gen, self.reason or "cancelled")
+
+
+@dataclass
+class _Slot:
+    tok: int
+    pos: int
+    seq: int
+    logits: bool
+
+
+class Batch:
+    """The sequences decoding together, and the llama_batch they share."""
+
+    def __init__(self, rt: "Runtime") -> None:
+        assert rt.ctx is not None and rt.info is not None
+        self.rt = rt
+        self.n_parallel = rt.info.n_parallel
+        self.n_ctx_seq = rt.info.n_ctx // self.n_parallel
+        self.capacity = rt.info.n_batch
+        self._batch = L.llama_batch_init(self.capacity, 0, 1)
+        self.free_ids = list(range(self.n_parallel))
+        self.live: list[Sequence] = []
+
+    def close(self) -> None:
+        for s in self.live:
+            L.llama_sampler_free(s.chain)
+        self.live.clear()
+        L.llama_batch_free(self._batch)
+
+    @property
+    def full(self) -> bool:
+        return not self.free_ids
+
+    def join(self, request_id: str, tokens: list[int], g: GenerationConfig,
+             t_received: float, emit: Callable[[str, int, int, float], None],
+             cancelled: Callable[[], bool]) -> Sequence:
+        """Give the request a free sequence; it starts with the next step."""
+        if not tokens:
+            raise GenerationError("the prompt is empty", "Give some text to complete.")
+        if len(tokens) >= self.n_ctx_seq:
+            raise GenerationError(
+                f"the prompt is {len(tokens):,} tokens, longer than a sequence's context of "
+                f"{self.n_ctx_seq:,} tokens ({self.rt.info.n_ctx:,} shared by "
+                f"{self.n_parallel} parallel sequences)",
+                "Shorten the prompt, or reload with a larger --n-ctx or a smaller "
+                "--n-parallel.")
+        seq = Sequence(self.rt, self.free_ids.pop(0), request_id, tokens, g, t_received,
+                       emit, cancelled)
+        self.live.append(seq)
+        return seq
+
+    def step(self) -> list[Sequence]:
+        """One llama_decode over every live sequence; returns the sequences that ended."""
+        slots: list[tuple[Sequence, _Slot]] = []
+        for s in self.live:  # generating sequences first: one token each
+            s.logit_index = -1
+            if not s.prefilling and s.next_token >= 0 and s.reason is None:
+                if s.cancelled():
+                    s.reason = "cancelled"
+                    continue
+                slots.append((s, _Slot(s.next_token, s.n_fed, s.seq_id, True)))
+        room = self.capacity - len(slots)
+        for s in self.live:  # then prompts, as far as the batch has room
+            if room <= 0:
+                break
+            if s.prefilling and s.reason is None:
+                if s.cancelled():
+                    s.reason = "cancelled"
+                    continue
+                n = min(room, len(s.tokens) - s.n_fed)
+                for k in range(n):
+                    pos = s.n_fed + k
+                    slots.append((s, _Slot(s.tokens[pos], pos, s.seq_id,
+                                           pos == len(s.tokens) - 1)))
+                room -= n
+        if slots:
+            self._decode(slots)
+        done = [s for s in self.live if s.reason is not None]
+        for s in done:
+            self._release(s)
+        return done
+
+    def _decode(self, slots: list[tuple["Sequence", _Slot]]) -> None:
+        b = self._batch
+        for i, (s, slot) in enumerate(slots):
+            b.token[i] = slot.tok
+            b.pos[i] = slot.pos
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = slot.seq
+            b.logits[i] = slot.logits
+            if slot.logits:
+                s.logit_index = i
+        b.n_tokens = len(slots)
+        rc = L.llama_decode(self.rt.ctx, b)
+        if rc != 0:  # a failed step fails the requests in it; the others go on
+            try:
+                self.rt._check_decode(rc, f"a batch of {len(slots)} tokens")
+            except GenerationError as e:
+                for s, _ in slots:
+                    s.reason, s.error = "error", e
+            return
+        fed: dict[int, int] = {}
+        for s, _ in slots:
+            fed[id(s)] = fed.get(id(s), 0) + 1
+        for s in {id(s): s for s, _ in slots}.values():
+            s.n_fed += fed[id(s)]
+            if s.logit_index >= 0:
+                tok = L.llama_sampler_sample(s.chain, self.rt.ctx, s.logit_index)
+                s.accept(tok, self.n_ctx_seq)
+
+    def _release(self, s: Sequence) -> None:
+        L.llama_memory_seq_rm(L.llama_get_memory(self.rt.ctx), s.seq_id, -1, -1)
+        L.llama_sampler_free(s.chain)
+        self.live.remove(s)
+        self.free_ids.append(s.seq_id)

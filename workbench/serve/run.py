@@ -1,0 +1,97 @@
+"""`workbench serve FOLDER`: load the folder's model in an engine and serve it."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import WorkbenchError
+from .bundle import CONFIG
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    path = folder / CONFIG
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        config["model"]["file"], config["load"], config["server"]  # noqa: B018
+    except FileNotFoundError:
+        raise WorkbenchError(f"{folder} is not a service folder (no {CONFIG})",
+                             "Write one with `workbench deploy --output FOLDER`.") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise WorkbenchError(f"{path} is damaged: {e}",
+                             "Deploy again with `workbench deploy ... --force`.") from None
+    return config
+
+
+def settings_for(folder: Path, host: str | None, port: int | None,
+                 api_key: str | None) -> tuple[dict[str, Any], Any, str, int]:
+    """The config, the service's settings and where it listens, after the security check:
+    an address other than loopback needs an API key."""
+    from .app import ServiceSettings
+
+    config = read_config(folder)
+    server = config["server"]
+    host = host or server.get("host", "127.0.0.1")
+    port = port if port is not None else int(server.get("port", 8000))
+    key = api_key or os.environ.get(server.get("api_key_env") or "WORKBENCH_API_KEY") or None
+    if not is_loopback(host) and not key:
+        raise WorkbenchError(
+            f"refusing to listen on {host} without an API key",
+            f"Set {server.get('api_key_env') or 'WORKBENCH_API_KEY'} (or pass --api-key); "
+            "clients then send 'Authorization: Bearer <key>'. On 127.0.0.1 none is needed.")
+    load = config["load"]
+    n_parallel = int(load.get("n_parallel", 1))
+    settings = ServiceSettings(
+        model_name=config["model"]["name"], n_ctx_seq=int(load["n_ctx"]) // n_parallel,
+        n_parallel=n_parallel, max_queue=int(server.get("max_queue", 16)),
+        request_timeout_s=float(server.get("request_timeout_s", 300)),
+        max_body_bytes=int(server.get("max_body_bytes", 1 << 20)),
+        default_max_tokens=int(server.get("default_max_tokens", 512)), api_key=key)
+    return config, settings, host, port
+
+
+def serve(folder: str | os.PathLike, *, host: str | None = None, port: int | None = None,
+          api_key: str | None = None, ready: Any = None) -> None:
+    """Run the service until interrupted (SIGINT/SIGTERM). `ready()` is called once it
+    listens."""
+    import dataclasses
+
+    import uvicorn
+
+    from ..config import LoadConfig, build
+    from ..engine.client import Engine
+    from .app import create_app
+
+    folder = Path(folder).expanduser().resolve()
+    config, settings, host, port = settings_for(folder, host, port, api_key)
+    model = folder / config["model"]["file"]
+    fields = {f.name for f in dataclasses.fields(LoadConfig)}
+    load: LoadConfig = build(LoadConfig, {k: v for k, v in config["load"].items()
+                                          if k in fields and v is not None})
+    engine = Engine()
+    try:
+        info = engine.load(model, load)
+        print(f"workbench: serving {settings.model_name} ({info.quantization}, "
+              f"{info.n_parallel} parallel, {info.threads} threads, "
+              f"{info.n_gpu_layers} GPU layers) on http://{host}:{port}/v1", flush=True)
+        app = create_app(engine, settings)
+        cfg = uvicorn.Config(app, host=host, port=port, log_level="warning",
+                             timeout_graceful_shutdown=5, limit_concurrency=None)
+        server = uvicorn.Server(cfg)
+        if ready is not None:
+            app.add_event_handler("startup", ready)
+        server.run()
+    finally:
+        engine.close()
