@@ -492,6 +492,14 @@ def deploy(model: Any = None, *, device: str = "auto", quantization: str = "none
                    n_ctx_per_request=n_ctx_per_request, quantize=quantize_to, plan=plan_for)
 
 
+def start_service(folder: str | os.PathLike, *, port: int | None = None) -> Any:
+    """Start the service in `folder` (written by `deploy`) in a background process on
+    127.0.0.1; returns it once healthy, with its `url` and a `stop()`."""
+    from .serve.check import RunningService
+
+    return RunningService(Path(folder), port)
+
+
 def _finish(s: TokenStream) -> Completion:
     s.result()
     return Completion(s.text, s.metrics)

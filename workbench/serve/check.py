@@ -63,6 +63,34 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+class RunningService:
+    """A service started in the background (`workbench.start_service`): its URL, and stop()."""
+
+    def __init__(self, folder: Path, port: int | None = None) -> None:
+        self.folder = Path(folder).expanduser().resolve()
+        self.model = read_config(self.folder)["model"]["name"]
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = start(self.folder, self.port)
+        try:
+            wait_healthy(self.url, self.proc)
+        except BaseException:
+            stop(self.proc)
+            raise
+
+    @property
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        stop(self.proc)
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return (f"Service {self.model} at {self.url}/v1 ({state}, pid {self.proc.pid}); "
+                "stop it with .stop()")
+
+
 def _post(url: str, body: dict, timeout: float = 120) -> Any:
     req = urllib.request.Request(url, data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
