@@ -50,8 +50,12 @@ def status_dir() -> Path:
     env = os.environ.get("WORKBENCH_STATUS_DIR")
     if env:
         return Path(env).expanduser()
-    from jupyter_core.paths import jupyter_runtime_dir
+    try:
+        from jupyter_core.paths import jupyter_runtime_dir
+    except ImportError:  # a service machine without Jupyter: nobody reads these there
+        from .. import _paths
 
+        return _paths.home() / "engines"
     return Path(jupyter_runtime_dir()) / "workbench"
 
 
