@@ -40,6 +40,10 @@ class Sequence:
         self.t_received = t_received
         self.emit, self.cancelled = emit, cancelled
         self.chain = rt._sampler(g)
+        # On a GPU the chain runs inside the compute graph and only the token id comes
+        # back; llama.cpp refuses chains it cannot run there, which sample on the host.
+        self.on_backend = bool(rt.backend_sampling and
+                               L.llama_set_sampler(rt.ctx, seq_id, self.chain))
         self.n_fed = 0            # tokens whose KV state the sequence holds
         self.next_token = -1      # sampled, fed in the next step
         self.logit_index = -1     # where this sequence's logits are in the current batch
@@ -128,8 +132,8 @@ class Batch:
         self.live: list[Sequence] = []
 
     def close(self) -> None:
-        for s in self.live:
-            L.llama_sampler_free(s.chain)
+        for s in list(self.live):
+            self._free(s)
         self.live.clear()
         L.llama_batch_free(self._batch)
 
@@ -211,11 +215,20 @@ class Batch:
         for s in {id(s): s for s, _ in slots}.values():
             s.n_fed += fed[id(s)]
             if s.logit_index >= 0:
-                tok = L.llama_sampler_sample(s.chain, self.rt.ctx, s.logit_index)
+                if s.on_backend:
+                    tok = L.llama_get_sampled_token_ith(self.rt.ctx, s.logit_index)
+                    L.llama_sampler_accept(s.chain, tok)
+                else:
+                    tok = L.llama_sampler_sample(s.chain, self.rt.ctx, s.logit_index)
                 s.accept(tok, self.n_ctx_seq)
 
-    def _release(self, s: Sequence) -> None:
+    def _free(self, s: Sequence) -> None:
         L.llama_memory_seq_rm(L.llama_get_memory(self.rt.ctx), s.seq_id, -1, -1)
+        if s.on_backend:
+            L.llama_set_sampler(self.rt.ctx, s.seq_id, None)
         L.llama_sampler_free(s.chain)
+
+    def _release(self, s: Sequence) -> None:
+        self._free(s)
         self.live.remove(s)
         self.free_ids.append(s.seq_id)

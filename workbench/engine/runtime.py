@@ -176,8 +176,7 @@ class Runtime:
         if cfg.lora:
             self._apply_lora(model, ctx, cfg)
         self.model, self.ctx = model, ctx
-        # Batched sequences sample on the host, each with its own chain.
-        self.backend_sampling = cfg.backend_sampling == "on" and cfg.n_parallel == 1
+        self.backend_sampling = cfg.backend_sampling == "on"
         self._warm_up()
         self.vocab = L.llama_model_get_vocab(model)
         self._pieces = {}
