@@ -424,3 +424,84 @@ def test_generate_many_batches_and_matches_one_by_one(default_model):
     assert chats[0].text == workbench.chat("Hi", temperature=0, max_tokens=8).text
     with pytest.raises(workbench.WorkbenchError, match="list of prompts"):
         workbench.generate_many("one prompt")
+
+
+def _copy_with(service_dir: Path, dest: Path, **server) -> Path:
+    """A second service folder sharing the model file, with other server settings."""
+    dest.mkdir()
+    for p in service_dir.iterdir():
+        os.link(p, dest / p.name) if p.name == "model.gguf" else \
+            (dest / p.name).write_bytes(p.read_bytes())
+    config = json.loads((dest / "service.json").read_text())
+    config["server"].update(server)
+    (dest / "service.json").write_text(json.dumps(config))
+    return dest
+
+
+def _read_all(port: int, request: bytes, timeout: float = 20) -> bytes:
+    """Send one request and read until the server closes or `timeout` passes."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(request)
+        sock.settimeout(timeout)
+        got = b""
+        try:
+            while chunk := sock.recv(65536):
+                got += chunk
+                if got.endswith(b"0\r\n\r\n"):  # the last chunk of the response
+                    break
+        except TimeoutError:
+            pass
+        return got
+
+
+def test_requests_past_their_timeout_are_stopped(service_dir, tmp_path):
+    s = Service(_copy_with(service_dir, tmp_path / "slow", request_timeout_s=1.0))
+    try:
+        body = {"model": s.name, "prompt": "Once upon a time", "max_tokens": 500,
+                "temperature": 0.8, "ignore": None}
+        code, _, err = _raw(s.base, "POST", "/v1/completions", json.dumps(body).encode())
+        assert code == 504 and err["error"]["code"] == "timeout"
+        streamed = json.dumps({**body, "stream": True}).encode()
+        got = _read_all(s.port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                        % len(streamed) + streamed)
+        assert got.startswith(b"HTTP/1.1 200") and b'"code": "timeout"' in got
+        deadline = time.monotonic() + 10
+        while _raw(s.base, "GET", "/health")[2]["in_flight"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _raw(s.base, "GET", "/health")[2]["in_flight"] == 0
+    finally:
+        s.stop()
+
+
+def test_a_worker_crash_mid_request_is_a_503_and_the_next_request_works(service):
+    _, _, health = _raw(service.base, "GET", "/health")
+    worker = health["worker_pid"]
+    c = service.client(max_retries=0, timeout=60)
+    stream = c.completions.create(model=service.name, prompt="Once upon a time", stream=True,
+                                  max_tokens=300, temperature=0.8)
+    with pytest.raises(openai.APIError, match="engine worker"):
+        for i, _ in enumerate(stream):
+            if i == 2:
+                os.kill(worker, signal.SIGKILL)
+    r = c.completions.create(model=service.name, prompt="Hello", max_tokens=4)
+    assert r.choices[0].text is not None
+    _, _, health = _raw(service.base, "GET", "/health")
+    assert health["status"] == "ok" and health["worker_pid"] != worker
+
+
+def test_deploy_magic(tmp_path, capsys):
+    from IPython.core.interactiveshell import InteractiveShell
+
+    sh = InteractiveShell.instance()
+    sh.run_cell("%load_ext workbench", store_history=False)
+    out = tmp_path / "from-magic"
+    r = sh.run_cell(f"%deploy --quantization int3 --output {out}")
+    assert isinstance(r.error_in_exec, workbench.WorkbenchError)
+    shown = capsys.readouterr()
+    assert "unknown quantization 'int3'" in shown.out + shown.err
+    assert "Traceback" not in shown.out + shown.err and not out.exists()
+    r = sh.run_cell(f"%deploy --n-parallel 2 --output {out}")
+    assert r.success, r.error_in_exec
+    assert r.result.folder == out and (out / "service.json").exists()
+    assert "Service written" in repr(r.result)
