@@ -77,8 +77,11 @@ def _raw(base: str, method: str, path: str, body: bytes | None = None,
 
 def test_the_bundle_holds_what_a_service_needs(service_dir, default_model):
     names = sorted(p.name for p in service_dir.iterdir())
-    assert names == ["Dockerfile", "README.md", "healthcheck.py", "model.gguf",
+    assert names == ["Dockerfile", "README.md", "app", "healthcheck.py", "model.gguf",
                      "requirements.txt", "service.json", "start.sh"]
+    assert (service_dir / "app" / "workbench" / "serve" / "app.py").exists()
+    assert not list(service_dir.rglob("__pycache__"))
+    assert "llama-cpp-python==" in (service_dir / "requirements.txt").read_text()
     config = json.loads((service_dir / "service.json").read_text())
     assert config["model"]["quantization"] == "Q4_1"
     assert config["load"]["n_parallel"] == 4 and config["load"]["n_ctx"] == 2048
@@ -144,6 +147,25 @@ def test_deploy_for_a_saved_profile(tmp_path):
     config = json.loads((out / "service.json").read_text())
     assert config["target"] == str(tmp_path / "target.json")
     assert config["load"]["threads"] == profile.physical_cores
+
+
+def test_start_sh_runs_the_folder_on_its_own_code(service_dir):
+    port = free_port()
+    proc = subprocess.Popen([str(service_dir / "start.sh"), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": "", "PYTHON": sys.executable})
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", proc)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models") as r:
+            assert json.loads(r.read())["data"][0]["id"]
+        import psutil
+
+        # the service imports the folder's own copy of the workbench
+        cmd = psutil.Process(proc.pid).environ()["PYTHONPATH"]
+        assert cmd.startswith(str(service_dir / "app"))
+    finally:
+        stop(proc)
 
 
 def test_deploy_check_runs_a_smoke_test(service_dir):

@@ -3,10 +3,12 @@
     ai-service/
       model.gguf          the model, quantized as asked
       service.json        every setting, and why it was chosen
-      start.sh            runs the service (`workbench serve .`)
+      app/workbench/      the workbench's Python code, so the folder needs no install of it
+      start.sh            runs the service (`python3 -m workbench.cli serve .`, from app/)
       healthcheck.py      exits 0 when /health answers 200 (Docker's HEALTHCHECK uses it)
       Dockerfile          an image that builds llama.cpp for its CPU and runs start.sh
-      requirements.txt    what the image installs
+      requirements.txt    what the service needs besides app/ (llama-cpp-python, starlette,
+                          uvicorn, psutil, jinja2)
       README.md           how to start it and call it (curl, Python)
 
 The folder is built under a temporary name next to the output and renamed into place,
@@ -225,26 +227,41 @@ def _write_files(folder: Path, config: dict[str, Any]) -> None:
     from ..provenance import package_version
 
     _write(folder / CONFIG, json.dumps(config, indent=2) + "\n")
-    _write(folder / "start.sh", _START, 0o755)
+    import sys
+
+    _write(folder / "start.sh", _START.replace("@PYTHON@", sys.executable), 0o755)
     _write(folder / "healthcheck.py", _HEALTHCHECK, 0o755)
+    # the package's own code (its Python files only: no JupyterLab assets, no caches)
+    package = Path(__file__).resolve().parent.parent
+    shutil.copytree(package, folder / "app" / "workbench",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "labextension"))
     llama = package_version("llama-cpp-python") or "0.3.36"
-    _write(folder / "requirements.txt",
-           f"workbench=={package_version('workbench') or '0.1.0'}\n"
-           f"llama-cpp-python=={llama}\n")
+    _write(folder / "requirements.txt", "\n".join([
+        f"llama-cpp-python=={llama}",
+        f"starlette>={package_version('starlette') or '0.40'}",
+        f"uvicorn>={package_version('uvicorn') or '0.30'}",
+        "psutil>=5.9", "jinja2>=3.1", ""]))
     _write(folder / "Dockerfile", _DOCKERFILE.format(port=config["server"]["port"]))
     name, port = config["model"]["name"], config["server"]["port"]
     _write(folder / "README.md", _README.format(
-        name=name, port=port, quant=config["model"]["quantization"],
+        name=name, port=port, name_lower=name.lower(), quant=config["model"]["quantization"],
         reasons="\n".join(f"| {k} | {v} |" for k, v in config["reasons"].items())))
-    for f in folder.iterdir():  # everything on disk before the rename makes it visible
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    for f in folder.rglob("*"):  # everything on disk before the rename makes it visible
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
 
 
 _START = """#!/bin/sh
 # Starts the service on the host and port in service.json (pass --host/--port to change).
 # Binding anything but 127.0.0.1 needs an API key: export WORKBENCH_API_KEY first.
-exec workbench serve "$(dirname "$0")" "$@"
+# The code is in app/; the packages in requirements.txt must be installed for the Python
+# that runs it: $PYTHON, else the one that wrote this folder (if it is here), else python3.
+here=$(cd "$(dirname "$0")" && pwd)
+py=${PYTHON:-}
+[ -z "$py" ] && [ -x "@PYTHON@" ] && py="@PYTHON@"
+PYTHONPATH="$here/app${PYTHONPATH:+:$PYTHONPATH}" exec "${py:-python3}" -m workbench.cli \\
+    serve "$here" "$@"
 """
 
 _HEALTHCHECK = """#!/usr/bin/env python3
@@ -282,6 +299,10 @@ Written by `workbench deploy`. The model is `model.gguf` ({quant}); every settin
 `service.json` with the reason it was chosen.
 
 ## Start
+
+The folder carries the workbench's code (`app/`); the Python that runs it needs the packages in
+`requirements.txt` (on a machine without the workbench: `pip install -r requirements.txt`), or
+build the image: `docker build -t {name_lower} .`
 
 ```sh
 ./start.sh                      # http://127.0.0.1:{port}
