@@ -439,6 +439,13 @@ def test_generate_many_batches_and_matches_one_by_one(default_model):
         many = workbench.generate_many(prompts, temperature=0, max_tokens=12)
         chats = workbench.generate_many(["Hi", [{"role": "user", "content": "Bye"}]],
                                         chat=True, temperature=0, max_tokens=8)
+        # streamed pieces add up to the text, also the part held back for a stop string
+        from workbench.config import GenerationConfig
+
+        g = GenerationConfig(temperature=0, max_tokens=20, stop=("never-seen-text",))
+        streams = [workbench.engine().stream("generate", p, g) for p in prompts]
+        for s in streams:
+            assert "".join(s) == s.text and s.text
     finally:
         workbench.load_model(default_model, progress=False, n_ctx=2048)
     assert [c.text for c in many] == [workbench.generate(p, temperature=0, max_tokens=12).text

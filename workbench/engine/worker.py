@@ -317,14 +317,16 @@ class Worker:
                     continue
                 for seq in batch.step():
                     out, kind, t_received = outs.pop(seq.request_id)
-                    out.flush_rest()
                     self.cancelled.discard(seq.request_id)
                     if seq.error is not None:
+                        out.flush_rest()
                         e = seq.error
                         self.send(P.Failed(id=seq.request_id, kind=type(e).__name__,
                                            message=e.message, hint=e.hint))
                     else:
-                        self._finished(seq.request_id, kind, seq.result(), t_received)
+                        r = seq.result()  # emits text held back for a stop string
+                        out.flush_rest()
+                        self._finished(seq.request_id, kind, r, t_received)
         finally:
             for rid in list(outs):  # a bug ended the loop: no request waits forever
                 self.send(P.Failed(id=rid, kind="bug", message=traceback.format_exc(),
