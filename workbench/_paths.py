@@ -27,5 +27,19 @@ def check_writable(folder: Path, hint: str, create: bool = False) -> None:
         raise WorkbenchError(f"cannot write to {folder}: {e.strerror or e}", hint) from None
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temporary name beside `path`, then rename it into place: a reader
+    (or a crash) never sees half a file."""
+    import threading
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def metrics_log() -> Path:
     return home() / "metrics.jsonl"

@@ -469,27 +469,17 @@ def deploy(model: Any = None, *, device: str = "auto", quantization: str = "none
     (int8 = Q8_0, int4 = Q4_K_M, or none), placed for `device` (auto, cpu, gpu, or a
     profile saved with `profile_device(save=...)`), with continuous batching of
     `n_parallel` requests. `workbench serve FOLDER` runs it."""
-    from .serve.bundle import check_output, deploy as _deploy, quant_type
+    from .serve.bundle import check_arguments, deploy as _deploy
 
-    quant_type(quantization)  # bad arguments are refused before any work
-    check_output(Path(output).expanduser().resolve(), force)
-    if not 1 <= (n_parallel or 1) <= 256:
-        raise WorkbenchError(f"n_parallel must be between 1 and 256 (got {n_parallel})",
-                             "Use --n-parallel 8, for example.")
-    if n_ctx_per_request is not None and not 64 <= n_ctx_per_request <= 1 << 20:
-        raise WorkbenchError(f"n_ctx_per_request must be between 64 and {1 << 20} "
-                             f"(got {n_ctx_per_request})", "Use 2048, for example.")
+    request = check_arguments(device=device, quantization=quantization, output=output,
+                              force=force, n_parallel=n_parallel,
+                              n_ctx_per_request=n_ctx_per_request)  # before any work
     path = resolve_model(model)
 
     def quantize_to(src: Path, to: str, out: Path) -> None:
         quantize(src, to=to, out=out, overwrite=True, progress=False)
 
-    def plan_for(p: Path, **settings: Any) -> Any:
-        return plan(p, **settings)
-
-    return _deploy(path, device=device, quantization=quantization, output=Path(output),
-                   force=force, port=port, host=host, n_parallel=n_parallel,
-                   n_ctx_per_request=n_ctx_per_request, quantize=quantize_to, plan=plan_for)
+    return _deploy(path, request, port=port, host=host, quantize=quantize_to, plan=plan)
 
 
 def start_service(folder: str | os.PathLike, *, port: int | None = None) -> Any:

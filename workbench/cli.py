@@ -53,14 +53,10 @@ def _report(args: argparse.Namespace) -> None:
     import tempfile
     from pathlib import Path
 
-    from . import _paths, report
+    from . import report
 
     names = report.check_names([n.strip() for n in args.benchmarks.split(",") if n.strip()])
-    out = Path(args.out).expanduser().resolve()
-    if out.is_dir():
-        raise WorkbenchError(f"{out} is a folder", "Give the report a file name, for example "
-                             "report.html.")
-    _paths.check_writable(out.parent, "Choose another place for the report.", create=True)
+    out = report.check_out(args.out)  # before anything runs
     if not report.NOTEBOOK.exists():
         raise WorkbenchError(f"the report notebook is not at {report.NOTEBOOK}",
                              "Run `workbench report` from a checkout of the repository.")

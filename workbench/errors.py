@@ -38,6 +38,11 @@ class GenerationError(WorkbenchError):
     """A request could not run: bad parameters, too long a prompt, no model."""
 
 
+class PromptTooLong(GenerationError):
+    """The prompt does not fit in the context (the service answers it as OpenAI's
+    context_length_exceeded)."""
+
+
 def no_model() -> GenerationError:
     """The error for any request that needs a model when none is loaded."""
     return GenerationError("no model is loaded",

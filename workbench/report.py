@@ -15,7 +15,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -62,12 +61,13 @@ def parse_result(output: str) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for pair in lines[-1].split():
         key, _, raw = pair.partition("=")
+        values[key] = raw
         for kind in (int, float):
             try:
                 values[key] = kind(raw)
                 break
             except ValueError:
-                values[key] = raw
+                continue
     return values
 
 
@@ -259,24 +259,23 @@ def render_html(runs: Sequence[BenchmarkRun], prov: dict[str, Any],
     return "\n".join(parts)
 
 
-def write_html(path: str | os.PathLike, text: str) -> Path:
-    """Write the page atomically: a failed run never leaves half a report."""
-    path = Path(path).expanduser()
+def check_out(path: str | os.PathLike) -> Path:
+    """Where the report goes: a file name in a folder that can be written (made if
+    needed)."""
+    from ._paths import check_writable
+
+    path = Path(path).expanduser().resolve()
     if path.is_dir():
         raise WorkbenchError(f"{path} is a folder", "Give the report a file name, "
                              "for example report.html.")
-    from ._paths import check_writable
-
     check_writable(path.parent, "Choose another place for the report.", create=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # as a plain open() would have made it
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    return path
+
+
+def write_html(path: str | os.PathLike, text: str) -> Path:
+    """Write the page atomically: a failed run never leaves half a report."""
+    from ._paths import write_text_atomic
+
+    path = check_out(path)
+    write_text_atomic(path, text)
     return path

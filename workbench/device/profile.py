@@ -58,12 +58,12 @@ class DeviceProfile:
         import dataclasses
         import json
 
+        from .._paths import write_text_atomic
+
         path = Path(path).expanduser()
         data = dataclasses.asdict(self)
         data["fingerprint"] = self.fingerprint
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
         return path
 
     @property

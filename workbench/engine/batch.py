@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Callable
 import llama_cpp as L
 
 from ..config import GenerationConfig
-from ..errors import GenerationError
+from ..errors import GenerationError, PromptTooLong
 
 if TYPE_CHECKING:
     from .runtime import RunResult, Runtime
@@ -148,7 +148,7 @@ class Batch:
         if not tokens:
             raise GenerationError("the prompt is empty", "Give some text to complete.")
         if len(tokens) >= self.n_ctx_seq:
-            raise GenerationError(
+            raise PromptTooLong(
                 f"the prompt is {len(tokens):,} tokens, longer than a sequence's context of "
                 f"{self.n_ctx_seq:,} tokens ({self.rt.info.n_ctx:,} shared by "
                 f"{self.n_parallel} parallel sequences)",
@@ -161,16 +161,19 @@ class Batch:
 
     def step(self) -> list[Sequence]:
         """One llama_decode over every live sequence; returns the sequences that ended."""
-        slots: list[tuple[Sequence, _Slot]] = []
+        slots: list[_Slot] = []
+        fed: list[tuple[Sequence, int]] = []  # each sequence in the step, with its tokens
         for s in self.live:  # generating sequences first: one token each
             s.logit_index = -1
             if not s.prefilling and s.next_token >= 0 and s.reason is None:
                 if s.cancelled():
                     s.reason = "cancelled"
                     continue
-                slots.append((s, _Slot(s.next_token, s.n_fed, s.seq_id, True)))
-        room = self.capacity - len(slots)
+                s.logit_index = len(slots)
+                slots.append(_Slot(s.next_token, s.n_fed, s.seq_id, True))
+                fed.append((s, 1))
         for s in self.live:  # then prompts, as far as the batch has room
+            room = self.capacity - len(slots)
             if room <= 0:
                 break
             if s.prefilling and s.reason is None:
@@ -178,42 +181,38 @@ class Batch:
                     s.reason = "cancelled"
                     continue
                 n = min(room, len(s.tokens) - s.n_fed)
-                for k in range(n):
-                    pos = s.n_fed + k
-                    slots.append((s, _Slot(s.tokens[pos], pos, s.seq_id,
-                                           pos == len(s.tokens) - 1)))
-                room -= n
-        if slots:
-            self._decode(slots)
+                last = len(s.tokens) - 1
+                slots.extend(_Slot(s.tokens[pos], pos, s.seq_id, pos == last)
+                             for pos in range(s.n_fed, s.n_fed + n))
+                if s.n_fed + n == len(s.tokens):
+                    s.logit_index = len(slots) - 1
+                fed.append((s, n))
+        if fed:
+            self._decode(slots, fed)
         done = [s for s in self.live if s.reason is not None]
         for s in done:
             self._release(s)
         return done
 
-    def _decode(self, slots: list[tuple["Sequence", _Slot]]) -> None:
+    def _decode(self, slots: list[_Slot], fed: list[tuple[Sequence, int]]) -> None:
         b = self._batch
-        for i, (s, slot) in enumerate(slots):
+        for i, slot in enumerate(slots):
             b.token[i] = slot.tok
             b.pos[i] = slot.pos
             b.n_seq_id[i] = 1
             b.seq_id[i][0] = slot.seq
             b.logits[i] = slot.logits
-            if slot.logits:
-                s.logit_index = i
         b.n_tokens = len(slots)
         rc = L.llama_decode(self.rt.ctx, b)
         if rc != 0:  # a failed step fails the requests in it; the others go on
             try:
                 self.rt._check_decode(rc, f"a batch of {len(slots)} tokens")
             except GenerationError as e:
-                for s, _ in slots:
+                for s, _ in fed:
                     s.reason, s.error = "error", e
             return
-        fed: dict[int, int] = {}
-        for s, _ in slots:
-            fed[id(s)] = fed.get(id(s), 0) + 1
-        for s in {id(s): s for s, _ in slots}.values():
-            s.n_fed += fed[id(s)]
+        for s, n in fed:
+            s.n_fed += n
             if s.logit_index >= 0:
                 if s.on_backend:
                     tok = L.llama_get_sampled_token_ith(self.rt.ctx, s.logit_index)

@@ -28,7 +28,8 @@ from typing import Any, AsyncIterator, Callable, Iterator
 
 from .. import _paths
 from ..config import GenerationConfig, LoadConfig
-from ..errors import EngineCrashed, GenerationError, ModelFileError, WorkbenchError, no_model
+from ..errors import (EngineCrashed, GenerationError, ModelFileError, PromptTooLong,
+                      WorkbenchError, no_model)
 from ..models.gguf_file import read_header
 from . import protocol as P
 
@@ -38,7 +39,8 @@ _START_TIMEOUT_S = 120.0
 _CANCEL_WAIT_S = 30.0
 _STOPPED = ("the engine worker was stopped", "The next call starts it again.")
 _ERRORS: dict[str, type[WorkbenchError]] = {
-    c.__name__: c for c in (WorkbenchError, ModelFileError, GenerationError, EngineCrashed)}
+    c.__name__: c for c in (WorkbenchError, ModelFileError, GenerationError, EngineCrashed,
+                          PromptTooLong)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,7 +21,7 @@ import llama_cpp as L
 
 from .. import _paths
 from ..config import GenerationConfig, LoadConfig
-from ..errors import GenerationError, ModelFileError, no_model
+from ..errors import GenerationError, ModelFileError, PromptTooLong, no_model
 from ..models.gguf_file import read_header
 from .protocol import Buffer, ModelInfo
 from .template import render_chat
@@ -403,7 +403,7 @@ class Runtime:
         if n_prompt == 0:
             raise GenerationError("the prompt is empty", "Give some text to complete.")
         if n_prompt >= n_ctx:
-            raise GenerationError(
+            raise PromptTooLong(
                 f"the prompt is {n_prompt:,} tokens, longer than the context of {n_ctx:,} tokens",
                 "Shorten the prompt, or reload with a larger context: "
                 f"`%load_model ... --n-ctx {1 << (n_prompt + g.max_tokens).bit_length()}`.")

@@ -60,14 +60,9 @@ def status_dir() -> Path:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    from .._paths import write_text_atomic
+
+    write_text_atomic(path, json.dumps(data))
 
 
 def _process_started(pid: int) -> float | None:
@@ -178,6 +173,7 @@ class StatusPublisher:
         self.path = self.folder / f"{self.id}.json"
         self.stop_path = self.folder / f"{self.id}.stop"
         self.created = time.time()
+        self.kernel_started = _process_started(os.getpid()) or 0.0
         self.kernel_id = _kernel_id()
         self.stopped_from_panel = False
         self._wake = threading.Event()
@@ -213,7 +209,7 @@ class StatusPublisher:
         gpu_layers = min(m.n_gpu_layers, m.n_layers + 1) if m else 0
         return {
             "version": VERSION, "id": self.id, "created": self.created,
-            "kernel_pid": os.getpid(), "kernel_started": _process_started(os.getpid()) or 0.0,
+            "kernel_pid": os.getpid(), "kernel_started": self.kernel_started,
             "kernel_id": self.kernel_id,
             "worker_pid": e.pid if e.alive else None,
             "state": state,

@@ -115,19 +115,17 @@ def _models() -> dict[str, Any]:
     from ..models.gguf_file import read_header
     from ..errors import WorkbenchError
 
-    models: list[dict[str, Any]] = []
+    default: dict[str, Any] = {"name": "default", "label": "default model", "path": "",
+                               "source": "default", "size": 0, "quantization": "",
+                               "architecture": "", "problem": "", "load": "%load_model"}
     try:
         path = default_model_path()
         header = read_header(path)
-        models.append({"name": "default", "label": path.name, "path": str(path),
-                       "source": "default", "size": path.stat().st_size,
-                       "quantization": header.quantization,
-                       "architecture": header.architecture, "problem": "",
-                       "load": "%load_model"})
+        default.update(label=path.name, path=str(path), size=path.stat().st_size,
+                       quantization=header.quantization, architecture=header.architecture)
     except (WorkbenchError, OSError) as e:
-        models.append({"name": "default", "label": "default model", "path": "",
-                       "source": "default", "size": 0, "quantization": "",
-                       "architecture": "", "problem": str(e), "load": "%load_model"})
+        default["problem"] = str(e)
+    models = [default]
     for m in discover():
         models.append({"name": m.name, "label": m.name, "path": str(m.path),
                        "source": m.source, "size": m.size, "quantization": m.quantization,

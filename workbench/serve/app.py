@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from ..config import GenerationConfig
-from ..errors import EngineCrashed, WorkbenchError
+from ..errors import EngineCrashed, PromptTooLong, WorkbenchError
 from .admission import Admission
 from .metrics import ServiceMetrics
 
@@ -292,7 +292,7 @@ def _engine_error(e: WorkbenchError) -> ApiError:
     if isinstance(e, EngineCrashed):
         return ApiError(503, f"{e.message}; the service restarts its engine with the next "
                         "request", type_="server_error", code="engine_crashed")
-    code = "context_length_exceeded" if "longer than" in e.message else None
+    code = "context_length_exceeded" if isinstance(e, PromptTooLong) else None
     return ApiError(400, e.message + (f" ({e.hint})" if e.hint else ""), code=code)
 
 

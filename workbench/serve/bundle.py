@@ -21,8 +21,8 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -85,27 +85,44 @@ class Deployment:
     folder: Path
     config: dict[str, Any]
 
+    def rows(self) -> list[tuple[str, str]]:
+        return [("folder", str(self.folder)), ("start", f"{self.folder}/start.sh"),
+                *self.config["reasons"].items()]
+
     def _repr_html_(self) -> str:
         from ..results import _table_html
 
-        rows = [("folder", str(self.folder)), ("start", f"{self.folder}/start.sh")]
-        rows += [(k, v) for k, v in self.config["reasons"].items()]
-        return f"<b>Service written</b>{_table_html(rows)}"
+        return f"<b>Service written</b>{_table_html(self.rows())}"
 
     def __repr__(self) -> str:
         from ..results import _table_text
 
-        rows = [("folder", str(self.folder)), ("start", f"{self.folder}/start.sh")]
-        rows += [(k, v) for k, v in self.config["reasons"].items()]
-        return f"Service written\n{_table_text(rows)}"
+        return f"Service written\n{_table_text(self.rows())}"
 
 
-def deploy(model: Path, *, device: str, quantization: str, output: Path, force: bool,
-           port: int, host: str, n_parallel: int | None, n_ctx_per_request: int | None,
-           quantize: Callable[..., Any], plan: Callable[..., Any]) -> Deployment:
-    """Write the service folder. `quantize(path, to, out)` and `plan(path, **settings)`
-    are the workbench's own (passed in, so this module stays free of the engine)."""
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """A deploy's arguments, checked: nothing is read or written before they are."""
+    quantization: str             # as the user gave it
+    quant: str | None             # the llama.cpp type, None: keep the source's
+    device: str                   # as the user gave it
+    target: str                   # auto, cpu or gpu
+    settings: dict[str, Any]      # planner settings from a saved profile
+    output: Path
+    n_parallel: int | None
+    n_ctx_per_request: int | None
+
+
+def check_arguments(*, device: str, quantization: str, output: str | os.PathLike,
+                    force: bool, n_parallel: int | None,
+                    n_ctx_per_request: int | None) -> Request:
     quant = quant_type(quantization)
+    if not 1 <= (n_parallel or 1) <= 256:
+        raise WorkbenchError(f"n_parallel must be between 1 and 256 (got {n_parallel})",
+                             "Use --n-parallel 8, for example.")
+    if n_ctx_per_request is not None and not 64 <= n_ctx_per_request <= 1 << 20:
+        raise WorkbenchError(f"n_ctx_per_request must be between 64 and {1 << 20} "
+                             f"(got {n_ctx_per_request})", "Use 2048, for example.")
     settings: dict[str, Any] = {}
     target = device
     if device not in DEVICES:
@@ -116,15 +133,24 @@ def deploy(model: Path, *, device: str, quantization: str, output: Path, force: 
                                  "Use auto, cpu, gpu, or a file from `%profile_device --save`.")
         settings = target_from_profile(profile)
         target = settings.pop("device")
-    output = output.expanduser().resolve()
-    check_output(output, force)
+    out = Path(output).expanduser().resolve()
+    check_output(out, force)
     from .._paths import check_writable
 
-    check_writable(output.parent, "Choose another --output.", create=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # as mkdir would make it, not mkdtemp's private 0700
+    check_writable(out.parent, "Choose another --output.", create=True)
+    return Request(quantization, quant, device, target, settings, out, n_parallel,
+                   n_ctx_per_request)
+
+
+def deploy(model: Path, r: Request, *, port: int, host: str, quantize: Callable[..., Any],
+           plan: Callable[..., Any]) -> Deployment:
+    """Write the service folder. `quantize(path, to, out)` and `plan(path, **settings)`
+    are the workbench's own (passed in, so this module stays free of the engine)."""
+    quant, target, settings, output = r.quant, r.target, r.settings, r.output
+    n_parallel, n_ctx_per_request, quantization = r.n_parallel, r.n_ctx_per_request, \
+        r.quantization
+    staging = output.with_name(f".{output.name}.{uuid.uuid4().hex[:8]}.tmp")
+    staging.mkdir()
     try:
         model_out = staging / MODEL_FILE
         reasons: dict[str, str] = {}
@@ -163,7 +189,7 @@ def deploy(model: Path, *, device: str, quantization: str, output: Path, force: 
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "model": {"file": MODEL_FILE, "name": _served_name(model, quant or source_quant),
                       "source": str(model), "quantization": quant or source_quant},
-            "target": device,
+            "target": r.device,
             "load": load,
             "server": {"host": host, "port": port, "max_queue": 2 * par,
                        "request_timeout_s": 300, "max_body_bytes": 1 << 20,
