@@ -199,18 +199,23 @@ def test_bad_requests_fail_before_any_training(tmp_path, default_model):
     assert "resume=True" in e.value.hint
 
 
-def test_a_base_model_transformers_cannot_load_is_named(tmp_path):
+def _tiny_gguf(path, architecture: str):
+    """A one-tensor GGUF of `architecture`: enough for the header checks."""
     import gguf
     import numpy as np
 
-    path = tmp_path / "odd.gguf"
-    w = gguf.GGUFWriter(str(path), "rwkv7")
+    w = gguf.GGUFWriter(str(path), architecture)
     w.add_block_count(1)
     w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    return path
+
+
+def test_a_base_model_transformers_cannot_load_is_named(tmp_path):
+    path = _tiny_gguf(tmp_path / "odd.gguf", "rwkv7")
     job = workbench.finetune(path, small_data(tmp_path), out=tmp_path / "run")
     with pytest.raises(WorkbenchError, match="'rwkv7' architecture"):
         job.wait(timeout=120)
@@ -439,14 +444,7 @@ def test_a_lora_of_another_shape_and_an_unsupported_architecture(tmp_path, defau
     assert "trained on this base model" in e.value.hint
     workbench.load_model(progress=False, n_ctx=2048)
 
-    odd = tmp_path / "gemma.gguf"
-    w = gguf.GGUFWriter(str(odd), "gemma3")
-    w.add_block_count(1)
-    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    odd = _tiny_gguf(tmp_path / "gemma.gguf", "gemma3")
     job = workbench.finetune(odd, small_data(tmp_path), out=tmp_path / "g")
     with pytest.raises(WorkbenchError, match="llama-architecture .* 'gemma3'"):
         job.wait(timeout=120)

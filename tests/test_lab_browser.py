@@ -11,7 +11,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from workbench.serve.check import free_port
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(os.environ.get("WORKBENCH_ARTIFACTS",
@@ -46,19 +47,13 @@ NOTEBOOK = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     """A real JupyterLab server on loopback, with its own runtime and status folders."""
     root = tmp_path_factory.mktemp("lab")
     (root / "panel.ipynb").write_text(json.dumps(NOTEBOOK))
     status_dir = tmp_path_factory.mktemp("engines")
-    token, port = secrets.token_hex(16), _free_port()
+    token, port = secrets.token_hex(16), free_port()
     env = {**os.environ, "WORKBENCH_STATUS_DIR": str(status_dir),
            "JUPYTER_RUNTIME_DIR": str(tmp_path_factory.mktemp("runtime"))}
     cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1",
