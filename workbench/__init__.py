@@ -4,14 +4,14 @@
 functions: load_model, unload, generate, chat, metrics, dashboard, status,
 profile_device, inspect_model, plan, autotune, generate_many, calibrate, list_models,
 check_updates, update_model, quantize, prune, distill, evaluate, compare, finetune,
-merge_lora, deploy, start_service.
+merge_lora, deploy, start_service, rpc_cluster.
 """
 
 from .api import (autotune, calibrate, chat, check_updates, compare, dashboard, deploy, distill,
                   engine, evaluate, finetune, generate, generate_many, inspect_model, kv_evict,
                   kv_list, kv_load, kv_remove, kv_save, kv_stats, list_models, load_model,
-                  merge_lora, metrics, plan, profile_device, prune, quantize, start_service, status,
-                  unload, update_model)
+                  merge_lora, metrics, plan, profile_device, prune, quantize, rpc_cluster,
+                  start_service, status, unload, update_model)
 from .errors import WorkbenchError
 
 __version__ = "0.1.0"
@@ -20,7 +20,7 @@ __all__ = ["WorkbenchError", "autotune", "calibrate", "chat", "check_updates", "
            "dashboard", "deploy", "distill", "engine", "evaluate", "finetune", "generate",
            "generate_many", "inspect_model", "kv_evict", "kv_list", "kv_load", "kv_remove",
            "kv_save", "kv_stats", "list_models", "load_model", "merge_lora", "metrics", "plan",
-           "profile_device", "prune", "quantize", "start_service", "status", "unload", "update_model",
+           "profile_device", "prune", "quantize", "rpc_cluster", "start_service", "status", "unload", "update_model",
            "load_ipython_extension"]
 
 

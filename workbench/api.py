@@ -82,12 +82,25 @@ def load_model(model: str | os.PathLike | None = None, *, progress: bool = True,
     if config.lora:
         config = dataclasses.replace(config, lora=str(_check_lora(config.lora)))
     path = resolve_model(model, progress=progress)
+    if config.cluster:
+        bar = progress_bar(f"Loading {path.name} across the cluster", enabled=progress)
+        info, cluster_plan = rpc_cluster().load(path, config, settings, on_progress=bar)
+        bar.close(f"{info.load_seconds:.1f} s")
+        return LoadedModel(info, cluster_plan)
     placement = _plan(path, config, settings)
     config = dataclasses.replace(config, **placement.settings).validate()
     bar = progress_bar(f"Loading {path.name}", enabled=progress)
     info = engine().load(path, config, on_progress=bar)
     bar.close(f"{info.load_seconds:.1f} s")
     return LoadedModel(info, placement)
+
+
+def rpc_cluster() -> Any:
+    """This kernel's cluster of llama.cpp RPC nodes (`cluster/manager.py`): `.add(...)`,
+    `.remove(...)`, `.status()`, `.rebalance()`, `.start_local(n)`, `.topology()`."""
+    from .cluster.manager import cluster
+
+    return cluster()
 
 
 def _check_lora(path: str | os.PathLike) -> Path:

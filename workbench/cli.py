@@ -143,6 +143,32 @@ def _serve(args: argparse.Namespace) -> None:
     serve(args.folder, host=args.host, port=args.port, api_key=args.api_key)
 
 
+def _rpc_worker(args: argparse.Namespace) -> None:
+    from .cluster.rpc_worker import run
+
+    run(host=args.host, port=args.port, device=args.device, mem_limit_gib=args.mem_limit,
+        threads=args.threads, allow_network=args.allow_unauthenticated_network,
+        status_page=not args.no_status, cache_dir=args.cache_dir)
+
+
+def rpc_worker_arguments(w: argparse.ArgumentParser) -> None:
+    w.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: loopback only)")
+    w.add_argument("--port", type=int, default=50052)
+    w.add_argument("--device", default="cpu", help="cpu or gpu")
+    w.add_argument("--mem-limit", type=float, default=None, metavar="GiB",
+                   help="most memory the cluster may use here (default: all free memory)")
+    w.add_argument("--threads", type=int, default=None, help="CPU threads (default: cores)")
+    w.add_argument("--allow-unauthenticated-network", action="store_true",
+                   help="listen beyond loopback: llama.cpp's RPC has no authentication, so "
+                        "only on a trusted network")
+    w.add_argument("--no-status", action="store_true",
+                   help="serve only the RPC port, like llama.cpp's rpc-server")
+    w.add_argument("--cache-dir", default=None,
+                   help="where large tensors are cached by hash (default: "
+                        "$WORKBENCH_HOME/rpc-cache)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="workbench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -165,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--api-key", default=None,
                     help="required to listen beyond loopback (or set WORKBENCH_API_KEY)")
     sv.set_defaults(func=_serve)
+    w = sub.add_parser("rpc-worker", help="serve this machine's compute to a cluster over "
+                       "llama.cpp's RPC protocol")
+    rpc_worker_arguments(w)
+    w.set_defaults(func=_rpc_worker)
     r = sub.add_parser("report", help="run benchmarks and write a self-contained HTML report")
     r.add_argument("--benchmarks", default="engine_overhead,kv_cache,placement",
                    help="comma-separated names from benchmarks/ (default: %(default)s)")

@@ -55,6 +55,10 @@ class LoadConfig:
     kv_dir: str | None = setting(None, "folder of the prefix cache's disk tier "
                                  "(default: $WORKBENCH_HOME/kv)")
     tensor_split: tuple[float, ...] = setting((), "share of the layers on each GPU", flag=False)
+    cluster: bool = setting(False, "split the layers across this machine and the nodes added "
+                            "with %cluster add (llama.cpp's RPC backend)")
+    rpc_servers: tuple[str, ...] = setting((), "RPC nodes (HOST:PORT) holding layers, in "
+                                           "tensor_split's order after local GPUs", flag=False)
     lora: str | None = setting(None, "a GGUF LoRA adapter to apply (what %finetune writes)")
     lora_scale: float = setting(1.0, "strength of the LoRA adapter (1 = as trained)",
                                 lo=-100.0, hi=100.0)

@@ -95,6 +95,9 @@ class LoadedModel(_KeyValue):
 
     def _placement(self) -> str:
         p = self.placement
+        if hasattr(p, "shares"):  # cluster.plan.ClusterPlan
+            return "; ".join(f"{r[0]} layers {r[2]} ({r[3]})" for r in p.rows()) + \
+                " (details: .placement)"
         where = "; ".join(f"{m.device} {m.total / 2**30:,.2f} GiB" for m in p.memory if m.total)
         return (f"predicted {where} (details: .placement)")
 

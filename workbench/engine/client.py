@@ -134,6 +134,9 @@ class Engine:
         self.notices: list[str] = []
         self._closing: Any = None  # the process close() is stopping
         self._stop_reason = _STOPPED
+        # Asked when the worker dies, before requests hear of it: (how, serving) -> an
+        # error that explains the death better, or None (the cluster names a lost node).
+        self.crash_hook: Callable[[str, str], WorkbenchError | None] | None = None
 
     # ---- events for dashboards -------------------------------------------
 
@@ -318,6 +321,20 @@ class Engine:
         calls = [c for c in list(self._calls.values())]
         self._calls.clear()
         serving = ", ".join(f"{c.request.id} ({c.description})" for c in calls)
+        explained = None
+        if self.crash_hook is not None:
+            try:
+                explained = self.crash_hook(how, serving)
+            except Exception:  # a broken hook must not hide the crash
+                log.exception("crash hook failed")
+        if explained is not None:
+            self.last_crash = explained.message
+            self.model = None
+            ready.put(_Crash(explained))
+            for c in calls:
+                c.deliver(_Crash(explained))
+            self._emit("crashed", explained.message)
+            return
         model = self._last_load.path if self._last_load else None
         hint = ("The next call restarts the worker" +
                 (f" and reloads {Path(model).name}." if model else "."))
@@ -387,6 +404,8 @@ class Engine:
         try:
             msg = self._wait(call, on_progress)
         except WorkbenchError as e:
+            if getattr(e, "replanned", False):  # a lost cluster node: a new plan is set
+                raise
             # The worker frees the old model before loading a new one, to need memory for
             # one model only; say so.
             previous = self.model
@@ -397,6 +416,20 @@ class Engine:
         self.model = msg.info
         self._last_load = req
         return msg.info
+
+    def replace_load(self, config: LoadConfig) -> None:
+        """Load the last model with `config` when the worker next starts (a re-plan)."""
+        if self._last_load is not None:
+            self._last_load = dataclasses.replace(self._last_load, config=config,
+                                                  id=self._new_id("load"))
+
+    def forget_load(self) -> None:
+        self._last_load = None
+
+    def ensure_loaded(self) -> None:
+        """Start the worker and reload the last model, if it is not running."""
+        with self._lock:
+            self._ensure()
 
     def unload(self) -> None:
         with self._lock:
@@ -506,6 +539,7 @@ class TokenStream:
         self._done = False
         self._parts: list[str] = []
         self._ready: collections.deque[str] = collections.deque()
+        self._retried = False
 
     def _handle(self, msg: Any) -> None:
         if isinstance(msg, P.Tokens):
@@ -519,11 +553,26 @@ class TokenStream:
             self.finish_reason = msg.metrics.finish_reason
             return
         self.text = "".join(self._parts)
+        if isinstance(msg, _Crash) and self._retry(msg.error):
+            return
         if isinstance(msg, _Crash):
             raise msg.error
         if isinstance(msg, P.Failed):
             raise _to_error(msg)
         raise TypeError(f"unexpected reply {msg!r}")
+
+    def _retry(self, error: Exception) -> bool:
+        """After a lost cluster node, send a request that had produced nothing again, once
+        the model is re-planned and loaded (a request that streamed text fails)."""
+        retry = getattr(error, "retry", None)
+        if retry is None or self._parts or self._retried or not retry():
+            return False
+        self._retried = True
+        with self._engine._lock:
+            self._engine._ensure()
+            call = self._engine._submit(self._call.request, self._call.description)
+        self._call, self._done = call, False
+        return True
 
     def __iter__(self) -> Iterator[str]:
         return self

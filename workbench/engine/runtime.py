@@ -42,6 +42,18 @@ def _model_params(cfg: LoadConfig):
         split = (ctypes.c_float * L.llama_max_devices())(*cfg.tensor_split)
         mparams.tensor_split = ctypes.cast(split, ctypes.POINTER(ctypes.c_float))
         mparams._keep_split = split  # C reads it during the load
+    if cfg.rpc_servers:
+        from ..cluster._ggml import DEV_GPU, DEV_IGPU, device_array, local_devices, rpc_devices
+
+        # Only the devices the plan names: local GPUs first when it uses them, then each
+        # node's, in tensor_split's order. Layers below n_gpu_layers stay on this CPU.
+        handles = [d.handle for d in local_devices() if d.kind in (DEV_GPU, DEV_IGPU)][:1] \
+            if cfg.device == "gpu" else []
+        for endpoint in cfg.rpc_servers:
+            handles += rpc_devices(endpoint)
+        devices = device_array(handles)
+        mparams.devices = ctypes.cast(devices, ctypes.c_void_p)
+        mparams._keep_devices = devices
     return mparams
 
 

@@ -1,0 +1,528 @@
+"""The kernel's view of the cluster: its nodes, the placement of the loaded model,
+health watching, and re-planning when a node is lost or joins.
+
+A model split across nodes lives in the engine worker as usual; llama.cpp's RPC
+client aborts that process when a node stops answering mid-request. The engine then
+asks `on_crash` what happened: the lost node is named, the layers are re-planned
+onto the nodes that remain, and the model is loaded again in the background.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import dataclasses
+import html
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .. import _paths
+from ..errors import WorkbenchError
+from . import probe as P
+from .plan import GiB, MiB, ClusterPlan, Member, place
+
+log = logging.getLogger("workbench.cluster")
+
+WATCH_PERIOD_S = 1.0
+MISSES_TO_LOSE = 2          # status pages that must go unanswered in a row
+PLAN_FIELDS = ("rpc_servers", "tensor_split", "n_gpu_layers", "device", "flash_attn",
+               "backend_sampling")
+
+
+class NodeLost(P.NodeError):
+    """A node holding layers stopped answering. `retry()` waits for the re-planned
+    model and says whether a request may be sent again."""
+
+    retry: Callable[[], bool] | None = None
+    replanned = False
+
+
+@dataclasses.dataclass
+class Node:
+    info: P.NodeInfo
+    state: str = "ready"                      # ready | lost
+    misses: int = 0
+    traffic: collections.deque = dataclasses.field(
+        default_factory=lambda: collections.deque(maxlen=120))   # (t, bytes_in, bytes_out)
+
+    @property
+    def endpoint(self) -> str:
+        return self.info.endpoint
+
+    def rate(self) -> tuple[float, float]:
+        """Bytes/s in and out over the last two samples."""
+        if len(self.traffic) < 2:
+            return 0.0, 0.0
+        (t0, i0, o0), (t1, i1, o1) = self.traffic[-2], self.traffic[-1]
+        dt = max(t1 - t0, 1e-3)
+        return max(0.0, (i1 - i0) / dt), max(0.0, (o1 - o0) / dt)
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    time: float
+    kind: str          # joined | removed | lost | replanned | rebalanced | failed
+    text: str
+
+
+class Cluster:
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.nodes: dict[str, Node] = {}
+        self.policy = "manual"               # what a joining node does: manual | auto
+        self.plan: ClusterPlan | None = None
+        self.events: list[Event] = []
+        self.last_replan_s: float | None = None
+        self._load: tuple[Path, Any] | None = None     # the model and its config (no plan)
+        self._lock = threading.RLock()
+        self._recovered = threading.Event()
+        self._recovered.set()
+        self._watcher: threading.Thread | None = None
+        self._local: list[subprocess.Popen] = []
+        self._bandwidth: float | None = None
+        self._listeners: list[Callable[[], None]] = []
+        engine.crash_hook = self.on_crash
+
+    # ---- events -----------------------------------------------------------------
+
+    def _event(self, kind: str, text: str) -> None:
+        e = Event(time.time(), kind, text)
+        self.events.append(e)
+        log.warning("%s", text) if kind in ("lost", "failed") else log.info("%s", text)
+        try:
+            folder = _paths.home()
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(folder / "cluster.log", "a", encoding="utf-8") as f:
+                f.write(json.dumps(dataclasses.asdict(e)) + "\n")
+        except OSError as err:
+            log.warning("could not append to the cluster log: %s", err)
+        for fn in list(self._listeners):
+            fn()
+
+    def subscribe(self, fn: Callable[[], None]) -> Callable[[], None]:
+        self._listeners.append(fn)
+        return lambda: self._listeners.remove(fn) if fn in self._listeners else None
+
+    # ---- membership ---------------------------------------------------------------
+
+    def add(self, endpoints: Sequence[str]) -> "ClusterStatus":
+        """Probe and add nodes. Every endpoint is checked before any is added."""
+        wanted = [P.parse_endpoint(e) for e in endpoints]
+        if not wanted:
+            raise WorkbenchError("no node given", "For example: %cluster add 127.0.0.1:50052")
+        held = set(self.plan.nodes) if self.plan and self.engine.alive else set()
+        infos = [P.probe(e) for e in wanted if e not in held]
+        with self._lock:
+            for info in infos:
+                self._check_advertised(info)
+                rejoined = info.endpoint in self.nodes
+                self.nodes[info.endpoint] = Node(info)
+                self._event("joined", f"node {info.endpoint} {'re' if rejoined else ''}joined: "
+                            f"{info.kind}, {info.usable / GiB:,.2f} GiB usable, "
+                            f"RPC {info.version}, round trip {info.rtt_ms:.1f} ms")
+        if infos and self.plan is not None:
+            if self.policy == "auto":
+                self.rebalance()
+            else:
+                self._event("joined", "the loaded model does not use the new node yet: "
+                            "`%cluster rebalance` re-plans onto it")
+        return self.status()
+
+    def _check_advertised(self, info: P.NodeInfo) -> None:
+        """A worker whose page claims more than its RPC server reports is lying somewhere."""
+        claimed = info.status.get("advertised")
+        if claimed and claimed > info.advertised_free:
+            raise P.NodeError(info.endpoint,
+                              f"{info.endpoint} advertises {claimed / GiB:,.2f} GiB on its status "
+                              f"page but its device reports only {info.advertised_free / GiB:,.2f}"
+                              " GiB free", "Restart it with a --mem-limit it can honour.")
+
+    def remove(self, endpoints: Sequence[str]) -> "ClusterStatus":
+        for e in (P.parse_endpoint(x) for x in endpoints):
+            if e not in self.nodes:
+                raise WorkbenchError(f"{e} is not in the cluster",
+                                     f"Nodes: {', '.join(self.nodes) or 'none'}.")
+            if self.plan is not None and e in self.plan.nodes and self.engine.alive:
+                raise WorkbenchError(f"{e} holds layers of the loaded model",
+                                     "Unload the model (or load it without --cluster) first.")
+            del self.nodes[e]
+            self._event("removed", f"node {e} removed")
+        return self.status()
+
+    # ---- planning and loading -----------------------------------------------------------
+
+    def _local_member(self, config: Any) -> Member:
+        import psutil
+
+        from ..device.profile import gpus, memory_bandwidth
+
+        found = gpus() if config.device in ("gpu", "auto") else ()
+        if found and self.engine.worker is not None and not \
+                self.engine.worker.supports_gpu_offload:
+            found = ()
+        if config.device == "gpu" and not found:
+            raise WorkbenchError("--device gpu, but this machine has no GPU llama.cpp can use",
+                                 "Use --device cpu (or auto).")
+        if found:
+            g = found[0]
+            usable, why = g.memory_free - 512 * MiB, "free GPU memory less 512 MiB"
+            if config.gpu_mem_mib is not None and config.gpu_mem_mib * MiB < usable:
+                usable, why = config.gpu_mem_mib * MiB, f"capped by gpu_mem_mib={config.gpu_mem_mib}"
+            return Member("local", "gpu", max(0, usable), None, 0.0, why)
+        usable = psutil.virtual_memory().available - 512 * MiB
+        if config.kv_cache == "on":
+            usable -= config.kv_ram_mib * MiB
+        why = "available RAM less 512 MiB"
+        if config.ram_mib is not None and config.ram_mib * MiB < usable:
+            usable, why = config.ram_mib * MiB, f"capped by ram_mib={config.ram_mib}"
+        if self._bandwidth is None:
+            self._bandwidth = memory_bandwidth(mib=128, repeats=2)
+        return Member("local", "cpu", max(0, usable), self._bandwidth, 0.0, why)
+
+    def members(self, config: Any) -> list[Member]:
+        out = [self._local_member(config)]
+        for n in self.nodes.values():
+            if n.state == "lost":
+                continue
+            i = n.info
+            out.append(Member(i.endpoint, i.kind if i.kind != "unknown" else "cpu", i.usable,
+                              i.bandwidth_gbs, i.rtt_ms,
+                              "its --mem-limit" if i.status.get("mem_limit") else
+                              "what its RPC server reports free"))
+        return out
+
+    def place(self, path: Path, config: Any) -> ClusterPlan:
+        from ..models.inspect import inspect_model
+
+        if not any(n.state != "lost" for n in self.nodes.values()):
+            raise WorkbenchError("the cluster has no node to place layers on",
+                                 "Add one with `%cluster add HOST:PORT` (start one with "
+                                 "`workbench rpc-worker`, or `%cluster local 2` on this machine).")
+        members = self.members(config)
+        same_machine = all(P.is_loopback(P.split_endpoint(x.name)[0]) for x in members[1:])
+        return place(inspect_model(path), members, config,
+                     local_layers=members[0].kind == "gpu" or not same_machine)
+
+    def load(self, path: Path, config: Any, given: dict[str, Any],
+             on_progress: Callable[[float], None] | None = None) -> tuple[Any, ClusterPlan]:
+        """Plan and load `path` across the cluster."""
+        for n in self.nodes.values():  # fresh memory figures; a node may have left
+            if n.state != "lost" and not (self.plan and n.endpoint in self.plan.nodes
+                                          and self.engine.alive):
+                n.info = P.probe(n.endpoint)
+        base = dataclasses.replace(config, **{k: getattr(type(config)(), k) for k in PLAN_FIELDS
+                                              if given.get(k) is None})
+        plan = self.place(path, base)
+        chosen = dataclasses.replace(base, **{k: v for k, v in plan.settings.items()
+                                              if given.get(k) is None}).validate()
+        self._stop_watch()
+        try:
+            info = self.engine.load(path, chosen, on_progress=on_progress)
+        except WorkbenchError as e:
+            raise self._explain_load_failure(e, plan) from None
+        with self._lock:
+            self.plan, self._load = plan, (Path(path), base)
+        self._event("replanned", f"loaded {Path(path).name} across {len(plan.nodes)} node(s): "
+                    + "; ".join(f"{r[0]} layers {r[2]}" for r in plan.rows()))
+        self._start_watch()
+        return info, plan
+
+    def _explain_load_failure(self, e: WorkbenchError, plan: ClusterPlan) -> WorkbenchError:
+        for s in plan.shares[1:]:
+            if s.member.name in e.message:
+                n = self.nodes[s.member.name]
+                return P.NodeError(
+                    s.member.name,
+                    f"node {s.member.name} could not hold its share of the model ({s.total / MiB:,.0f}"
+                    f" MiB for layers {s.layers.start}-{s.layers.stop - 1}"
+                    f"{' and the output' if s.output else ''}), although it advertised "
+                    f"{n.info.advertised_free / GiB:,.2f} GiB free: {e.message}",
+                    "The node advertises more memory than it can give. Restart it with an "
+                    "honest --mem-limit (workbench rpc-worker), or `%cluster remove` it.")
+        return e
+
+    def rebalance(self) -> ClusterPlan:
+        """Re-plan the loaded model onto the nodes there are now, and reload it."""
+        if self.plan is None or self._load is None:
+            raise WorkbenchError("no model is loaded across the cluster",
+                                 "Load one with `%load_model MODEL --cluster`.")
+        path, config = self._load
+        t0 = time.monotonic()
+        old = self.plan
+        self.plan = None
+        try:
+            _, plan = self.load(path, config, {})
+        except WorkbenchError:
+            self.plan = old if self.engine.alive else None
+            raise
+        self.last_replan_s = time.monotonic() - t0
+        self._event("rebalanced", f"rebalanced onto {len(plan.nodes)} node(s) in "
+                    f"{self.last_replan_s:.1f} s")
+        return plan
+
+    # ---- losing a node --------------------------------------------------------------
+
+    def _answers(self, node: Node) -> bool:
+        if node.info.status:
+            return bool(P.status(node.endpoint, timeout=1.5))
+        return P.reachable(node.endpoint)
+
+    def on_crash(self, how: str, serving: str) -> WorkbenchError | None:
+        """The engine worker died: was it a node? Called on the engine's receiver thread,
+        before the failed requests hear of it."""
+        plan = self.plan
+        if plan is None:
+            return None
+        lost = [e for e in plan.nodes if e in self.nodes and
+                (self.nodes[e].state == "lost" or not self._answers(self.nodes[e]))]
+        if not lost:
+            return None
+        t_lost = time.monotonic()
+        for e in lost:
+            if self.nodes[e].state != "lost":
+                self.nodes[e].state = "lost"
+                self._event("lost", f"node {e} was lost (the engine worker {how}"
+                            f"{' while serving ' + serving if serving else ''})")
+        names = ", ".join(lost)
+        self.plan = None
+        self._stop_watch(join=False)
+        path, config = self._load  # type: ignore[misc]
+        try:
+            new = self.place(path, config)
+        except WorkbenchError as e:
+            self.engine.forget_load()
+            self._event("failed", f"cannot re-plan without {names}: {e.message}")
+            err = NodeLost(lost[0], f"cluster node {names} stopped answering, and the model "
+                           f"no longer fits on what remains: {e.message}",
+                           "Add nodes (`%cluster add`) and load the model again.")
+            return err
+        chosen = dataclasses.replace(config, **new.settings).validate()
+        self.engine.replace_load(chosen)
+        self._recovered.clear()
+        threading.Thread(target=self._recover, args=(new, t_lost, names), daemon=True,
+                         name="workbench-cluster-recover").start()
+        err = NodeLost(lost[0], f"cluster node {names} stopped answering (the engine worker "
+                       f"{how}{' while serving ' + serving if serving else ''})",
+                       f"The engine re-planned onto {len(new.nodes)} remaining node(s) and is "
+                       "reloading the model; the next request runs there (`%cluster status`).")
+        err.retry, err.replanned = self.wait_recovered, True
+        return err
+
+    def _recover(self, plan: ClusterPlan, t_lost: float, names: str) -> None:
+        try:
+            self.engine.ensure_loaded()
+        except WorkbenchError as e:
+            self._event("failed", f"reloading without {names} failed: {e.message}")
+            self._recovered.set()
+            return
+        self.plan = plan
+        self.last_replan_s = time.monotonic() - t_lost
+        self._event("replanned", f"re-planned without {names} in {self.last_replan_s:.1f} s: "
+                    + "; ".join(f"{r[0]} layers {r[2]}" for r in plan.rows()))
+        self._recovered.set()
+        self._start_watch()
+
+    def wait_recovered(self, timeout: float = 300.0) -> bool:
+        """Wait for a re-plan in progress; True when the model is loaded again."""
+        self._recovered.wait(timeout)
+        return self.plan is not None and self.engine.alive
+
+    # ---- watching -------------------------------------------------------------------
+
+    def _start_watch(self) -> None:
+        if self._watcher is None or not self._watcher.is_alive():
+            self._stop = threading.Event()
+            self._watcher = threading.Thread(target=self._watch, args=(self._stop,),
+                                             daemon=True, name="workbench-cluster-watch")
+            self._watcher.start()
+
+    def _stop_watch(self, join: bool = True) -> None:
+        if self._watcher is not None:
+            self._stop.set()
+            if join and self._watcher is not threading.current_thread():
+                self._watcher.join(5)
+            self._watcher = None
+
+    def _watch(self, stop: threading.Event) -> None:
+        while not stop.wait(WATCH_PERIOD_S):
+            plan = self.plan
+            if plan is None:
+                continue
+            for e in plan.nodes:
+                node = self.nodes.get(e)
+                if node is None or not node.info.status:
+                    continue  # a plain rpc-server: its loss shows when a request fails
+                page = P.status(e, timeout=1.5)
+                if page:
+                    node.misses = 0
+                    node.traffic.append((time.time(), page.get("bytes_in", 0),
+                                         page.get("bytes_out", 0)))
+                    continue
+                node.misses += 1
+                if node.misses >= MISSES_TO_LOSE and not stop.is_set():
+                    self._event("lost", f"node {e} stopped answering its status page; "
+                                "stopping the engine worker to re-plan")
+                    node.state = "lost"
+                    self.engine.kill_worker()
+                    return
+            for fn in list(self._listeners):
+                fn()
+
+    # ---- loopback workers (one machine) ----------------------------------------------------
+
+    def start_local(self, n: int, threads: int | None = None,
+                    mem_limit_gib: float | None = None) -> list[str]:
+        """Start `n` rpc-workers on this machine, on free loopback ports, and add them."""
+        from ..serve.check import free_port
+
+        if not 1 <= n <= 8:
+            raise WorkbenchError(f"start 1 to 8 local workers (got {n})",
+                                 "Each holds a share of the model; 2 or 3 show the idea.")
+        endpoints = []
+        for _ in range(n):
+            port = _free_pair(free_port)
+            cmd = [sys.executable, "-m", "workbench.cli", "rpc-worker", "--port", str(port)]
+            if threads:
+                cmd += ["--threads", str(threads)]
+            if mem_limit_gib:
+                cmd += ["--mem-limit", str(mem_limit_gib)]
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                    text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            line = proc.stdout.readline() if proc.stdout else ""
+            if not line.startswith("rpc-worker ready"):
+                proc.kill()
+                raise WorkbenchError(f"a local rpc-worker did not start: {line.strip() or 'no output'}",
+                                     "Run `workbench rpc-worker` in a terminal to see why.")
+            threading.Thread(target=_drain, args=(proc,), daemon=True).start()
+            self._local.append(proc)
+            endpoints.append(f"127.0.0.1:{port}")
+        if len(self._local) == n:
+            atexit.register(self.stop_local)
+        self.add(endpoints)
+        return endpoints
+
+    def local_workers(self) -> dict[str, subprocess.Popen]:
+        return {f"127.0.0.1:{_port_of(p)}": p for p in self._local}
+
+    def stop_local(self) -> None:
+        """Stop the workers start_local started (the engine first, if it uses them: a
+        worker whose node vanishes under it aborts)."""
+        mine = set(self.local_workers())
+        if self.plan is not None and mine & set(self.plan.nodes):
+            self.engine.close()
+            self.plan = None
+        self._stop_watch()
+        for p in self._local:
+            if p.poll() is None:
+                p.terminate()
+        for p in self._local:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self._local.clear()
+
+    # ---- reporting --------------------------------------------------------------------
+
+    def status(self) -> "ClusterStatus":
+        rows = []
+        plan = self.plan
+        for e, n in self.nodes.items():
+            share = plan.holder(e) if plan else None
+            layers = "-" if share is None else (
+                (f"{share.layers.start}-{share.layers.stop - 1}" if len(share.layers) else "none")
+                + (" + output" if share.output else ""))
+            rin, rout = n.rate()
+            state = n.state if n.state == "lost" else ("holding layers" if share else "ready")
+            rows.append((e, state, n.info.kind, f"{n.info.usable / GiB:,.2f} GiB",
+                         f"{n.info.bandwidth_gbs:,.1f} GB/s" if n.info.bandwidth_gbs else "?",
+                         layers, f"{(rin + rout) / 1024:,.0f} KiB/s" if share else "-",
+                         f"{n.info.rtt_ms:.1f} ms"))
+        return ClusterStatus(rows, self.events[-8:], plan, self.policy, self.last_replan_s)
+
+
+def _free_pair(free_port: Callable[[], int]) -> int:
+    """A free port whose status port (+1000) is free too."""
+    import socket
+
+    for _ in range(50):
+        port = free_port()
+        if port + P.STATUS_OFFSET >= 65536:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", P.status_port(port)))
+            except OSError:
+                continue
+        return port
+    raise WorkbenchError("no free pair of loopback ports", "Close some servers and retry.")
+
+
+def _port_of(proc: subprocess.Popen) -> int:
+    args = list(proc.args)  # type: ignore[arg-type]
+    return int(args[args.index("--port") + 1])
+
+
+def _drain(proc: subprocess.Popen) -> None:
+    for _ in proc.stdout or ():  # llama.cpp's server logs each connection
+        pass
+
+
+class ClusterStatus:
+    """What `%cluster status` shows."""
+
+    headers = ("node", "state", "device", "usable", "bandwidth", "layers", "traffic", "RTT")
+
+    def __init__(self, rows: list[tuple[str, ...]], events: list[Event],
+                 plan: ClusterPlan | None, policy: str, replan_s: float | None) -> None:
+        self.rows, self.events, self.plan, self.policy = rows, events, plan, policy
+        self.replan_s = replan_s
+
+    def _lines(self) -> list[str]:
+        out = [f"policy on join: {self.policy}"]
+        if self.plan is not None:
+            out.append(f"model: {self.plan.model.name}, predicted {self.plan.predicted_tps:,.0f} "
+                       f"tokens/s; local layers " + next(r[2] for r in self.plan.rows()))
+        if self.replan_s is not None:
+            out.append(f"last re-plan took {self.replan_s:.1f} s")
+        return out + [time.strftime("%H:%M:%S ", time.localtime(e.time)) + e.text
+                      for e in self.events]
+
+    def _repr_html_(self) -> str:
+        if not self.rows:
+            table = "<p>No node yet: <code>%cluster add HOST:PORT</code>.</p>"
+        else:
+            head = "".join(f"<th>{h}</th>" for h in self.headers)
+            body = "".join("<tr>" + "".join(f"<td style='text-align:left'>{html.escape(c)}</td>"
+                                             for c in r) + "</tr>" for r in self.rows)
+            table = f"<table><tr>{head}</tr>{body}</table>"
+        notes = "".join(f"<li>{html.escape(x)}</li>" for x in self._lines())
+        return f"<b>Cluster</b>{table}<ul>{notes}</ul>"
+
+    def __repr__(self) -> str:
+        if not self.rows:
+            return "Cluster: no node yet (%cluster add HOST:PORT)\n" + "\n".join(self._lines())
+        rows = [self.headers] + self.rows
+        widths = [max(len(r[i]) for r in rows) for i in range(len(self.headers))]
+        return "Cluster\n" + "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+                                       for r in rows) + "\n" + "\n".join(self._lines())
+
+
+_cluster: Cluster | None = None
+
+
+def cluster() -> Cluster:
+    """This kernel's cluster (created on first use, bound to the engine)."""
+    global _cluster
+    if _cluster is None:
+        from ..api import engine
+
+        _cluster = Cluster(engine())
+    return _cluster

@@ -1,0 +1,190 @@
+"""`workbench rpc-worker`: serve this machine's compute over llama.cpp's RPC protocol.
+
+The server is llama.cpp's own (`ggml_backend_rpc_start_server` in libggml-rpc); this
+module picks the device, enforces the memory limit, refuses to listen beyond loopback
+unless told, and serves a small JSON status page beside it (RPC port + 1000) that the
+kernel reads for health, memory, bandwidth and traffic.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import resource
+import signal
+import socket
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from .. import _paths
+from ..errors import WorkbenchError
+from .probe import is_loopback, status_port
+
+GiB = 2 ** 30
+SPINCOUNT = "1000"
+UNSAFE_FLAG = "--allow-unauthenticated-network"
+_STACK = 8 * 2 ** 20       # glibc's default thread stack, counted by RLIMIT_DATA
+_SLACK = 48 * 2 ** 20      # transfer buffers and the graph the server deserialises
+
+
+def check_host(host: str, allow_network: bool) -> None:
+    if is_loopback(host) or allow_network:
+        return
+    raise WorkbenchError(
+        f"refusing to serve llama.cpp's RPC on {host}: the protocol has no authentication, "
+        "so anyone who can reach the port can use this machine's memory and compute",
+        f"Keep the default 127.0.0.1 and reach it through an SSH tunnel (on the kernel's "
+        f"machine: ssh -N -L 50052:127.0.0.1:50052 USER@NODE), or, on a trusted network "
+        f"only, add {UNSAFE_FLAG}.")
+
+
+def _check_port_free(host: str, port: int, what: str) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise WorkbenchError(f"cannot listen on {host}:{port} ({what}): {e.strerror}",
+                                 "Pick another --port, or stop what uses it.") from None
+
+
+def _pick_device(kind: str) -> Any:
+    from ._ggml import DEV_CPU, DEV_GPU, DEV_IGPU, local_devices
+
+    wanted = (DEV_CPU,) if kind == "cpu" else (DEV_GPU, DEV_IGPU)
+    found = [d for d in local_devices() if d.kind in wanted]
+    if not found:
+        raise WorkbenchError(f"this machine has no {kind.upper()} device that llama.cpp can use",
+                             "Use --device cpu, or a llama-cpp-python built for the GPU.")
+    return found[0]
+
+
+def _data_size() -> int:
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmData:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def limit_memory(limit: int, threads: int) -> None:
+    """Make allocations beyond `limit` fail (RLIMIT_DATA), so the node refuses a share
+    too big for it instead of swapping the machine to a halt."""
+    cap = _data_size() + limit + _SLACK + _STACK * (threads + 2)
+    resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
+
+
+def _io_bytes() -> tuple[int, int]:
+    try:
+        with open("/proc/self/io", encoding="ascii") as f:
+            values = dict(line.split(": ") for line in f.read().splitlines())
+        return int(values["rchar"]), int(values["wchar"])
+    except (OSError, KeyError, ValueError):
+        return 0, 0
+
+
+class _Status:
+    def __init__(self, info: dict[str, Any], port: int) -> None:
+        self.info = info
+        self.port = port
+
+    def snapshot(self) -> dict[str, Any]:
+        import psutil
+
+        clients = []
+        try:
+            for c in psutil.Process().net_connections(kind="tcp"):
+                if c.laddr and c.laddr.port == self.port and c.raddr and \
+                        c.status == psutil.CONN_ESTABLISHED:
+                    clients.append(f"{c.raddr.ip}:{c.raddr.port}")
+        except psutil.Error:
+            pass
+        rx, tx = _io_bytes()
+        return {**self.info, "clients": clients, "bytes_in": rx, "bytes_out": tx,
+                "rss": psutil.Process().memory_info().rss, "time": time.time()}
+
+
+def _serve_status(host: str, port: int, state: _Status) -> ThreadingHTTPServer | None:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the http.server name
+            if self.path not in ("/status", "/health"):
+                self.send_error(404)
+                return
+            body = json.dumps(state.snapshot()).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    try:
+        server = ThreadingHTTPServer((host, port), Handler)
+    except OSError as e:
+        print(f"rpc-worker: no status page on {host}:{port} ({e.strerror}); the kernel "
+              "then sees only the RPC port", file=sys.stderr)
+        return None
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="rpc-status", daemon=True).start()
+    return server
+
+
+def run(host: str = "127.0.0.1", port: int = 50052, device: str = "cpu",
+        mem_limit_gib: float | None = None, threads: int | None = None,
+        allow_network: bool = False, status_page: bool = True,
+        cache_dir: str | None = None) -> None:
+    """Serve until killed. Every check happens before anything listens."""
+    # OpenMP threads spin for a while after each graph; on a machine that also runs the
+    # kernel's engine or other nodes that spinning steals their cores. Set before
+    # llama.cpp (and its OpenMP runtime) loads; benchmarks/cluster.py measures it.
+    os.environ.setdefault("GOMP_SPINCOUNT", SPINCOUNT)
+    from ..device.profile import memory_bandwidth, usable_cores
+
+    check_host(host, allow_network)
+    if device not in ("cpu", "gpu"):
+        raise WorkbenchError(f"--device must be cpu or gpu (got {device!r})",
+                             "Use --device cpu or --device gpu.")
+    if not 0 < port < 65536:
+        raise WorkbenchError(f"--port must be 1-65535 (got {port})", "The default is 50052.")
+    if mem_limit_gib is not None and mem_limit_gib <= 0:
+        raise WorkbenchError(f"--mem-limit must be positive (got {mem_limit_gib})",
+                             "Give GiB, for example --mem-limit 4.")
+    _check_port_free(host, port, "the RPC port")
+    threads = threads or usable_cores()
+    dev = _pick_device(device)
+    limit = int(mem_limit_gib * GiB) if mem_limit_gib else None
+    if limit is not None and limit > dev.free:
+        raise WorkbenchError(
+            f"--mem-limit {mem_limit_gib:g} GiB is more than the {dev.free / GiB:.1f} GiB "
+            f"{dev.name} has free",
+            "Give at most what the device has free: the planner trusts the limit.")
+    bandwidth = memory_bandwidth(mib=128, repeats=2) if device == "cpu" else None
+    info = {"workbench_rpc_worker": 1, "host": host, "port": port, "pid": os.getpid(),
+            "started": time.time(), "device": device, "device_name": dev.name,
+            "description": dev.description, "total": dev.total, "free": dev.free,
+            "mem_limit": limit, "advertised": min(limit or dev.free, dev.free),
+            "bandwidth_gbs": bandwidth, "threads": threads}
+    server = _serve_status(host, status_port(port), _Status(info, port)) if status_page \
+        else None
+    if limit is not None and device == "cpu":
+        limit_memory(limit, threads)
+    cache = cache_dir or str(_paths.home() / "rpc-cache")
+    os.makedirs(cache, exist_ok=True)
+    print("rpc-worker ready " + json.dumps({k: info[k] for k in (
+        "host", "port", "pid", "device", "device_name", "free", "mem_limit", "bandwidth_gbs")}
+        | {"status_port": status_port(port) if server else None}), flush=True)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C ends the blocking C call too
+    from ._ggml import device_array, lib
+
+    lib().rpc.ggml_backend_rpc_start_server(
+        f"{host}:{port}".encode(), cache.encode(), threads, 1,
+        ctypes.cast(device_array([dev.handle]), ctypes.POINTER(ctypes.c_void_p)))
+    raise WorkbenchError(f"llama.cpp's RPC server on {host}:{port} stopped",
+                         "Its log above says why (often: the port was taken meanwhile).")
