@@ -172,7 +172,31 @@ def _deploy_parser() -> _Parser:
     return p
 
 
+def _cluster_parser() -> _Parser:
+    p = _Parser(prog="%cluster", description="Nodes that hold layers of a model loaded with "
+                "`%load_model MODEL --cluster` (llama.cpp's RPC backend).")
+    sub = p.add_subparsers(dest="op", required=True, parser_class=_Parser)
+    a = sub.add_parser("add", help="probe nodes and add them")
+    a.add_argument("nodes", nargs="+", metavar="HOST:PORT")
+    r = sub.add_parser("remove", help="forget nodes")
+    r.add_argument("nodes", nargs="+", metavar="HOST:PORT")
+    sub.add_parser("status", help="the nodes, the layers each holds, and recent events")
+    sub.add_parser("rebalance", help="re-plan the loaded model onto the nodes there are now")
+    sub.add_parser("topology", help="a live widget of the nodes and their traffic")
+    pol = sub.add_parser("policy", help="what a joining node does: manual (wait for "
+                         "`%%cluster rebalance`) or auto (rebalance at once)")
+    pol.add_argument("policy", choices=("manual", "auto"))
+    loc = sub.add_parser("local", help="start N rpc-workers on this machine's loopback and "
+                         "add them (for trying the cluster on one machine)")
+    loc.add_argument("n", type=int)
+    loc.add_argument("--threads", type=int, default=None)
+    loc.add_argument("--mem-limit", type=float, default=None, metavar="GiB")
+    sub.add_parser("stop-local", help="stop the workers `%%cluster local` started")
+    return p
+
+
 PARSERS = {
+    "cluster": _cluster_parser(),
     "deploy": _deploy_parser(),
     "profile_device": _profile_parser(),
     "plan": _plan_parser(),
@@ -312,6 +336,32 @@ class WorkbenchMagics(Magics):
 
         display(job)
         return job.wait()
+
+    @line_magic
+    def cluster(self, line: str) -> Any:
+        """%cluster add|remove HOST:PORT ..., %cluster status|rebalance|topology,
+        %cluster policy manual|auto, %cluster local N, %cluster stop-local"""
+        ns = parse("cluster", line)
+        if ns is None:
+            return None
+        c = api.rpc_cluster()
+        if ns.op == "add":
+            return c.add(ns.nodes)
+        if ns.op == "remove":
+            return c.remove(ns.nodes)
+        if ns.op == "rebalance":
+            return c.rebalance()
+        if ns.op == "topology":
+            return c.topology()
+        if ns.op == "policy":
+            c.policy = ns.policy
+            return c.status()
+        if ns.op == "local":
+            c.start_local(ns.n, threads=ns.threads, mem_limit_gib=ns.mem_limit)
+            return c.status()
+        if ns.op == "stop-local":
+            c.stop_local()
+        return c.status()
 
     @line_magic
     def unload_model(self, line: str) -> None:

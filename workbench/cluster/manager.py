@@ -213,9 +213,9 @@ class Cluster:
     def load(self, path: Path, config: Any, given: dict[str, Any],
              on_progress: Callable[[float], None] | None = None) -> tuple[Any, ClusterPlan]:
         """Plan and load `path` across the cluster."""
+        held = set(self.plan.nodes) if self.plan is not None and self.engine.alive else set()
         for n in self.nodes.values():  # fresh memory figures; a node may have left
-            if n.state != "lost" and not (self.plan and n.endpoint in self.plan.nodes
-                                          and self.engine.alive):
+            if n.state != "lost" and n.endpoint not in held:  # held ones cannot answer
                 n.info = P.probe(n.endpoint)
         base = dataclasses.replace(config, **{k: getattr(type(config)(), k) for k in PLAN_FIELDS
                                               if given.get(k) is None})
@@ -255,12 +255,11 @@ class Cluster:
                                  "Load one with `%load_model MODEL --cluster`.")
         path, config = self._load
         t0 = time.monotonic()
-        old = self.plan
-        self.plan = None
         try:
             _, plan = self.load(path, config, {})
         except WorkbenchError:
-            self.plan = old if self.engine.alive else None
+            if not self.engine.alive or self.engine.model is None:
+                self.plan = None
             raise
         self.last_replan_s = time.monotonic() - t0
         self._event("rebalanced", f"rebalanced onto {len(plan.nodes)} node(s) in "
@@ -395,7 +394,7 @@ class Cluster:
                 cmd += ["--mem-limit", str(mem_limit_gib)]
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                     text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            line = proc.stdout.readline() if proc.stdout else ""
+            line = _ready_line(proc)
             if not line.startswith("rpc-worker ready"):
                 proc.kill()
                 raise WorkbenchError(f"a local rpc-worker did not start: {line.strip() or 'no output'}",
@@ -428,6 +427,12 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 p.kill()
         self._local.clear()
+
+    def topology(self) -> Any:
+        """A live widget: the members, their memory and layers, and each node's traffic."""
+        from ..dashboards.topology import TopologyWidget
+
+        return TopologyWidget(self)
 
     # ---- reporting --------------------------------------------------------------------
 
@@ -463,6 +468,16 @@ def _free_pair(free_port: Callable[[], int]) -> int:
                 continue
         return port
     raise WorkbenchError("no free pair of loopback ports", "Close some servers and retry.")
+
+
+def _ready_line(proc: subprocess.Popen) -> str:
+    """The worker's "rpc-worker ready" line (llama.cpp's server prints its own lines
+    around it), or its last line if it exits first."""
+    line = ""
+    for line in proc.stdout or ():
+        if line.startswith("rpc-worker ready"):
+            return line
+    return line
 
 
 def _port_of(proc: subprocess.Popen) -> int:

@@ -157,6 +157,10 @@ def probe(endpoint: str, timeout: float = 3.0) -> NodeInfo:
                     "<QQ", _call(s, _CMD_GET_DEVICE_MEMORY, struct.pack("<I", i), 16))
                 devices.append(RemoteDevice(i, free, total))
     except socket.timeout:
+        if _speaks_http(endpoint, timeout):
+            raise NodeError(endpoint, f"{endpoint} is an HTTP server, not a llama.cpp RPC server",
+                            "Give the RPC port (`workbench rpc-worker` listens on 50052 unless "
+                            "told otherwise; its status page is the port + 1000).") from None
         raise NodeError(endpoint, f"{endpoint} accepted a connection but did not answer the "
                         f"RPC handshake within {timeout:.0f} s",
                         "Either it is not a llama.cpp RPC server, or another client holds it "
@@ -170,6 +174,15 @@ def probe(endpoint: str, timeout: float = 3.0) -> NodeInfo:
         raise NodeError(endpoint, f"the RPC server at {endpoint} offers no device",
                         "Start it with `workbench rpc-worker`, which serves one.")
     return NodeInfo(endpoint, f"{major}.{minor}.{patch}", tuple(devices), rtt, status(endpoint))
+
+
+def _speaks_http(endpoint: str, timeout: float) -> bool:
+    try:
+        with _connect(endpoint, timeout) as s:
+            s.sendall(b"HEAD / HTTP/1.0\r\n\r\n")
+            return s.recv(5) == b"HTTP/"
+    except (NodeError, OSError):
+        return False
 
 
 def status(endpoint: str, timeout: float = 1.0) -> dict[str, Any]:

@@ -12,7 +12,6 @@ import ctypes
 import json
 import os
 import resource
-import signal
 import socket
 import sys
 import threading
@@ -145,6 +144,7 @@ def run(host: str = "127.0.0.1", port: int = 50052, device: str = "cpu",
     # kernel's engine or other nodes that spinning steals their cores. Set before
     # llama.cpp (and its OpenMP runtime) loads; benchmarks/cluster.py measures it.
     os.environ.setdefault("GOMP_SPINCOUNT", SPINCOUNT)
+    os.environ.setdefault("GGML_NO_BACKTRACE", "1")
     from ..device.profile import memory_bandwidth, usable_cores
 
     check_host(host, allow_network)
@@ -177,14 +177,35 @@ def run(host: str = "127.0.0.1", port: int = 50052, device: str = "cpu",
         limit_memory(limit, threads)
     cache = cache_dir or str(_paths.home() / "rpc-cache")
     os.makedirs(cache, exist_ok=True)
+    from ._ggml import device_array, lib
+
+    devices = device_array([dev.handle])
+    server_thread = threading.Thread(
+        target=lib().rpc.ggml_backend_rpc_start_server, name="rpc-server", daemon=True,
+        args=(f"{host}:{port}".encode(), cache.encode(), threads, 1,
+              ctypes.cast(devices, ctypes.POINTER(ctypes.c_void_p))))
+    server_thread.start()
+    # "ready" only once the port listens: whoever reads it may connect at once.
+    deadline = time.monotonic() + 30
+    while not _listening(port) and server_thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if not _listening(port):
+        raise WorkbenchError(f"llama.cpp's RPC server did not start listening on {host}:{port}",
+                             "Its log above says why (often: the port was taken meanwhile).")
     print("rpc-worker ready " + json.dumps({k: info[k] for k in (
         "host", "port", "pid", "device", "device_name", "free", "mem_limit", "bandwidth_gbs")}
         | {"status_port": status_port(port) if server else None}), flush=True)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C ends the blocking C call too
-    from ._ggml import device_array, lib
-
-    lib().rpc.ggml_backend_rpc_start_server(
-        f"{host}:{port}".encode(), cache.encode(), threads, 1,
-        ctypes.cast(device_array([dev.handle]), ctypes.POINTER(ctypes.c_void_p)))
+    while server_thread.is_alive():
+        server_thread.join(0.5)
     raise WorkbenchError(f"llama.cpp's RPC server on {host}:{port} stopped",
-                         "Its log above says why (often: the port was taken meanwhile).")
+                         "Its log above says why.")
+
+
+def _listening(port: int) -> bool:
+    import psutil
+
+    try:
+        return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+                   for c in psutil.Process().net_connections(kind="tcp"))
+    except psutil.Error:
+        return False

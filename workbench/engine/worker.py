@@ -87,6 +87,9 @@ class _GpuMemory:
 
 class Worker:
     def __init__(self, requests: Any, replies: Any) -> None:
+        # ggml's abort (a lost RPC node, a failed assertion) would otherwise attach gdb to
+        # print a backtrace, which takes seconds; the kernel reports the death itself.
+        os.environ.setdefault("GGML_NO_BACKTRACE", "1")
         import llama_cpp
         import psutil
 
