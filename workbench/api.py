@@ -87,6 +87,7 @@ def load_model(model: str | os.PathLike | None = None, *, progress: bool = True,
         info, cluster_plan = rpc_cluster().load(path, config, settings, on_progress=bar)
         bar.close(f"{info.load_seconds:.1f} s")
         return LoadedModel(info, cluster_plan)
+    _leave_cluster()
     placement = _plan(path, config, settings)
     config = dataclasses.replace(config, **placement.settings).validate()
     bar = progress_bar(f"Loading {path.name}", enabled=progress)
@@ -101,6 +102,14 @@ def rpc_cluster() -> Any:
     from .cluster.manager import cluster
 
     return cluster()
+
+
+def _leave_cluster() -> None:
+    """A model loaded on this machine alone: the cluster stops watching for it."""
+    from .cluster import manager
+
+    if manager._cluster is not None:
+        manager._cluster.detach()
 
 
 def _check_lora(path: str | os.PathLike) -> Path:
@@ -402,6 +411,7 @@ def autotune(model: str | os.PathLike | None = None, *, threads: Sequence[int] |
 
 def unload() -> None:
     """Free the loaded model (the worker process stays up)."""
+    _leave_cluster()
     engine().unload()
 
 

@@ -248,6 +248,11 @@ class Cluster:
                     "honest --mem-limit (workbench rpc-worker), or `%cluster remove` it.")
         return e
 
+    def detach(self) -> None:
+        """The engine no longer runs a cluster placement (a plain load or an unload)."""
+        self._stop_watch()
+        self.plan, self._load = None, None
+
     def rebalance(self) -> ClusterPlan:
         """Re-plan the loaded model onto the nodes there are now, and reload it."""
         if self.plan is None or self._load is None:
@@ -427,6 +432,9 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 p.kill()
         self._local.clear()
+        for e in mine:
+            if self.nodes.pop(e, None) is not None:
+                self._event("removed", f"node {e} stopped (a local worker)")
 
     def topology(self) -> Any:
         """A live widget: the members, their memory and layers, and each node's traffic."""

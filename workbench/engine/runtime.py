@@ -43,6 +43,11 @@ def _model_params(cfg: LoadConfig):
         mparams.tensor_split = ctypes.cast(split, ctypes.POINTER(ctypes.c_float))
         mparams._keep_split = split  # C reads it during the load
     if cfg.rpc_servers:
+        import faulthandler
+
+        # llama.cpp aborts this process when a node is lost: an expected end here, which
+        # the kernel explains; a Python stack dump of every thread would only add noise.
+        faulthandler.disable()
         from ..cluster._ggml import DEV_GPU, DEV_IGPU, device_array, local_devices, rpc_devices
 
         # Only the devices the plan names: local GPUs first when it uses them, then each
