@@ -3,7 +3,8 @@ prompt processing (pp) and decoding (tg) tokens/s as ratios, measured side by si
 and the time to re-plan and reload after a node is lost.
 
     python benchmarks/cluster.py [--quick]             # loopback nodes on this machine
-    python benchmarks/cluster.py --gpu --gpu-mem-mib 48  # on a GPU machine
+    python benchmarks/cluster.py --gpu --gpu-mem-mib 48 --synthetic smollm2-135m \
+        --vocab ggml-vocab-gpt-2.gguf                   # on a GPU machine
 
 CPU (default): three `workbench rpc-worker` processes on 127.0.0.1. Each round loads the
 default model in one process, across 2 nodes and across 3 nodes, in that order, and
@@ -21,7 +22,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -94,13 +94,13 @@ def cpu_run(args: argparse.Namespace) -> dict:
     }
 
 
-def gpu_run(args: argparse.Namespace) -> dict:
+def gpu_run(args: argparse.Namespace, model: Path) -> dict:
     import workbench
 
     c = workbench.rpc_cluster()
     nodes = c.start_local(1, threads=args.threads)
     prompt = make_prompt()
-    common = {"n_ctx": N_CTX, "kv_cache": "off", "progress": False}
+    common = {"model": str(model), "n_ctx": N_CTX, "kv_cache": "off", "progress": False}
     rows = []
     for rnd in range(args.rounds):
         workbench.load_model(device="gpu", n_gpu_layers=-1, **common)
@@ -142,14 +142,23 @@ def main() -> None:
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--gpu-mem-mib", type=int, default=48,
                     help="with --gpu: the GPU memory the planner may use, MiB")
+    ap.add_argument("--synthetic", default=None, metavar="SHAPE",
+                    help="with --gpu: a Q4_1 model of this shape with random weights (the "
+                         "default model's file may be absent there)")
+    ap.add_argument("--vocab", default=None, help="GGUF whose tokenizer --synthetic copies")
     args = ap.parse_args()
     if args.quick:
         args.rounds = 1
     import workbench
     from workbench.models.default import default_model_path
 
-    model = default_model_path()
-    data = gpu_run(args) if args.gpu else cpu_run(args)
+    if args.synthetic:
+        from benchmarks.engine_overhead import synthetic_model
+
+        model = synthetic_model(args.synthetic, args.vocab)
+    else:
+        model = default_model_path()
+    data = gpu_run(args, model) if args.gpu else cpu_run(args)
     version = workbench.engine().worker.llama_cpp_version
     name = "cluster_gpu" if args.gpu else "cluster"
     _provenance.write(name, {

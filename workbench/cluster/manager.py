@@ -175,7 +175,7 @@ class Cluster:
             usable, why = g.memory_free - 512 * MiB, "free GPU memory less 512 MiB"
             if config.gpu_mem_mib is not None and config.gpu_mem_mib * MiB < usable:
                 usable, why = config.gpu_mem_mib * MiB, f"capped by gpu_mem_mib={config.gpu_mem_mib}"
-            return Member("local", "gpu", max(0, usable), None, 0.0, why)
+            return Member("local", "gpu", max(0, usable), gpu_bandwidth(0), 0.0, why)
         usable = psutil.virtual_memory().available - 512 * MiB
         if config.kv_cache == "on":
             usable -= config.kv_ram_mib * MiB
@@ -459,6 +459,25 @@ class Cluster:
                          layers, f"{(rin + rout) / 1024:,.0f} KiB/s" if share else "-",
                          f"{n.info.rtt_ms:.1f} ms"))
         return ClusterStatus(rows, self.events[-8:], plan, self.policy, self.last_replan_s)
+
+
+def gpu_bandwidth(index: int) -> float | None:
+    """A GPU's peak memory bandwidth in GB/s from NVML (memory clock x bus width, double
+    data rate): the spec figure, since no copy can be timed from the kernel."""
+    from ..device.nvml import open_nvml
+
+    pynvml, handles = open_nvml()
+    if pynvml is None or index >= len(handles):
+        return None
+    try:
+        h = handles[index]
+        mhz = pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_MEM)
+        bits = pynvml.nvmlDeviceGetMemoryBusWidth(h)
+        return mhz * 1e6 * 2 * bits / 8 / 1e9
+    except Exception:
+        return None
+    finally:
+        pynvml.nvmlShutdown()
 
 
 def _free_pair(free_port: Callable[[], int]) -> int:
