@@ -3,7 +3,7 @@ prompt processing (pp) and decoding (tg) tokens/s as ratios, measured side by si
 and the time to re-plan and reload after a node is lost.
 
     python benchmarks/cluster.py [--quick]             # loopback nodes on this machine
-    python benchmarks/cluster.py --gpu --gpu-mem-mib 48 --synthetic smollm2-135m \
+    python benchmarks/cluster.py --gpu --gpu-mem-mib 96 --synthetic smollm2-135m \
         --vocab ggml-vocab-gpt-2.gguf                   # on a GPU machine
 
 CPU (default): three `workbench rpc-worker` processes on 127.0.0.1. Each round loads the
@@ -138,9 +138,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="one round")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="threads of the engine and of each node (default: 2 on the CPU "
+                         "run, all cores on --gpu)")
     ap.add_argument("--gpu", action="store_true")
-    ap.add_argument("--gpu-mem-mib", type=int, default=48,
+    ap.add_argument("--gpu-mem-mib", type=int, default=96,
                     help="with --gpu: the GPU memory the planner may use, MiB")
     ap.add_argument("--synthetic", default=None, metavar="SHAPE",
                     help="with --gpu: a Q4_1 model of this shape with random weights (the "
@@ -149,6 +151,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.rounds = 1
+    if args.threads is None and not args.gpu:
+        args.threads = 2
     import workbench
     from workbench.models.default import default_model_path
 

@@ -118,6 +118,12 @@ def _share(m: ModelInspection, member: Member, layers: range, output: bool, firs
     return Share(member, layers, output, weights, kv, compute)
 
 
+def _margin(x: Member) -> int:
+    """A node keeps some memory beyond its share; this machine's budget already has its
+    margin (512 MiB less than free)."""
+    return 0 if x.name == "local" else NODE_MARGIN
+
+
 def place(m: ModelInspection, members: Sequence[Member], cfg: Any,
           local_layers: bool = True) -> ClusterPlan:
     """Split `m`'s layers over `members` (local first). Raises when they cannot hold it.
@@ -137,12 +143,12 @@ def place(m: ModelInspection, members: Sequence[Member], cfg: Any,
     # The most layers each member can hold, from its memory, with the output on the last.
     caps = []
     for i, x in enumerate(members):
-        k = 0
+        k, margin = 0, _margin(x)
         while k < n and _share(m, x, range(k + 1), i == last, i == 0, cfg).total + \
-                NODE_MARGIN <= x.usable:
+                margin <= x.usable:
             k += 1
         caps.append(k)
-    if _share(m, members[last], range(0), True, False, cfg).total + NODE_MARGIN > \
+    if _share(m, members[last], range(0), True, False, cfg).total + _margin(members[last]) > \
             members[last].usable:
         caps[last] = -1
     if not local_layers:
