@@ -171,7 +171,7 @@ def main() -> None:
         "model": {"path": str(model), "sha256": _provenance.sha256(model)},
         "params": {"n_ctx": N_CTX, "prompt_tokens": PROMPT_TOKENS, "tg_tokens": TG_TOKENS,
                    "threads": args.threads, "rounds": args.rounds, "nodes": "loopback "
-                   "rpc-workers (GOMP_SPINCOUNT=1000)", "gpu_mem_mib": args.gpu_mem_mib
+                   "rpc-workers (GOMP_SPINCOUNT=10000)", "gpu_mem_mib": args.gpu_mem_mib
                    if args.gpu else None},
         **data,
     })

@@ -24,7 +24,7 @@ from ..errors import WorkbenchError
 from .probe import is_loopback, status_port
 
 GiB = 2 ** 30
-SPINCOUNT = "1000"
+SPINCOUNT = "10000"
 UNSAFE_FLAG = "--allow-unauthenticated-network"
 _STACK = 8 * 2 ** 20       # glibc's default thread stack, counted by RLIMIT_DATA
 _SLACK = 48 * 2 ** 20      # transfer buffers and the graph the server deserialises
