@@ -217,6 +217,12 @@ def test_split_across_three_workers_is_greedy_identical(cluster, reference):
     assert all(len(p["clients"]) == 1 for p in pages)  # each node serves the engine
     text = repr(cluster.status())
     assert all(e in text for e in endpoints) and "holding layers" in text
+    assert "30 + output to 3 RPC node(s)" in repr(m)
+    from workbench import api
+
+    if api._publisher is not None:  # what the JupyterLab panel shows
+        placement = api._publisher.snapshot()["placement"]
+        assert placement["device"] == "cluster" and placement["nodes"] == list(endpoints)
 
 
 def test_a_node_killed_mid_generation(cluster, reference):

@@ -87,7 +87,10 @@ class LoadedModel(_KeyValue):
                 ("quantization", i.quantization), ("parameters", f"{i.n_params / 1e6:,.1f} M"),
                 ("file", f"{i.file_bytes / 2**20:,.1f} MiB"), ("layers", i.n_layers),
                 ("context", f"{i.n_ctx:,} tokens (trained {i.n_ctx_train:,})"),
-                ("GPU layers", i.n_gpu_layers), ("threads", i.threads),
+                ("offloaded layers", f"{min(i.n_gpu_layers, i.n_layers)}"
+                 f"{' + output' if i.n_gpu_layers > i.n_layers else ''} to "
+                 f"{len(i.rpc_servers)} RPC node(s)")
+                if i.rpc_servers else ("GPU layers", i.n_gpu_layers), ("threads", i.threads),
                 ("KV cache", f"K {i.type_k}, V {i.type_v}: {i.kv_bytes_per_token:,} bytes/token, "
                              f"{i.kv_bytes_per_token * i.n_ctx / 2**20:,.0f} MiB at full context"),
                 ("load time", f"{i.load_seconds:.2f} s"), ("path", i.path)] + (

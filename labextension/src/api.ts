@@ -12,6 +12,7 @@ export interface IPlacement {
   type_k: string;
   type_v: string;
   flash_attn: string;
+  nodes?: string[];
 }
 
 /** A running engine, as its kernel publishes it (workbench/engine/status.py). */

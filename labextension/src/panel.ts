@@ -34,8 +34,13 @@ export function describePlacement(e: IEngine): string {
   if (!p) {
     return '–';
   }
+  const nodes = p.nodes ?? [];
   const layers =
-    p.device === 'cpu' ? 'CPU' : `${p.n_gpu_layers}/${p.n_layers + 1} layers on GPU`;
+    p.device === 'cluster'
+      ? `split across ${nodes.length} RPC node${nodes.length === 1 ? '' : 's'}`
+      : p.device === 'cpu'
+        ? 'CPU'
+        : `${p.n_gpu_layers}/${p.n_layers + 1} layers on GPU`;
   return `${layers} · ${p.threads} threads · ctx ${p.n_ctx} · KV ${p.type_k}`;
 }
 

@@ -144,6 +144,7 @@ class ModelInfo:
     load_peak_rss_bytes: int = 0
     lora: str | None = None  # the applied LoRA adapter's path
     n_parallel: int = 1  # sequences decoded together (continuous batching)
+    rpc_servers: tuple[str, ...] = ()  # cluster nodes holding layers (llama.cpp RPC)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -218,7 +218,7 @@ class Runtime:
             load_seconds=time.monotonic() - t0, type_k=cfg.type_k, type_v=cfg.type_v,
             kv_bytes_per_token=kv_per_token, buffers=self.log.buffers(),
             flash_attn=cfg.flash_attn, n_ubatch=cparams.n_ubatch, lora=cfg.lora,
-            n_parallel=cfg.n_parallel)
+            n_parallel=cfg.n_parallel, rpc_servers=tuple(cfg.rpc_servers))
         return self.info
 
     def _apply_lora(self, model, ctx, cfg: LoadConfig) -> None:

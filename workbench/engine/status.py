@@ -11,8 +11,9 @@ engine's publisher thread sees within a second and obeys. Format version 1:
      "state": "starting" | "no model" | "loading" | "idle" | "generating" | "crashed"
               | "stopped",
      "model": {"name", "path", "architecture", "quantization", "file_bytes"} | null,
-     "placement": {"device", "n_gpu_layers", "n_layers", "threads", "n_ctx", "n_batch",
-                   "type_k", "type_v", "flash_attn"} | null,
+     "placement": {"device": cpu | gpu | cpu+gpu | cluster, "n_gpu_layers", "n_layers",
+                   "threads", "n_ctx", "n_batch", "type_k", "type_v", "flash_attn",
+                   "nodes": [HOST:PORT, ...]} | null,
      "memory": {"worker_rss_bytes", "worker_gpu_bytes"},
      "requests": N, "last_tps": float | null, "last_ttft_s": float | null,
      "history": [{"t": unix time, "tps": decode tokens/s, "ttft_s": s}, ...],
@@ -217,8 +218,9 @@ class StatusPublisher:
                 "name": m.name, "path": m.path, "architecture": m.architecture,
                 "quantization": m.quantization, "file_bytes": m.file_bytes},
             "placement": None if m is None else {
-                "device": "cpu" if gpu_layers == 0 else
+                "device": "cluster" if m.rpc_servers else "cpu" if gpu_layers == 0 else
                 "gpu" if gpu_layers > m.n_layers else "cpu+gpu",
+                "nodes": list(m.rpc_servers),
                 "n_gpu_layers": gpu_layers, "n_layers": m.n_layers, "threads": m.threads,
                 "n_ctx": m.n_ctx, "n_batch": m.n_batch, "type_k": m.type_k,
                 "type_v": m.type_v, "flash_attn": m.flash_attn},
