@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import _provenance  # noqa: E402
+from benchmarks.engine_overhead import chosen_model, model_arguments  # noqa: E402
 
 N_CTX = 1024
 PROMPT_TOKENS = 512
@@ -43,14 +44,15 @@ def measure(prompt: str) -> dict[str, float]:
             "generated": m.generated_tokens}
 
 
-def cpu_run(args: argparse.Namespace) -> dict:
+def cpu_run(args: argparse.Namespace, model: Path) -> dict:
     import workbench
     from workbench.cluster.manager import NodeLost
 
     c = workbench.rpc_cluster()
     nodes = c.start_local(3, threads=args.threads)
     prompt = make_prompt()
-    common = {"n_ctx": N_CTX, "threads": args.threads, "kv_cache": "off", "progress": False}
+    common = {"model": str(model), "n_ctx": N_CTX, "threads": args.threads, "kv_cache": "off",
+              "progress": False}
     rows = []
     for rnd in range(args.rounds):
         row = {}
@@ -144,25 +146,15 @@ def main() -> None:
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--gpu-mem-mib", type=int, default=96,
                     help="with --gpu: the GPU memory the planner may use, MiB")
-    ap.add_argument("--synthetic", default=None, metavar="SHAPE",
-                    help="with --gpu: a Q4_1 model of this shape with random weights (the "
-                         "default model's file may be absent there)")
-    ap.add_argument("--vocab", default=None, help="GGUF whose tokenizer --synthetic copies")
+    model_arguments(ap)
     args = ap.parse_args()
     if args.quick:
         args.rounds = 1
     if args.threads is None and not args.gpu:
         args.threads = 2
     import workbench
-    from workbench.models.default import default_model_path
-
-    if args.synthetic:
-        from benchmarks.engine_overhead import synthetic_model
-
-        model = synthetic_model(args.synthetic, args.vocab)
-    else:
-        model = default_model_path()
-    data = gpu_run(args, model) if args.gpu else cpu_run(args)
+    model = chosen_model(args)
+    data = gpu_run(args, model) if args.gpu else cpu_run(args, model)
     version = workbench.engine().worker.llama_cpp_version
     name = "cluster_gpu" if args.gpu else "cluster"
     _provenance.write(name, {

@@ -28,6 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import _provenance  # noqa: E402
+from benchmarks.engine_overhead import chosen_model, model_arguments  # noqa: E402
 
 PROMPTS = ["Once upon a time, a lighthouse keeper", "A bicycle stays upright because",
            "The day at the seaside began", "The first thing a new gardener should know is",
@@ -143,27 +144,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="one round of 10 s per level")
     ap.add_argument("--gpu", action="store_true", help="all layers on the GPU")
-    ap.add_argument("--model", default=None, help="GGUF file (default: the default model)")
     ap.add_argument("--levels", default="1,4,16", help="concurrencies to measure")
     ap.add_argument("--seconds", type=float, default=None)
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--no-stock", action="store_true", help="measure the service alone")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--synthetic", default=None, metavar="SHAPE",
-                    help="a model of this architecture's shape with random weights "
-                         "(e.g. smollm2-135m), made here, Q4_1")
-    ap.add_argument("--vocab", default=None, help="GGUF whose tokenizer --synthetic copies")
+    model_arguments(ap)
     args = ap.parse_args()
-    from workbench.models.default import default_model_path
     from workbench.serve.check import free_port, start, stop
 
-    if args.synthetic:
-        from benchmarks.engine_overhead import synthetic_model
-
-        model = synthetic_model(args.synthetic, args.vocab)
-    else:
-        model = Path(args.model).resolve() if args.model else default_model_path()
+    model = chosen_model(args)
     levels = [int(x) for x in args.levels.split(",")]
     seconds = args.seconds or (10.0 if args.quick else 30.0)
     rounds = args.rounds or (1 if args.quick else 2)

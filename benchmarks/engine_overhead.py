@@ -107,6 +107,25 @@ def synthetic_model(shape: str, vocab: str | None) -> Path:
     return out
 
 
+def model_arguments(ap: argparse.ArgumentParser) -> None:
+    """--model, --synthetic and --vocab: the model a benchmark measures."""
+    ap.add_argument("--model", default=None, help="GGUF file (default: the default model)")
+    ap.add_argument("--synthetic", default=None, metavar="SHAPE",
+                    help="instead of --model: random weights of this shape (e.g. smollm2-135m), "
+                         "quantized to Q4_1 like the default model (a GPU machine may lack "
+                         "the default model's file)")
+    ap.add_argument("--vocab", default=None,
+                    help="GGUF file whose tokenizer the synthetic model copies "
+                         "(default: the default model)")
+
+
+def chosen_model(args: argparse.Namespace) -> Path:
+    from workbench.api import resolve_model
+
+    return synthetic_model(args.synthetic, args.vocab) if args.synthetic \
+        else resolve_model(args.model)
+
+
 def prompt_tokens(llm) -> list[int]:
     import inspect
 
@@ -124,13 +143,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="3 repetitions instead of 5")
     ap.add_argument("--gpu", action="store_true", help="offload all layers to the GPU")
-    ap.add_argument("--model", default=None, help="GGUF file (default: the default model)")
-    ap.add_argument("--synthetic", default=None, metavar="SHAPE",
-                    help="instead of --model: random weights of this shape (e.g. smollm2-135m), "
-                         "quantized to Q4_1 like the default model")
-    ap.add_argument("--vocab", default=None,
-                    help="GGUF file whose tokenizer the synthetic model copies "
-                         "(default: the default model)")
+    model_arguments(ap)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--backend-sampling", choices=("on", "off", "auto"), default="auto",
@@ -144,10 +157,8 @@ def main() -> None:
     import psutil
 
     import workbench
-    from workbench.api import resolve_model
 
-    model = synthetic_model(args.synthetic, args.vocab) if args.synthetic \
-        else resolve_model(args.model)
+    model = chosen_model(args)
     threads = args.threads or (psutil.cpu_count(logical=False) or 2)
     reps = args.reps or (3 if args.quick else 5)
     ngl = 999 if args.gpu else 0

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .. import _paths
+from .._net import is_loopback
 from ..errors import WorkbenchError
 from . import probe as P
 from .plan import GiB, MiB, ClusterPlan, Member, place
@@ -206,7 +207,7 @@ class Cluster:
                                  "Add one with `%cluster add HOST:PORT` (start one with "
                                  "`workbench rpc-worker`, or `%cluster local 2` on this machine).")
         members = self.members(config)
-        same_machine = all(P.is_loopback(P.split_endpoint(x.name)[0]) for x in members[1:])
+        same_machine = all(is_loopback(P.split_endpoint(x.name)[0]) for x in members[1:])
         return place(inspect_model(path), members, config,
                      local_layers=members[0].kind == "gpu" or not same_machine)
 
@@ -384,7 +385,7 @@ class Cluster:
     def start_local(self, n: int, threads: int | None = None,
                     mem_limit_gib: float | None = None) -> list[str]:
         """Start `n` rpc-workers on this machine, on free loopback ports, and add them."""
-        from ..serve.check import free_port
+        from .._net import free_port
 
         if not 1 <= n <= 8:
             raise WorkbenchError(f"start 1 to 8 local workers (got {n})",

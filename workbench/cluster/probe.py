@@ -9,7 +9,6 @@ serves one client at a time, so a node busy with another client does not answer.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import socket
 import struct
@@ -55,15 +54,6 @@ def split_endpoint(endpoint: str) -> tuple[str, int]:
 
 def status_port(port: int) -> int:
     return port + STATUS_OFFSET if port + STATUS_OFFSET < 65536 else port - STATUS_OFFSET
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass(frozen=True)

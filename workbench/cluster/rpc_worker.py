@@ -21,7 +21,8 @@ from typing import Any
 
 from .. import _paths
 from ..errors import WorkbenchError
-from .probe import is_loopback, status_port
+from .._net import is_loopback
+from .probe import status_port
 
 GiB = 2 ** 30
 SPINCOUNT = "10000"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,16 +13,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from .._net import free_port
 from ..errors import WorkbenchError
 from .run import read_config
 
 _START_TIMEOUT_S = 180.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(folder: Path, port: int, *extra: str, env: dict | None = None) -> subprocess.Popen:

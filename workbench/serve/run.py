@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 from pathlib import Path
 from typing import Any
 
+from .._net import is_loopback
 from ..errors import WorkbenchError
 from .bundle import CONFIG
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def read_config(folder: Path) -> dict[str, Any]:
