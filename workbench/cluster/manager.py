@@ -32,7 +32,7 @@ from .plan import GiB, MiB, ClusterPlan, Member, place
 log = logging.getLogger("workbench.cluster")
 
 WATCH_PERIOD_S = 1.0
-MISSES_TO_LOSE = 2          # status pages that must go unanswered in a row
+MISSES_TO_LOSE = 3          # status pages that must go unanswered in a row
 PLAN_FIELDS = ("rpc_servers", "tensor_split", "n_gpu_layers", "device", "flash_attn",
                "backend_sampling")
 
@@ -81,7 +81,11 @@ class Cluster:
         self.plan: ClusterPlan | None = None
         self.events: list[Event] = []
         self.last_replan_s: float | None = None
-        self._load: tuple[Path, Any] | None = None     # the model and its config (no plan)
+        # the model, its config without the plan's settings, and the settings the user gave
+        self._load: tuple[Path, Any, dict[str, Any]] | None = None
+        self._loading: ClusterPlan | None = None     # a plan being loaded
+        self._generation = 0                         # counts loads: a stale recovery sees it
+        self._atexit = False
         self._lock = threading.RLock()
         self._recovered = threading.Event()
         self._recovered.set()
@@ -104,8 +108,14 @@ class Cluster:
                 f.write(json.dumps(dataclasses.asdict(e)) + "\n")
         except OSError as err:
             log.warning("could not append to the cluster log: %s", err)
+        self._notify()
+
+    def _notify(self) -> None:
         for fn in list(self._listeners):
-            fn()
+            try:
+                fn()
+            except Exception:  # a broken widget must not stop the cluster
+                log.exception("cluster listener failed")
 
     def subscribe(self, fn: Callable[[], None]) -> Callable[[], None]:
         self._listeners.append(fn)
@@ -122,7 +132,6 @@ class Cluster:
         infos = [P.probe(e) for e in wanted if e not in held]
         with self._lock:
             for info in infos:
-                self._check_advertised(info)
                 rejoined = info.endpoint in self.nodes
                 self.nodes[info.endpoint] = Node(info)
                 self._event("joined", f"node {info.endpoint} {'re' if rejoined else ''}joined: "
@@ -135,15 +144,6 @@ class Cluster:
                 self._event("joined", "the loaded model does not use the new node yet: "
                             "`%cluster rebalance` re-plans onto it")
         return self.status()
-
-    def _check_advertised(self, info: P.NodeInfo) -> None:
-        """A worker whose page claims more than its RPC server reports is lying somewhere."""
-        claimed = info.status.get("advertised")
-        if claimed and claimed > info.advertised_free:
-            raise P.NodeError(info.endpoint,
-                              f"{info.endpoint} advertises {claimed / GiB:,.2f} GiB on its status "
-                              f"page but its device reports only {info.advertised_free / GiB:,.2f}"
-                              " GiB free", "Restart it with a --mem-limit it can honour.")
 
     def remove(self, endpoints: Sequence[str]) -> "ClusterStatus":
         for e in (P.parse_endpoint(x) for x in endpoints):
@@ -164,9 +164,10 @@ class Cluster:
 
         from ..device.profile import gpus, memory_bandwidth
 
+        if self.engine.worker is None:
+            self.engine.devices()  # starts the worker: does this llama.cpp offload at all?
         found = gpus() if config.device in ("gpu", "auto") else ()
-        if found and self.engine.worker is not None and not \
-                self.engine.worker.supports_gpu_offload:
+        if found and not self.engine.worker.supports_gpu_offload:
             found = ()
         if config.device == "gpu" and not found:
             raise WorkbenchError("--device gpu, but this machine has no GPU llama.cpp can use",
@@ -206,8 +207,16 @@ class Cluster:
             raise WorkbenchError("the cluster has no node to place layers on",
                                  "Add one with `%cluster add HOST:PORT` (start one with "
                                  "`workbench rpc-worker`, or `%cluster local 2` on this machine).")
+        from .rpc_worker import machine_id
+
         members = self.members(config)
-        same_machine = all(is_loopback(P.split_endpoint(x.name)[0]) for x in members[1:])
+        here = machine_id()
+
+        def on_this_machine(endpoint: str) -> bool:
+            node = self.nodes[endpoint].info.status.get("machine")
+            return node == here if node else is_loopback(P.split_endpoint(endpoint)[0])
+
+        same_machine = all(on_this_machine(x.name) for x in members[1:])
         return place(inspect_model(path), members, config,
                      local_layers=members[0].kind == "gpu" or not same_machine)
 
@@ -223,19 +232,26 @@ class Cluster:
         plan = self.place(path, base)
         chosen = dataclasses.replace(base, **{k: v for k, v in plan.settings.items()
                                               if given.get(k) is None}).validate()
-        self._stop_watch()
+        with self._lock:
+            self._generation += 1
+            self.plan, self._load, self._loading = None, None, plan
+        self._start_watch()  # a node that vanishes mid-load must not hang it
         try:
             info = self.engine.load(path, chosen, on_progress=on_progress)
         except WorkbenchError as e:
             raise self._explain_load_failure(e, plan) from None
+        finally:
+            self._loading = None
         with self._lock:
-            self.plan, self._load = plan, (Path(path), base)
+            self.plan, self._load = plan, (Path(path), base, dict(given))
         self._event("replanned", f"loaded {Path(path).name} across {len(plan.nodes)} node(s): "
                     + "; ".join(f"{r[0]} layers {r[2]}" for r in plan.rows()))
         self._start_watch()
         return info, plan
 
     def _explain_load_failure(self, e: WorkbenchError, plan: ClusterPlan) -> WorkbenchError:
+        if isinstance(e, P.NodeError):  # a node lost during the load names itself
+            return e
         for s in plan.shares[1:]:
             if s.member.name in e.message:
                 n = self.nodes[s.member.name]
@@ -252,17 +268,19 @@ class Cluster:
     def detach(self) -> None:
         """The engine no longer runs a cluster placement (a plain load or an unload)."""
         self._stop_watch()
-        self.plan, self._load = None, None
+        with self._lock:
+            self._generation += 1
+            self.plan, self._load = None, None
 
     def rebalance(self) -> ClusterPlan:
         """Re-plan the loaded model onto the nodes there are now, and reload it."""
         if self.plan is None or self._load is None:
             raise WorkbenchError("no model is loaded across the cluster",
                                  "Load one with `%load_model MODEL --cluster`.")
-        path, config = self._load
+        path, config, given = self._load
         t0 = time.monotonic()
         try:
-            _, plan = self.load(path, config, {})
+            _, plan = self.load(path, config, given)
         except WorkbenchError:
             if not self.engine.alive or self.engine.model is None:
                 self.plan = None
@@ -282,13 +300,21 @@ class Cluster:
     def on_crash(self, how: str, serving: str) -> WorkbenchError | None:
         """The engine worker died: was it a node? Called on the engine's receiver thread,
         before the failed requests hear of it."""
-        plan = self.plan
-        if plan is None:
+        loading, plan = self._loading, self.plan
+        watched = plan or loading
+        if watched is None:
             return None
-        lost = [e for e in plan.nodes if e in self.nodes and
+        lost = [e for e in watched.nodes if e in self.nodes and
                 (self.nodes[e].state == "lost" or not self._answers(self.nodes[e]))]
         if not lost:
             return None
+        if plan is None:  # lost while a model was being loaded onto it: the load fails
+            for e in lost:
+                self.nodes[e].state = "lost"
+                self._event("lost", f"node {e} was lost during a load ({how})")
+            return NodeLost(lost[0], f"cluster node {', '.join(lost)} stopped answering while "
+                            "the model was being loaded onto it",
+                            "Load the model again: the planner leaves the lost node out.")
         t_lost = time.monotonic()
         for e in lost:
             if self.nodes[e].state != "lost":
@@ -296,9 +322,10 @@ class Cluster:
                 self._event("lost", f"node {e} was lost (the engine worker {how}"
                             f"{' while serving ' + serving if serving else ''})")
         names = ", ".join(lost)
-        self.plan = None
-        self._stop_watch(join=False)
-        path, config = self._load  # type: ignore[misc]
+        with self._lock:
+            self.plan = None
+            generation = self._generation
+        path, config, _ = self._load  # type: ignore[misc]
         try:
             new = self.place(path, config)
         except WorkbenchError as e:
@@ -311,7 +338,7 @@ class Cluster:
         chosen = dataclasses.replace(config, **new.settings).validate()
         self.engine.replace_load(chosen)
         self._recovered.clear()
-        threading.Thread(target=self._recover, args=(new, t_lost, names), daemon=True,
+        threading.Thread(target=self._recover, args=(new, t_lost, names, generation), daemon=True,
                          name="workbench-cluster-recover").start()
         err = NodeLost(lost[0], f"cluster node {names} stopped answering (the engine worker "
                        f"{how}{' while serving ' + serving if serving else ''})",
@@ -320,19 +347,25 @@ class Cluster:
         err.retry, err.replanned = self.wait_recovered, True
         return err
 
-    def _recover(self, plan: ClusterPlan, t_lost: float, names: str) -> None:
+    def _recover(self, plan: ClusterPlan, t_lost: float, names: str, generation: int) -> None:
         try:
             self.engine.ensure_loaded()
-        except WorkbenchError as e:
-            self._event("failed", f"reloading without {names} failed: {e.message}")
+            m = self.engine.model
+            with self._lock:
+                if generation != self._generation:
+                    return  # the user loaded or unloaded meanwhile: that stands
+                if m is None or tuple(m.rpc_servers) != plan.nodes:
+                    self._event("failed", f"reloading without {names} did not restore the model")
+                    return
+                self.plan = plan
+                self.last_replan_s = time.monotonic() - t_lost
+            self._event("replanned", f"re-planned without {names} in {self.last_replan_s:.1f} s: "
+                        + "; ".join(f"{r[0]} layers {r[2]}" for r in plan.rows()))
+            self._start_watch()
+        except Exception as e:  # WorkbenchError, or a bug: either way say so, never hang
+            self._event("failed", f"reloading without {names} failed: {e}")
+        finally:
             self._recovered.set()
-            return
-        self.plan = plan
-        self.last_replan_s = time.monotonic() - t_lost
-        self._event("replanned", f"re-planned without {names} in {self.last_replan_s:.1f} s: "
-                    + "; ".join(f"{r[0]} layers {r[2]}" for r in plan.rows()))
-        self._recovered.set()
-        self._start_watch()
 
     def wait_recovered(self, timeout: float = 300.0) -> bool:
         """Wait for a re-plan in progress; True when the model is loaded again."""
@@ -357,7 +390,7 @@ class Cluster:
 
     def _watch(self, stop: threading.Event) -> None:
         while not stop.wait(WATCH_PERIOD_S):
-            plan = self.plan
+            plan = self.plan or self._loading
             if plan is None:
                 continue
             for e in plan.nodes:
@@ -377,8 +410,7 @@ class Cluster:
                     node.state = "lost"
                     self.engine.kill_worker()
                     return
-            for fn in list(self._listeners):
-                fn()
+            self._notify()
 
     # ---- loopback workers (one machine) ----------------------------------------------------
 
@@ -400,7 +432,10 @@ class Cluster:
                 cmd += ["--mem-limit", str(mem_limit_gib)]
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                     text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            timer = threading.Timer(60, proc.kill)  # a worker that never says it is ready
+            timer.start()
             line = _ready_line(proc)
+            timer.cancel()
             if not line.startswith("rpc-worker ready"):
                 proc.kill()
                 raise WorkbenchError(f"a local rpc-worker did not start: {line.strip() or 'no output'}",
@@ -408,8 +443,9 @@ class Cluster:
             threading.Thread(target=_drain, args=(proc,), daemon=True).start()
             self._local.append(proc)
             endpoints.append(f"127.0.0.1:{port}")
-        if len(self._local) == n:
+        if not self._atexit:
             atexit.register(self.stop_local)
+            self._atexit = True
         self.add(endpoints)
         return endpoints
 
@@ -421,8 +457,8 @@ class Cluster:
         worker whose node vanishes under it aborts)."""
         mine = set(self.local_workers())
         if self.plan is not None and mine & set(self.plan.nodes):
-            self.engine.close()
-            self.plan = None
+            self.engine.stop("the cluster's local workers were stopped")
+            self.detach()
         self._stop_watch()
         for p in self._local:
             if p.poll() is None:

@@ -111,7 +111,9 @@ def _share(m: ModelInspection, member: Member, layers: range, output: bool, firs
         weights += m.input_bytes
     kv = m.kv_bytes(cfg.n_ctx, cfg.type_k, cfg.type_v, layers=layers)
     fa = cfg.flash_attn == "on"
-    if member.kind == "gpu":
+    if member.kind == "gpu" or member.name != "local":
+        # a GPU, and a node's RPC server, allocate the whole compute buffer (a node's
+        # memory limit counts allocations, not touched pages)
         compute = estimate_compute(m, cfg.n_ctx, cfg.n_ubatch, fa, bool(len(layers)), output)
     else:
         compute = estimate_host_compute(m, cfg.n_ctx, cfg.n_ubatch, fa, bool(len(layers)))
@@ -179,13 +181,23 @@ def place(m: ModelInspection, members: Sequence[Member], cfg: Any,
     for i, (x, c) in enumerate(zip(members, counts)):
         shares.append(_share(m, x, range(start, start + c), i == last, i == 0, cfg))
         start += c
+    # The caps assumed the first layers; where layers differ in size, check the real ones.
+    over = [s for s in shares if s.total + _margin(s.member) > s.member.usable]
+    if over:
+        s = over[0]
+        raise WorkbenchError(
+            f"{m.name} does not fit on this cluster: {s.member.name} would need "
+            f"{s.total / MiB:,.0f} MiB for layers {s.layers.start}-{s.layers.stop - 1} and may "
+            f"use {s.member.usable / MiB:,.0f} MiB",
+            "Add a node (`%cluster add`), give nodes a larger --mem-limit, or use a smaller "
+            "--n-ctx or quantization.")
     local, remote = members[0], shares[1:]
     settings: dict[str, Any] = {
         "rpc_servers": tuple(s.member.name for s in remote),
         "device": local.kind,
         # Sampling and attention stay plain: the output layer lives on the last node, and
         # flash attention decoded slower on CPUs (engine/client.py).
-        "flash_attn": "off", "backend_sampling": "off",
+        "flash_attn": "on" if cfg.type_v != "f16" else "off", "backend_sampling": "off",
     }
     if local.kind == "gpu":  # the local GPU is the first device, the CPU holds nothing
         settings["n_gpu_layers"] = n + 1

@@ -9,6 +9,7 @@ serves one client at a time, so a node busy with another client does not answer.
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
 import struct
@@ -81,9 +82,10 @@ class NodeInfo:
 
     @property
     def usable(self) -> int:
-        """What the planner may put there: the RPC figure, capped by the worker's limit."""
-        limit = self.status.get("mem_limit")
-        return min(self.advertised_free, limit) if limit else self.advertised_free
+        """What the planner may put there: what the worker's status page offers (its
+        available memory, within its limit), else what its RPC server reports."""
+        offered = self.status.get("advertised")
+        return min(self.advertised_free, offered) if offered else self.advertised_free
 
     @property
     def kind(self) -> str:
@@ -182,7 +184,7 @@ def status(endpoint: str, timeout: float = 1.0) -> dict[str, Any]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:
             data = json.loads(r.read(1 << 20))
-    except (OSError, ValueError, urllib.error.URLError):
+    except (OSError, ValueError, urllib.error.URLError, http.client.HTTPException):
         return {}
     return data if isinstance(data, dict) and data.get("workbench_rpc_worker") == 1 else {}
 

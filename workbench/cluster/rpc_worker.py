@@ -79,6 +79,16 @@ def limit_memory(limit: int, threads: int) -> None:
     resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
 
 
+def machine_id() -> str:
+    """Which machine this is, whatever address reaches it (an SSH tunnel looks local)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
+
+
 def _io_bytes() -> tuple[int, int]:
     try:
         with open("/proc/self/io", encoding="ascii") as f:
@@ -105,8 +115,13 @@ class _Status:
         except psutil.Error:
             pass
         rx, tx = _io_bytes()
-        return {**self.info, "clients": clients, "bytes_in": rx, "bytes_out": tx,
-                "rss": psutil.Process().memory_info().rss, "time": time.time()}
+        out = {**self.info, "clients": clients, "bytes_in": rx, "bytes_out": tx,
+               "rss": psutil.Process().memory_info().rss, "time": time.time()}
+        if self.info["device"] == "cpu":  # ggml calls all RAM free; say what is available
+            available = psutil.virtual_memory().available
+            limit = self.info["mem_limit"]
+            out["advertised"] = min(limit, available) if limit else available
+        return out
 
 
 def _serve_status(host: str, port: int, state: _Status) -> ThreadingHTTPServer | None:
@@ -171,7 +186,7 @@ def run(host: str = "127.0.0.1", port: int = 50052, device: str = "cpu",
             "started": time.time(), "device": device, "device_name": dev.name,
             "description": dev.description, "total": dev.total, "free": dev.free,
             "mem_limit": limit, "advertised": min(limit or dev.free, dev.free),
-            "bandwidth_gbs": bandwidth, "threads": threads}
+            "bandwidth_gbs": bandwidth, "threads": threads, "machine": machine_id()}
     server = _serve_status(host, status_port(port), _Status(info, port)) if status_page \
         else None
     if limit is not None and device == "cpu":

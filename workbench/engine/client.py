@@ -378,26 +378,30 @@ class Engine:
         with self._lock:
             self._ensure()
             assert self.worker is not None
-            ngl = config.n_gpu_layers if config.n_gpu_layers is not None \
-                else (-1 if self.worker.supports_gpu_offload else 0)
-            # Flash attention "auto" is on where layers run on a GPU and off on the CPU,
-            # where it decoded 30% slower at depth 512 (benchmarks/engine_overhead.py,
-            # --flash-attn on vs off).
-            fa = config.flash_attn if config.flash_attn != "auto" else ("on" if ngl else "off")
-            if config.type_v != "f16":  # llama.cpp quantizes V only with flash attention
-                if config.flash_attn == "off":
-                    raise WorkbenchError(
-                        f"a {config.type_v} V cache needs flash attention, which is off",
-                        "Drop --flash-attn off, or keep --type-v f16.")
-                fa = "on"
-            # Backend sampling pays where the logits live on a GPU; on the CPU the sampler
-            # chain on the host was as fast or faster.
-            bs = config.backend_sampling if config.backend_sampling != "auto" \
-                else ("on" if ngl else "off")
-            resolved = dataclasses.replace(config, threads=config.threads or _physical_cores(),
-                                           n_gpu_layers=ngl, flash_attn=fa, backend_sampling=bs)
+            resolved = self._resolve(config)
             req = P.LoadModel(id=self._new_id("load"), path=str(header.path), config=resolved)
             return self._load(req, on_progress)
+
+    def _resolve(self, config: LoadConfig) -> LoadConfig:
+        """What the worker runs with: the settings left to the engine filled in."""
+        gpu = self.worker.supports_gpu_offload if self.worker is not None else False
+        ngl = config.n_gpu_layers if config.n_gpu_layers is not None else (-1 if gpu else 0)
+        # Flash attention "auto" is on where layers run on a GPU and off on the CPU,
+        # where it decoded 30% slower at depth 512 (benchmarks/engine_overhead.py,
+        # --flash-attn on vs off).
+        fa = config.flash_attn if config.flash_attn != "auto" else ("on" if ngl else "off")
+        if config.type_v != "f16":  # llama.cpp quantizes V only with flash attention
+            if config.flash_attn == "off":
+                raise WorkbenchError(
+                    f"a {config.type_v} V cache needs flash attention, which is off",
+                    "Drop --flash-attn off, or keep --type-v f16.")
+            fa = "on"
+        # Backend sampling pays where the logits live on a GPU; on the CPU the sampler
+        # chain on the host was as fast or faster.
+        bs = config.backend_sampling if config.backend_sampling != "auto" \
+            else ("on" if ngl else "off")
+        return dataclasses.replace(config, threads=config.threads or _physical_cores(),
+                                   n_gpu_layers=ngl, flash_attn=fa, backend_sampling=bs)
 
     def _load(self, req: P.LoadModel, on_progress: Callable[[float], None] | None) -> P.ModelInfo:
         call = self._submit(req, f"load {Path(req.path).name}")
@@ -420,7 +424,7 @@ class Engine:
     def replace_load(self, config: LoadConfig) -> None:
         """Load the last model with `config` when the worker next starts (a re-plan)."""
         if self._last_load is not None:
-            self._last_load = dataclasses.replace(self._last_load, config=config,
+            self._last_load = dataclasses.replace(self._last_load, config=self._resolve(config),
                                                   id=self._new_id("load"))
 
     def forget_load(self) -> None:
@@ -540,6 +544,8 @@ class TokenStream:
         self._parts: list[str] = []
         self._ready: collections.deque[str] = collections.deque()
         self._retried = False
+        self._cancelling = False
+        self._async = False
 
     def _handle(self, msg: Any) -> None:
         if isinstance(msg, P.Tokens):
@@ -565,7 +571,9 @@ class TokenStream:
         """After a lost cluster node, send a request that had produced nothing again, once
         the model is re-planned and loaded (a request that streamed text fails)."""
         retry = getattr(error, "retry", None)
-        if retry is None or self._parts or self._retried or not retry():
+        # Not while cancelling, and not on an event loop, which must not wait for a reload.
+        if retry is None or self._parts or self._retried or self._cancelling or self._async \
+                or not retry():
             return False
         self._retried = True
         with self._engine._lock:
@@ -596,6 +604,7 @@ class TokenStream:
         while not self._ready:
             if self._done:
                 raise StopAsyncIteration
+            self._async = True
             aq = self._call.to_asyncio()
             try:
                 msg = await aq.get()
@@ -615,6 +624,7 @@ class TokenStream:
         """Stop the request and wait until the worker has stopped it."""
         if self._done:
             return
+        self._cancelling = True
         self._engine.cancel(self._call)
         deadline = time.monotonic() + _CANCEL_WAIT_S
         while not self._done and time.monotonic() < deadline:

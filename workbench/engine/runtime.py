@@ -54,8 +54,10 @@ def _model_params(cfg: LoadConfig):
         # node's, in tensor_split's order. Layers below n_gpu_layers stay on this CPU.
         handles = [d.handle for d in local_devices() if d.kind in (DEV_GPU, DEV_IGPU)][:1] \
             if cfg.device == "gpu" else []
+        # One device per node, its first: the plan sized one share per node, and an
+        # rpc-worker serves one device.
         for endpoint in cfg.rpc_servers:
-            handles += rpc_devices(endpoint)
+            handles += rpc_devices(endpoint)[:1]
         devices = device_array(handles)
         mparams.devices = ctypes.cast(devices, ctypes.c_void_p)
         mparams._keep_devices = devices
