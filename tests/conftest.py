@@ -4,6 +4,7 @@ run the real default model through the real worker process."""
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 
 import pytest
@@ -12,6 +13,9 @@ import pytest
 os.environ["WORKBENCH_HOME"] = tempfile.mkdtemp(prefix="workbench-test-home-")
 # ... and the engines' status files out of the user's Jupyter runtime directory.
 os.environ["WORKBENCH_STATUS_DIR"] = tempfile.mkdtemp(prefix="workbench-test-status-")
+# A shell without job control starts background commands with SIGINT ignored, and Python
+# then installs no KeyboardInterrupt handler: the tests that interrupt a generation need it.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
