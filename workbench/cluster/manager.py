@@ -325,7 +325,7 @@ class Cluster:
         with self._lock:
             self.plan = None
             generation = self._generation
-        path, config, _ = self._load  # type: ignore[misc]
+        path, config, given = self._load  # type: ignore[misc]
         try:
             new = self.place(path, config)
         except WorkbenchError as e:
@@ -335,7 +335,8 @@ class Cluster:
                            f"no longer fits on what remains: {e.message}",
                            "Add nodes (`%cluster add`) and load the model again.")
             return err
-        chosen = dataclasses.replace(config, **new.settings).validate()
+        chosen = dataclasses.replace(config, **{k: v for k, v in new.settings.items()
+                                                if given.get(k) is None}).validate()
         self.engine.replace_load(chosen)
         self._recovered.clear()
         threading.Thread(target=self._recover, args=(new, t_lost, names, generation), daemon=True,
