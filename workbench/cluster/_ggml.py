@@ -20,7 +20,7 @@ DEV_CPU, DEV_GPU, DEV_IGPU = 0, 1, 2  # enum ggml_backend_dev_type
 
 @dataclass(frozen=True)
 class Lib:
-    base: ctypes.CDLL
+    ggml: ctypes.CDLL     # the device registry (and, loaded globally, ggml-base)
     rpc: ctypes.CDLL
 
 
@@ -52,21 +52,21 @@ def lib() -> Lib:
             'Reinstall it with CMAKE_ARGS="-DGGML_RPC=on" (the project\'s set-up does).')
     ctypes.CDLL(os.path.join(folder, base_name), mode=ctypes.RTLD_GLOBAL)
     # the device registry lives in libggml; with RTLD_GLOBAL it also resolves ggml-base's
-    base = ctypes.CDLL(os.path.join(folder, ggml_name), mode=ctypes.RTLD_GLOBAL)
+    ggml = ctypes.CDLL(os.path.join(folder, ggml_name), mode=ctypes.RTLD_GLOBAL)
     rpc = ctypes.CDLL(os.path.join(folder, rpc_name), mode=ctypes.RTLD_GLOBAL)
-    _sig(base.ggml_backend_dev_count, ctypes.c_size_t)
-    _sig(base.ggml_backend_dev_get, _vp, ctypes.c_size_t)
-    _sig(base.ggml_backend_dev_type, ctypes.c_int, _vp)
-    _sig(base.ggml_backend_dev_name, ctypes.c_char_p, _vp)
-    _sig(base.ggml_backend_dev_description, ctypes.c_char_p, _vp)
-    _sig(base.ggml_backend_dev_memory, None, _vp, ctypes.POINTER(ctypes.c_size_t),
+    _sig(ggml.ggml_backend_dev_count, ctypes.c_size_t)
+    _sig(ggml.ggml_backend_dev_get, _vp, ctypes.c_size_t)
+    _sig(ggml.ggml_backend_dev_type, ctypes.c_int, _vp)
+    _sig(ggml.ggml_backend_dev_name, ctypes.c_char_p, _vp)
+    _sig(ggml.ggml_backend_dev_description, ctypes.c_char_p, _vp)
+    _sig(ggml.ggml_backend_dev_memory, None, _vp, ctypes.POINTER(ctypes.c_size_t),
          ctypes.POINTER(ctypes.c_size_t))
-    _sig(base.ggml_backend_reg_dev_count, ctypes.c_size_t, _vp)
-    _sig(base.ggml_backend_reg_dev_get, _vp, _vp, ctypes.c_size_t)
+    _sig(ggml.ggml_backend_reg_dev_count, ctypes.c_size_t, _vp)
+    _sig(ggml.ggml_backend_reg_dev_get, _vp, _vp, ctypes.c_size_t)
     _sig(rpc.ggml_backend_rpc_add_server, _vp, ctypes.c_char_p)
     _sig(rpc.ggml_backend_rpc_start_server, None, ctypes.c_char_p, ctypes.c_char_p,
          ctypes.c_size_t, ctypes.c_size_t, ctypes.POINTER(_vp))
-    return Lib(base, rpc)
+    return Lib(ggml, rpc)
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ class LocalDevice:
 
 def local_devices() -> list[LocalDevice]:
     """The devices ggml sees in this process (CPU, GPUs)."""
-    b = lib().base
+    b = lib().ggml
     out = []
     for i in range(b.ggml_backend_dev_count()):
         d = b.ggml_backend_dev_get(i)
@@ -96,7 +96,7 @@ def local_devices() -> list[LocalDevice]:
 def rpc_devices(endpoint: str) -> list[int]:
     """The device handles of the RPC server at `endpoint` (connects to it). The kernel
     probes every node before a load, since llama.cpp aborts on one it cannot reach."""
-    b, r = lib().base, lib().rpc
+    b, r = lib().ggml, lib().rpc
     reg = r.ggml_backend_rpc_add_server(endpoint.encode())
     if not reg:
         raise WorkbenchError(f"the RPC server at {endpoint} offers no device",

@@ -258,8 +258,7 @@ class Cluster:
                 return P.NodeError(
                     s.member.name,
                     f"node {s.member.name} could not hold its share of the model ({s.total / MiB:,.0f}"
-                    f" MiB for layers {s.layers.start}-{s.layers.stop - 1}"
-                    f"{' and the output' if s.output else ''}), although it advertised "
+                    f" MiB for layers {s.span}), although it advertised "
                     f"{n.info.advertised_free / GiB:,.2f} GiB free: {e.message}",
                     "The node advertises more memory than it can give. Restart it with an "
                     "honest --mem-limit (workbench rpc-worker), or `%cluster remove` it.")
@@ -482,19 +481,23 @@ class Cluster:
 
     # ---- reporting --------------------------------------------------------------------
 
+    def state_of(self, endpoint: str) -> str:
+        """lost, holding layers (of the loaded model), or ready."""
+        if self.nodes[endpoint].state == "lost":
+            return "lost"
+        plan = self.plan
+        return "holding layers" if plan is not None and plan.holder(endpoint) else "ready"
+
     def status(self) -> "ClusterStatus":
         rows = []
         plan = self.plan
         for e, n in self.nodes.items():
             share = plan.holder(e) if plan else None
-            layers = "-" if share is None else (
-                (f"{share.layers.start}-{share.layers.stop - 1}" if len(share.layers) else "none")
-                + (" + output" if share.output else ""))
             rin, rout = n.rate()
-            state = n.state if n.state == "lost" else ("holding layers" if share else "ready")
-            rows.append((e, state, n.info.kind, f"{n.info.usable / GiB:,.2f} GiB",
+            rows.append((e, self.state_of(e), n.info.kind, f"{n.info.usable / GiB:,.2f} GiB",
                          f"{n.info.bandwidth_gbs:,.1f} GB/s" if n.info.bandwidth_gbs else "?",
-                         layers, f"{(rin + rout) / 1024:,.0f} KiB/s" if share else "-",
+                         share.span if share else "-",
+                         f"{(rin + rout) / 1024:,.0f} KiB/s" if share else "-",
                          f"{n.info.rtt_ms:.1f} ms"))
         return ClusterStatus(rows, self.events[-8:], plan, self.policy, self.last_replan_s)
 

@@ -47,6 +47,14 @@ class Share:
     def total(self) -> int:
         return self.weights + self.kv + self.compute
 
+    @property
+    def span(self) -> str:
+        """The layers held, as the tables and messages show them: "10-19 + output"."""
+        layers = f"{self.layers.start}-{self.layers.stop - 1}" if len(self.layers) else ""
+        if self.output:
+            return f"{layers} + output" if layers else "output only"
+        return layers or "none"
+
 
 @dataclass(frozen=True)
 class ClusterPlan:
@@ -67,10 +75,8 @@ class ClusterPlan:
     def rows(self) -> list[tuple[str, str, str, str, str, str]]:
         out = []
         for s in self.shares:
-            layers = (f"{s.layers.start}-{s.layers.stop - 1}" if len(s.layers) else "none") + \
-                     (" + output" if s.output else "")
             bw = f"{s.member.bandwidth_gbs:,.1f} GB/s" if s.member.bandwidth_gbs else "unknown"
-            out.append((s.member.name, s.member.kind, layers, f"{s.total / MiB:,.0f} MiB",
+            out.append((s.member.name, s.member.kind, s.span, f"{s.total / MiB:,.0f} MiB",
                         f"{s.member.usable / GiB:,.2f} GiB", bw))
         return out
 
@@ -166,17 +172,18 @@ def place(m: ModelInspection, members: Sequence[Member], cfg: Any,
             f"in all, and the members may use {have}",
             "Add a node (`%cluster add`), give nodes a larger --mem-limit, or use a smaller "
             "--n-ctx or quantization.")
-    counts = _apportion(n, speed)
-    # Members over their cap keep the cap; the rest is shared among the others.
-    while any(c > cap for c, cap in zip(counts, caps)):
-        fixed = {i for i, (c, cap) in enumerate(zip(counts, caps)) if c >= cap}
-        left = n - sum(caps[i] for i in fixed)
-        free = [i for i in range(len(members)) if i not in fixed]
-        share = _apportion(left, [speed[i] for i in free]) if free else []
-        counts = [caps[i] if i in fixed else share[free.index(i)] for i in range(len(members))]
-        if any(counts[i] > caps[i] for i in free):
-            continue
-        break
+    # Members over their cap keep the cap, and the rest is shared among the others, until
+    # none is over (the caps hold n layers in all, so this ends).
+    capped: set[int] = set()
+    while True:
+        free = [i for i in range(len(members)) if i not in capped]
+        shared = _apportion(n - sum(caps[i] for i in capped), [speed[i] for i in free])
+        counts = [caps[i] if i in capped else shared[free.index(i)]
+                  for i in range(len(members))]
+        over = {i for i in free if counts[i] > caps[i]}
+        if not over:
+            break
+        capped |= over
     shares, start = [], 0
     for i, (x, c) in enumerate(zip(members, counts)):
         shares.append(_share(m, x, range(start, start + c), i == last, i == 0, cfg))
@@ -187,7 +194,7 @@ def place(m: ModelInspection, members: Sequence[Member], cfg: Any,
         s = over[0]
         raise WorkbenchError(
             f"{m.name} does not fit on this cluster: {s.member.name} would need "
-            f"{s.total / MiB:,.0f} MiB for layers {s.layers.start}-{s.layers.stop - 1} and may "
+            f"{s.total / MiB:,.0f} MiB for layers {s.span} and may "
             f"use {s.member.usable / MiB:,.0f} MiB",
             "Add a node (`%cluster add`), give nodes a larger --mem-limit, or use a smaller "
             "--n-ctx or quantization.")

@@ -74,19 +74,17 @@ class TopologyWidget(widgets.VBox):
         cards = []
         local = plan.shares[0] if plan is not None else None
         if local is not None:
-            layers = f"layers {local.layers.start}-{local.layers.stop - 1}" if len(local.layers) \
+            layers = f"layers {local.span}" if len(local.layers) \
                 else "embeddings and sampling only"
             cards.append(_card("this machine", "holding layers", [local.member.kind, layers],
                                local.total, local.member.usable))
         now = time.time()
         for e, node in list(c.nodes.items()):
             share = plan.holder(e) if plan is not None else None
-            state = "lost" if node.state == "lost" else ("holding layers" if share else "ready")
+            state = c.state_of(e)
             lines = [f"{node.info.kind}, RPC {node.info.version}, RTT {node.info.rtt_ms:.1f} ms"]
             if share is not None:
-                lines.append(f"layers {share.layers.start}-{share.layers.stop - 1}"
-                             + (" + output" if share.output else "") if len(share.layers)
-                             else "output only" if share.output else "no layers")
+                lines.append(f"layers {share.span}")
                 rin, rout = node.rate()
                 lines.append(f"traffic in {rin / 1024:,.0f} / out {rout / 1024:,.0f} KiB/s")
                 self.traffic.add(e, now, (rin + rout) / 1024)

@@ -328,24 +328,20 @@ class Engine:
             except Exception:  # a broken hook must not hide the crash
                 log.exception("crash hook failed")
         if explained is not None:
-            self.last_crash = explained.message
-            self.model = None
-            ready.put(_Crash(explained))
-            for c in calls:
-                c.deliver(_Crash(explained))
-            self._emit("crashed", explained.message)
-            return
-        model = self._last_load.path if self._last_load else None
-        hint = ("The next call restarts the worker" +
-                (f" and reloads {Path(model).name}." if model else "."))
-        message = f"the engine worker (pid {proc.pid}) {how}"
-        message += f" while serving request {serving}" if serving else ""
+            message = explained.message
+            make: Callable[[], WorkbenchError] = lambda: explained  # noqa: E731
+        else:
+            model = self._last_load.path if self._last_load else None
+            hint = ("The next call restarts the worker" +
+                    (f" and reloads {Path(model).name}." if model else "."))
+            message = f"the engine worker (pid {proc.pid}) {how}"
+            message += f" while serving request {serving}" if serving else ""
+            make = lambda: EngineCrashed(message, hint)  # noqa: E731
         self.last_crash = message
         self.model = None
-        err = EngineCrashed(message, hint)
-        ready.put(_Crash(err))
+        ready.put(_Crash(make()))
         for c in calls:
-            c.deliver(_Crash(EngineCrashed(message, hint)))
+            c.deliver(_Crash(make()))
         self._emit("crashed", message)
 
     # ---- requests ------------------------------------------------------------------
@@ -426,6 +422,12 @@ class Engine:
         if self._last_load is not None:
             self._last_load = dataclasses.replace(self._last_load, config=self._resolve(config),
                                                   id=self._new_id("load"))
+
+    def resend(self, call: _Call) -> _Call:
+        """Send a call's request again, starting the worker if needed."""
+        with self._lock:
+            self._ensure()
+            return self._submit(call.request, call.description)
 
     def forget_load(self) -> None:
         self._last_load = None
@@ -576,10 +578,7 @@ class TokenStream:
                 or not retry():
             return False
         self._retried = True
-        with self._engine._lock:
-            self._engine._ensure()
-            call = self._engine._submit(self._call.request, self._call.description)
-        self._call, self._done = call, False
+        self._call, self._done = self._engine.resend(self._call), False
         return True
 
     def __iter__(self) -> Iterator[str]:
