@@ -321,3 +321,34 @@ def test_magics_and_topology(cluster, reference):
     assert isinstance(r.error_in_exec, WorkbenchError)
     r = sh.run_cell("%cluster stop-local")
     assert r.success and not cluster.local_workers()
+
+
+def test_a_node_speaking_another_protocol_version(cluster):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+
+    def serve():  # answers HELLO as a protocol 6 server would
+        conn, _ = listener.accept()
+        conn.recv(64)
+        reply = bytes([6, 1, 0, 0]) + bytes(P._CAPS)
+        conn.sendall(len(reply).to_bytes(8, "little") + reply)
+        conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    with pytest.raises(P.NodeError, match="speaks RPC protocol 6.1.0") as e:
+        cluster.add([f"127.0.0.1:{listener.getsockname()[1]}"])
+    assert "same llama-cpp-python version" in e.value.hint
+    listener.close()
+
+
+def test_cluster_commands_without_what_they_need(cluster):
+    with pytest.raises(WorkbenchError, match="is not in the cluster") as e:
+        cluster.remove(["127.0.0.1:50052"])
+    assert e.value.hint
+    with pytest.raises(WorkbenchError, match="no model is loaded across the cluster") as e:
+        cluster.rebalance()
+    assert "--cluster" in e.value.hint
+    with pytest.raises(WorkbenchError, match="start 1 to 8 local workers"):
+        cluster.start_local(0)
+    assert not cluster.nodes and not cluster.local_workers()
