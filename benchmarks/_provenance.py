@@ -19,10 +19,28 @@ def sha256(path: str | os.PathLike) -> str:
     return file_sha256(path)
 
 
+_watch: Any = None  # the thermal watch of this benchmark run (device/telemetry.Sampler)
+
+
 def machine() -> dict[str, Any]:
+    """The machine, and (from this first call on) a thermal watch over the run: its
+    verdict goes into every result this process writes."""
+    global _watch
     from workbench.provenance import machine as _machine
 
+    if _watch is None:
+        from workbench.device.telemetry import Sampler
+
+        _watch = Sampler(period_s=0.5).start()
     return _machine(system_info=True)
+
+
+def thermal() -> dict[str, Any] | None:
+    """Power, temperatures and throttling seen since `machine()` was first called: a
+    throttled run is flagged, so it is never quoted as the machine's speed."""
+    if _watch is None:
+        return None
+    return _watch.report().as_dict()
 
 
 def write(name: str, data: dict[str, Any]) -> Path:
@@ -32,6 +50,9 @@ def write(name: str, data: dict[str, Any]) -> Path:
     tmp = path.with_suffix(".json.tmp")
     data = {"benchmark": name, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **data}
+    watch = thermal()
+    if watch is not None and "thermal" not in data:
+        data["thermal"] = watch
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
     return path

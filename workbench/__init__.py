@@ -3,15 +3,16 @@
 `%load_ext workbench` registers the magics; the same work is available as plain
 functions: load_model, unload, generate, chat, metrics, dashboard, status,
 profile_device, inspect_model, plan, autotune, generate_many, calibrate, list_models,
-check_updates, update_model, quantize, prune, distill, evaluate, compare, finetune,
+check_updates, update_model, quantize, mixed_precision, prune, distill, evaluate,
+compare, finetune,
 merge_lora, deploy, start_service, rpc_cluster.
 """
 
 from .api import (autotune, calibrate, chat, check_updates, compare, dashboard, deploy, distill,
                   engine, evaluate, finetune, generate, generate_many, inspect_model, kv_evict,
                   kv_list, kv_load, kv_remove, kv_save, kv_stats, list_models, load_model,
-                  merge_lora, metrics, plan, profile_device, prune, quantize, rpc_cluster,
-                  start_service, status, unload, update_model)
+                  merge_lora, metrics, mixed_precision, plan, profile_device, prune, quantize,
+                  rpc_cluster, start_service, status, unload, update_model)
 from .errors import WorkbenchError
 
 __version__ = "0.1.0"
@@ -19,9 +20,9 @@ __version__ = "0.1.0"
 __all__ = ["WorkbenchError", "autotune", "calibrate", "chat", "check_updates", "compare",
            "dashboard", "deploy", "distill", "engine", "evaluate", "finetune", "generate",
            "generate_many", "inspect_model", "kv_evict", "kv_list", "kv_load", "kv_remove",
-           "kv_save", "kv_stats", "list_models", "load_model", "merge_lora", "metrics", "plan",
-           "profile_device", "prune", "quantize", "rpc_cluster", "start_service", "status", "unload", "update_model",
-           "load_ipython_extension"]
+           "kv_save", "kv_stats", "list_models", "load_model", "merge_lora", "metrics",
+           "mixed_precision", "plan", "profile_device", "prune", "quantize", "rpc_cluster",
+           "start_service", "status", "unload", "update_model", "load_ipython_extension"]
 
 
 def load_ipython_extension(ipython) -> None:  # noqa: ANN001

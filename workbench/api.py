@@ -90,6 +90,14 @@ def load_model(model: str | os.PathLike | None = None, *, progress: bool = True,
     _leave_cluster()
     placement = _plan(path, config, settings)
     config = dataclasses.replace(config, **placement.settings).validate()
+    if config.set_gpu_power_limit:
+        from .device.telemetry import set_gpu_power_limit
+
+        if config.power_cap is None:
+            raise WorkbenchError("--set-gpu-power-limit needs --power-cap",
+                                 "Give the cap in watts, for example --power-cap 250.")
+        placement = dataclasses.replace(placement, reasons=placement.reasons + (
+            set_gpu_power_limit(config.power_cap),))
     bar = progress_bar(f"Loading {path.name}", enabled=progress)
     info = engine().load(path, config, on_progress=bar)
     bar.close(f"{info.load_seconds:.1f} s")
@@ -166,10 +174,26 @@ def _plan(path: Path, config: LoadConfig, given: dict[str, Any]) -> Any:
         over = budget.overheads(e, db, machine)
         tuned = None if "threads" in fixed else db.best(machine, file_sha256(path),
                                                          e.worker.llama_cpp_version)
+        capped = None
+        if config.power_cap is not None:
+            from .device.tune import under_cap
+
+            capped = under_cap(db, machine, file_sha256(path), e.worker.llama_cpp_version,
+                               path.name, config.power_cap, fixed)
+            fixed.update(capped.settings)
+            tuned = None
     finally:
         db.close()
-    return place(inspection, budgets, device=config.device, fixed=fixed, cores=usable_cores(),
-                 overheads=over, measure=measure, tuned=tuned)
+    placement = place(inspection, budgets, device=config.device, fixed=fixed,
+                      cores=usable_cores(), overheads=over, measure=measure, tuned=tuned)
+    if capped is not None:
+        row_setting = {"device": "n_gpu_layers", "n_batch / n_ubatch": "n_ubatch"}
+        reasons = tuple((k, v, "chosen under the power cap (below)"
+                         if why == "given" and row_setting.get(k, k) in capped.settings
+                         and given.get(row_setting.get(k, k)) is None else why)
+                        for k, v, why in placement.reasons)
+        placement = dataclasses.replace(placement, reasons=reasons + capped.reasons)
+    return placement
 
 
 def list_models(*, fits: bool = False, family: str | None = None,
@@ -263,21 +287,55 @@ def update_model(name: str, *, progress: bool = True) -> Path:
 
 def quantize(model: str | os.PathLike | None = None, to: str = "int8",
              out: str | os.PathLike | None = None, *, overwrite: bool = False,
-             imatrix: bool | str = False, progress: bool = True) -> Any:
+             imatrix: bool | str = False, overrides: Any = None,
+             progress: bool = True) -> Any:
     """Quantize a model with llama.cpp's quantizer, in a child process. `to`: int8
     (= Q8_0), int4 (= Q4_K_M), Q6_K, Q5_K_M, Q4_0, Q2_K or F16. The file goes next to
     the source as `<name>.<QUANT>.gguf` (the bundled model's: ~/.workbench/models).
     `imatrix`: True (calibration text) or a text of your own: weigh each weight's
-    rounding by how large its inputs are on that text (llama.cpp's importance matrix)."""
+    rounding by how large its inputs are on that text (llama.cpp's importance matrix).
+    `overrides`: per-tensor types, {regex on tensor names: type}, the first match wins
+    (`mixed_precision` builds them from a placement)."""
     from .compress.quantize import quantize as _quantize
 
     path = resolve_model(model)
     bar = progress_bar(f"Quantizing {path.name}", enabled=progress)
     try:
-        result = _quantize(path, to, out, overwrite=overwrite, imatrix=imatrix, progress=bar)
+        result = _quantize(path, to, out, overwrite=overwrite, imatrix=imatrix,
+                           overrides=overrides, progress=bar)
     finally:
         bar.close()
     return result
+
+
+def mixed_precision(model: str | os.PathLike | None = None, reference: Any = None, *,
+                    pairs: Sequence[tuple[str, str]] | None = None,
+                    uniform: Sequence[str] | None = None, baseline: str = "Q5_K_M",
+                    max_kl_ratio: float = 1.1, n_gpu_layers: int | None = None,
+                    measure_speed: bool = True, progress: bool = True,
+                    **settings: Any) -> Any:
+    """Placement-aware mixed precision. For each (gpu_type, cpu_type) pair, quantize the
+    layers the planner leaves on the CPU to cpu_type and the rest to gpu_type (llama.cpp's
+    per-tensor overrides), re-planning until the split and the file agree; quantize the
+    `uniform` types too. Measure each one's KL divergence and top-1 agreement against
+    `reference` (default: `model` itself) and its decode speed as the planner places it
+    (`settings`: gpu_mem_mib, n_ctx, ...), and choose the fastest whose KL is at most
+    `max_kl_ratio` × the `baseline` quantization's. `n_gpu_layers`: build for that split
+    instead (for another machine). Returns a `MixStudy`; `.chosen.path` is the file."""
+    from .compress import mixed
+
+    path = resolve_model(model)
+    ref = resolve_model(reference) if reference is not None else None
+    bar = progress_bar(f"Mixed precision for {path.name}", enabled=progress)
+    try:
+        return mixed.mixed_precision(
+            path, ref, pairs=pairs or mixed.DEFAULT_PAIRS,
+            uniform=uniform or mixed.DEFAULT_UNIFORM, baseline=baseline,
+            max_kl_ratio=max_kl_ratio, n_gpu_layers=n_gpu_layers, measure_speed=measure_speed,
+            progress=lambda _what, fraction: bar(fraction),
+            **settings)
+    finally:
+        bar.close()
 
 
 def prune(model: str | os.PathLike | None = None, layers: Any = None, *,
@@ -396,17 +454,25 @@ def profile_device(model: str | os.PathLike | None = None, *, measure: bool = Tr
 
 
 def autotune(model: str | os.PathLike | None = None, *, threads: Sequence[int] | None = None,
-             n_gpu_layers: Sequence[int] | None = None, n_prompt: int = 128, n_gen: int = 32,
-             repeats: int = 2, progress: bool = True, **settings: Any) -> Any:
-    """Measure prompt and decode speed (tokens/s) of candidate (n_gpu_layers, threads)
-    pairs, store every run in the tuning database, and load the fastest. Later loads
-    on this machine use what was measured. Candidates run in turn, `repeats` times,
-    and each keeps its best run (the machine may be noisy)."""
+             n_gpu_layers: Sequence[int] | None = None,
+             batch_sizes: Sequence[int] | None = None, power_cap: float | None = None,
+             n_prompt: int = 128, n_gen: int = 32, repeats: int = 2, progress: bool = True,
+             **settings: Any) -> Any:
+    """Measure prompt and decode speed (tokens/s) of candidate (n_gpu_layers, threads,
+    micro-batch) configurations, with their power draw and joules per token where this
+    machine reports power; store every run in the tuning database, and load the fastest.
+    `power_cap` (watts): load the fastest whose measured draw (95th percentile) stays
+    under it. Later loads on this machine use what was measured. Candidates run in turn,
+    `repeats` times, and each keeps its best run (the machine may be noisy); a run the
+    thermal watch saw throttled is marked and never chosen over one that was not."""
     from .device.tune import autotune as _autotune
 
+    if power_cap is not None:
+        build(LoadConfig, {"power_cap": power_cap})  # the same bounds as --power-cap
     return _autotune(resolve_model(model), threads=threads, n_gpu_layers=n_gpu_layers,
-                     n_prompt=n_prompt, n_gen=n_gen, repeats=repeats, progress=progress,
-                     settings=settings)
+                     n_prompt=n_prompt, n_gen=n_gen,
+                     repeats=repeats, progress=progress, settings=settings,
+                     n_ubatch=batch_sizes, power_cap=power_cap)
 
 
 def unload() -> None:

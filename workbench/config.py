@@ -66,6 +66,11 @@ class LoadConfig:
                                       "(default: free memory less 512 MiB)", lo=0)
     ram_mib: int | None = setting(None, "most RAM the planner may use, MiB (default: "
                                   "available RAM less 512 MiB)", lo=0)
+    power_cap: float | None = setting(None, "watts the machine may draw while the model runs: "
+                                      "the fastest configuration autotune measured under "
+                                      "this cap is chosen", lo=0.0, lo_open=True)
+    set_gpu_power_limit: bool = setting(False, "with --power-cap, also set the GPU's power "
+                                        "limit to the cap (needs root; restored at exit)")
 
     def validate(self) -> "LoadConfig":
         _check_bounds(self, WorkbenchError)

@@ -72,6 +72,9 @@ def _quantize_parser() -> _Parser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--imatrix", action="store_true", help="measure an importance matrix on "
                    "calibration text and quantize with it")
+    p.add_argument("--tensor-type", dest="tensor_type", action="append", default=None,
+                   metavar="PATTERN=TYPE", help="give tensors whose name matches the regular "
+                   "expression PATTERN the type TYPE (repeatable; the first match wins)")
     return p
 
 
@@ -138,6 +141,11 @@ def _profile_parser() -> _Parser:
                    help="thread counts to try with --tune")
     p.add_argument("--n-gpu-layers", dest="n_gpu_layers", type=_int_list, default=None,
                    metavar="N,N,...", help="GPU layer counts to try with --tune")
+    p.add_argument("--batch-sizes", dest="batch_sizes", type=_int_list, default=None,
+                   metavar="N,N,...", help="micro-batch sizes (n_ubatch) to try with --tune")
+    p.add_argument("--power-cap", dest="power_cap", type=float, default=None, metavar="WATTS",
+                   help="with --tune: measure each candidate's power draw and load the fastest "
+                        "that stays under WATTS")
     p.add_argument("--repeats", type=int, default=2, help="runs of each candidate (--tune)")
     p.add_argument("--save", metavar="PATH", default=None,
                    help="also save the profile as JSON (for `workbench deploy --device PATH` "
@@ -269,7 +277,11 @@ class WorkbenchMagics(Magics):
             return None
         if ns.tune:
             return api.autotune(ns.tune, threads=ns.threads, n_gpu_layers=ns.n_gpu_layers,
+                                batch_sizes=ns.batch_sizes, power_cap=ns.power_cap,
                                 repeats=ns.repeats)
+        if ns.power_cap is not None:
+            raise WorkbenchError("--power-cap goes with --tune MODEL",
+                                 "For example: %profile_device --tune default --power-cap 60")
         if ns.calibrate:
             return api.calibrate(ns.calibrate)
         return api.profile_device(measure=not ns.quick, live=ns.live, save=ns.save)
@@ -316,11 +328,20 @@ class WorkbenchMagics(Magics):
 
     @line_magic
     def quantize(self, line: str) -> Any:
-        """%quantize [MODEL] [--to int8|int4|Q6_K|...] [--out PATH] [--overwrite]"""
+        """%quantize [MODEL] [--to int8|int4|Q6_K|...] [--out PATH] [--overwrite]
+        [--tensor-type PATTERN=TYPE ...]"""
         ns = parse("quantize", line)
         if ns is None:
             return None
-        return api.quantize(ns.model, ns.to, ns.out, overwrite=ns.overwrite, imatrix=ns.imatrix)
+        overrides = []
+        for item in ns.tensor_type or ():
+            pattern, eq, kind = item.rpartition("=")
+            if not eq or not pattern:
+                raise WorkbenchError(f"--tensor-type takes PATTERN=TYPE, got {item!r}",
+                                     r"For example --tensor-type 'blk\.(0|1)\.=Q4_0'.")
+            overrides.append((pattern, kind))
+        return api.quantize(ns.model, ns.to, ns.out, overwrite=ns.overwrite, imatrix=ns.imatrix,
+                            overrides=overrides or None)
 
     @line_magic
     def finetune(self, line: str) -> Any:

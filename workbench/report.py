@@ -243,6 +243,11 @@ def render_html(runs: Sequence[BenchmarkRun], prov: dict[str, Any],
             continue
         if run.seconds:
             parts.append(f"<p>Ran for {run.seconds:.0f} s.</p>")
+        thermal = (run.data or {}).get("thermal") or {}
+        if thermal.get("throttled"):
+            parts.append("<p class='failed'>Throttled during this run ("
+                         + html.escape("; ".join(thermal.get("why") or []))
+                         + "): these numbers are not this machine's speed.</p>")
         parts.append(table_html(run.result))
         if run.data is not None:
             params = run.data.get("params") or {}

@@ -22,6 +22,10 @@ from ..models.gguf_file import read_header
 QUANT_TYPES: dict[str, int] = {"F16": 1, "Q8_0": 7, "Q6_K": 18, "Q5_K_M": 17, "Q4_K_M": 15,
                                "Q4_0": 2, "Q2_K": 10, "Q4_1": 3, "Q5_0": 8, "Q5_1": 9}
 ALIASES = {"INT8": "Q8_0", "INT4": "Q4_K_M"}
+# ggml tensor types a per-tensor override may name (models/gguf_file.GGML_TYPES has the
+# ids): the ones llama.cpp's quantizer writes without an importance matrix.
+OVERRIDE_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1",
+                  "Q4_0", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS")
 _PROGRESS = re.compile(r"\[\s*(\d+)/\s*(\d+)\]")
 _QUANT_SUFFIX = re.compile(r"[.-](F32|F16|BF16|Q\d_K(_[SML])?|Q\d_\d|IQ\w+)$", re.IGNORECASE)
 
@@ -58,6 +62,34 @@ def quant_name(to: str) -> str:
     return name
 
 
+def tensor_overrides(overrides: Any) -> tuple[tuple[str, int], ...]:
+    """Check per-tensor type overrides ({regex: type} or (regex, type) pairs, the first
+    match wins, as in llama.cpp) and give them as (pattern, ggml type id)."""
+    from ..models.gguf_file import GGML_TYPES
+
+    ids = {name: i for i, (name, _, _) in GGML_TYPES.items()}
+    pairs = list(overrides.items()) if isinstance(overrides, dict) else list(overrides or ())
+    out = []
+    for item in pairs:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2
+                and all(isinstance(x, str) for x in item)):
+            raise WorkbenchError(f"a tensor type override must be (pattern, type), got {item!r}",
+                                 "For example {r'blk\\.(0|1)\\.': 'Q4_0'}.")
+        pattern, name = item
+        kind = name.upper()
+        if kind not in OVERRIDE_TYPES:
+            raise WorkbenchError(f"unknown tensor type {name!r} in the override for {pattern!r}",
+                                 "Valid tensor types: " + ", ".join(OVERRIDE_TYPES) + ".")
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise WorkbenchError(f"the override pattern {pattern!r} is not a valid regular "
+                                 f"expression ({e})", "Patterns match tensor names such as "
+                                 "blk.3.ffn_down.weight.") from None
+        out.append((pattern, ids[kind]))
+    return tuple(out)
+
+
 def default_output(src: Path, quant: str, suffix: str = "") -> Path:
     """`<name>.<QUANT>.gguf` beside the source, or in ~/.workbench/models when the
     source lives inside an installed package (the bundled default model)."""
@@ -88,15 +120,18 @@ def temporary_output(src: Path, dst: Path, overwrite: bool) -> Path:
 def quantize(model: str | os.PathLike, to: str = "int8", out: str | os.PathLike | None = None,
              *, overwrite: bool = False, prune_layers: Sequence[int] = (),
              threads: int | None = None, same_type: bool = False, ranking: Any = None,
-             imatrix: bool | str = False,
+             imatrix: bool | str = False, overrides: Any = None,
              progress: Callable[[float], None] | None = None) -> Quantized:
     """Quantize `model` (a path) to `to`. `prune_layers`: layer indices to drop (the
     rest are renumbered). `out` defaults to `<name>.<QUANT>.gguf` beside the source.
     `same_type`: copy the tensors as they are (with `prune_layers`). `imatrix`: True (the
-    calibration text) or a text: measure an importance matrix on it and quantize with it."""
+    calibration text) or a text: measure an importance matrix on it and quantize with it.
+    `overrides`: per-tensor types, {regex on the tensor name: type}, e.g.
+    {r"blk\.([0-9]|1[0-4])\.": "Q4_0"} (llama.cpp's --tensor-type)."""
     from . import _child
 
     src = Path(model).expanduser()
+    tt = tensor_overrides(overrides)
     header = read_header(src)  # a clear error for a missing or damaged file
     quant = header.quantization.upper() if same_type else quant_name(to)
     n_layers = int(header.arch_value("block_count", 0))
@@ -109,11 +144,12 @@ def quantize(model: str | os.PathLike, to: str = "int8", out: str | os.PathLike 
         if len(pruned) >= n_layers:
             raise WorkbenchError(f"pruning {len(pruned)} layers would remove every layer of "
                                  f"{src.name} ({n_layers})", "Keep at least one layer.")
-    elif header.quantization.upper() == quant:
+    elif header.quantization.upper() == quant and not tt:
         raise WorkbenchError(f"{src.name} is already {quant}",
                              "Pick another type, or copy the file if a copy is what you want.")
     dst = Path(out).expanduser() if out else default_output(
-        src, quant, (f"-pruned{len(pruned)}" if pruned else "") + ("-imatrix" if imatrix else ""))
+        src, quant, (f"-pruned{len(pruned)}" if pruned else "") + ("-imatrix" if imatrix else "")
+        + ("-mixed" if tt else ""))
     tmp = temporary_output(src, dst, overwrite)
     t0 = time.monotonic()
     importance = None
@@ -128,7 +164,7 @@ def quantize(model: str | os.PathLike, to: str = "int8", out: str | os.PathLike 
                                 f"measuring the importance matrix of {src.name}")
     try:
         _child.run(_quantize_child, (str(src), str(tmp), QUANT_TYPES.get(quant, 0), pruned,
-                                     threads or 0, same_type, importance),
+                                     threads or 0, same_type, importance, tt),
                    f"quantizing {src.name} to {quant}", progress)
         os.replace(tmp, dst)
     finally:
@@ -138,7 +174,8 @@ def quantize(model: str | os.PathLike, to: str = "int8", out: str | os.PathLike 
 
 
 def _quantize_child(src: str, tmp: str, ftype: int, pruned: tuple[int, ...], threads: int,
-                    same_type: bool, importance: dict[str, Any] | None, report: Any) -> None:
+                    same_type: bool, importance: dict[str, Any] | None,
+                    overrides: tuple[tuple[str, int], ...], report: Any) -> None:
     import ctypes
 
     import llama_cpp as L
@@ -165,6 +202,12 @@ def _quantize_child(src: str, tmp: str, ftype: int, pruned: tuple[int, ...], thr
     if pruned:
         keep = (ctypes.c_int32 * (len(pruned) + 1))(*pruned, -1)
         params.prune_layers = ctypes.cast(keep, ctypes.POINTER(ctypes.c_int32))
+    tt: Any = None
+    if overrides:
+        tt = (L.llama_model_tensor_override * (len(overrides) + 1))(
+            *[L.llama_model_tensor_override(p.encode(), t) for p, t in overrides],
+            L.llama_model_tensor_override(None, 0))
+        params.tt_overrides = ctypes.cast(tt, ctypes.POINTER(L.llama_model_tensor_override))
     held: Any = None
     if importance:
         from .imatrix import as_params
@@ -172,7 +215,7 @@ def _quantize_child(src: str, tmp: str, ftype: int, pruned: tuple[int, ...], thr
         entries, held = as_params(importance)
         params.imatrix = ctypes.cast(entries, ctypes.POINTER(L.llama_model_imatrix_data))
     status = L.llama_model_quantize(src.encode(), tmp.encode(), ctypes.byref(params))
-    del held  # the importance data had to live until here
+    del held, tt  # the importance data and the overrides had to live until here
     if status != 0:
         why = next((e for e in reversed(errors) if "failed to quantize" in e),
                    errors[-1] if errors else f"status {status}")

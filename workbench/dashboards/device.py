@@ -67,8 +67,37 @@ class MachineMemoryPlot(LivePlot):
                 self.figure.data[i].x, self.figure.data[i].y = xs, ys
 
 
+class PowerPlot(LivePlot):
+    title = "Power and temperature"
+    y_title = "W / °C"
+    SERIES = (("gpu_w", "GPU W", "#d62728", None), ("cpu_w", "CPU W (RAPL)", "#1f77b4", None),
+              ("gpu_c", "GPU °C", "#ff7f0e", "dot"), ("cpu_c", "CPU °C", "#17becf", "dot"))
+
+    def setup(self) -> None:
+        self.xs: collections.deque[float] = collections.deque(maxlen=MAX_POINTS)
+        self.series: dict[str, collections.deque[float | None]] = {
+            k: collections.deque(maxlen=MAX_POINTS) for k, *_ in self.SERIES}
+        for _, name, color, dash in self.SERIES:
+            self.figure.add_scatter(mode="lines", name=name, line={"color": color, "dash": dash})
+
+    def add(self, t: float, values: dict[str, float | None]) -> None:
+        with self._lock:
+            self.xs.append(t)
+            for k in self.series:
+                self.series[k].append(values.get(k))
+        self.mark()
+
+    def draw(self) -> None:
+        xs = list(self.xs)
+        for i, (k, *_rest) in enumerate(self.SERIES):
+            ys = list(self.series[k])
+            if any(y is not None for y in ys):
+                self.figure.data[i].x, self.figure.data[i].y = xs, ys
+
+
 class DeviceMonitor(widgets.VBox):
-    """`profile_device(live=True)`: utilization and memory, updated every `period_s`."""
+    """`profile_device(live=True)`: utilization, memory, power and temperature, updated
+    every `period_s`; the header says when a GPU reports throttling."""
 
     def __init__(self, engine: Any = None, period_s: float = 1.0) -> None:
         import psutil
@@ -79,13 +108,19 @@ class DeviceMonitor(widgets.VBox):
         self.t0 = t0
         self.util = UtilizationPlot(t0)
         self.memory = MachineMemoryPlot(t0)
+        self.power = PowerPlot(t0)
         self.header = widgets.HTML()
         self.stop_button = widgets.Button(description="Stop updates", icon="pause",
                                           layout=widgets.Layout(width="140px"))
         self.stop_button.on_click(lambda _b: self.stop())
         super().__init__([widgets.HBox([self.header, self.stop_button]),
-                          widgets.HBox([self.util.figure, self.memory.figure])])
+                          widgets.HBox([self.util.figure, self.memory.figure]),
+                          self.power.figure])
         self._nvml = _Nvml()
+        from ..device.telemetry import Telemetry
+
+        self._tel = Telemetry()
+        self._last = self._tel.read()
         psutil.cpu_percent()  # the first call only sets the baseline
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -113,6 +148,7 @@ class DeviceMonitor(widgets.VBox):
         self.header.value = self.header.value.replace(" (updates stopped)", "") + \
             " (updates stopped)"
         self._nvml.close()
+        self._tel.close()
 
     def _loop(self) -> None:
         while not self._stop.wait(self.period_s):
@@ -134,17 +170,37 @@ class DeviceMonitor(widgets.VBox):
              "worker_gib": worker, "gpu_pct": gpu_util, "gpu_used_gib": gpu_used}
         self.util.add(t, cpu, gpu_util)
         self.memory.add(t, s["ram_used_gib"], worker, gpu_used)
+        s.update(self._power())
+        self.power.add(t, s)
         parts = [f"CPU {cpu:.0f}%", f"RAM used {s['ram_used_gib']:,.1f} GiB"]
         if worker is not None:
             parts.append(f"worker {worker:,.2f} GiB")
         parts.append(f"GPU {gpu_util:.0f}%, {gpu_used:,.1f} GiB" if gpu_util is not None
                      else "no GPU")
+        watts = [s[k] for k in ("gpu_w", "cpu_w") if s[k] is not None]
+        parts.append(f"{sum(watts):,.0f} W" if watts else "no power reading")
+        if s["throttle"]:
+            parts.append("<b style='color:#b00020'>throttled: "
+                         + ", ".join(s["throttle"]) + "</b>")
         self.header.value = " &nbsp;|&nbsp; ".join(parts)
         return s
+
+    def _power(self) -> dict[str, Any]:
+        r = self._tel.read()
+        last, self._last = self._last, r
+        dt = r.t - last.t
+        cpu_w = sum(r.cpu_energy_j[k] - last.cpu_energy_j[k] for k in r.cpu_energy_j
+                    if k in last.cpu_energy_j) / dt if r.cpu_energy_j and dt > 0 else None
+        gpu_w = [g.power_w for g in r.gpus if g.power_w is not None]
+        gpu_c = [g.temperature_c for g in r.gpus if g.temperature_c is not None]
+        return {"gpu_w": sum(gpu_w) if gpu_w else None, "cpu_w": cpu_w,
+                "gpu_c": max(gpu_c) if gpu_c else None, "cpu_c": r.cpu_temp_c,
+                "throttle": sorted({x for g in r.gpus for x in g.throttle})}
 
     def refresh(self) -> None:
         self.util.refresh()
         self.memory.refresh()
+        self.power.refresh()
 
 
 class _Nvml:

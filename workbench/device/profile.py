@@ -51,6 +51,8 @@ class DeviceProfile:
     gpus: tuple[GPU, ...]
     llama_devices: tuple[Any, ...] = ()  # engine.protocol.Device
     notes: tuple[str, ...] = field(default=())
+    # temperature, power and clocks (device/telemetry.py), and what is not readable here
+    telemetry: tuple[tuple[str, str], ...] = field(default=())
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the profile as JSON (atomically), for planning on another machine:
@@ -100,6 +102,7 @@ class DeviceProfile:
         for d in self.llama_devices:
             mem = (f", {d.memory_free / GiB:,.1f} GiB free" if d.kind != "cpu" else "")
             rows.append((f"llama.cpp {d.name}", f"{d.kind}: {d.description}{mem}"))
+        rows += list(self.telemetry)
         rows += [("note", n) for n in self.notes]
         return rows
 
@@ -256,6 +259,8 @@ def profile_device(model_dir: str | os.PathLike | None = None, *, measure: bool 
         notes.append("NVML sees a GPU but this llama.cpp build has no GPU backend: "
                      "reinstall with WORKBENCH_CUDA=1 (make lab) to offload layers.")
     folder = Path(model_dir) if model_dir else None
+    from .telemetry import profile_rows
+
     return DeviceProfile(
         cpu_model=cpu_model(), physical_cores=psutil.cpu_count(logical=False) or 1,
         logical_cores=psutil.cpu_count() or 1, usable_cores=usable_cores(),
@@ -265,5 +270,6 @@ def profile_device(model_dir: str | os.PathLike | None = None, *, measure: bool 
         mem_bandwidth_gbs=memory_bandwidth() if measure else None,
         disk_read_mbs=disk_read_speed(folder) if measure and folder else None,
         disk_path=str(folder) if folder else None, gpus=found,
-        llama_devices=tuple(llama_devices), notes=tuple(notes))
+        llama_devices=tuple(llama_devices), notes=tuple(notes),
+        telemetry=tuple(profile_rows()))
 

@@ -14,7 +14,7 @@ import os
 import sqlite3
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -33,7 +33,11 @@ CREATE TABLE IF NOT EXISTS runs (
     pp_tps REAL NOT NULL,
     tg_tps REAL NOT NULL,
     rss_bytes INTEGER,
-    gpu_bytes INTEGER
+    gpu_bytes INTEGER,
+    power_w REAL,
+    power_p95_w REAL,
+    joules_per_token REAL,
+    throttled INTEGER
 );
 CREATE INDEX IF NOT EXISTS runs_key ON runs (device, model_sha256, llama_cpp);
 CREATE TABLE IF NOT EXISTS calibration (
@@ -46,6 +50,10 @@ CREATE TABLE IF NOT EXISTS calibration (
     residual_bytes INTEGER NOT NULL
 );
 """
+# Columns added after the first release: an older database gets them on open.
+_ADDED = (("power_w", "REAL"), ("power_p95_w", "REAL"), ("joules_per_token", "REAL"),
+          ("throttled", "INTEGER"))
+POWER_WINDOW_S = 2.0  # each candidate runs at least this long when its power is measured
 # Settings that make two runs comparable (the rest do not change speed).
 KEY_SETTINGS = ("n_gpu_layers", "threads", "n_ctx", "n_batch", "n_ubatch", "flash_attn",
                 "type_k", "type_v", "tensor_split")
@@ -72,6 +80,10 @@ class TuningDB:
         conn = sqlite3.connect(self.path, timeout=10)
         try:
             conn.executescript(_SCHEMA)
+            have = {row[1] for row in conn.execute("PRAGMA table_info(runs)")}
+            for name, kind in _ADDED:
+                if name not in have:
+                    conn.execute(f"ALTER TABLE runs ADD COLUMN {name} {kind}")
             conn.execute("SELECT count(*) FROM runs").fetchone()
             ok = conn.execute("PRAGMA quick_check").fetchone()[0]
             if ok != "ok":
@@ -86,20 +98,25 @@ class TuningDB:
 
     def add(self, device: str, model_sha256: str, llama_cpp: str, config: dict[str, Any],
             pp_tps: float, tg_tps: float, rss_bytes: int | None = None,
-            gpu_bytes: int | None = None) -> None:
+            gpu_bytes: int | None = None, power: dict[str, Any] | None = None) -> None:
+        """`power`: power_w, power_p95_w, joules_per_token, throttled, where measured."""
         key = {k: config.get(k) for k in KEY_SETTINGS}
+        pw = power or {}
         with self._conn:
             self._conn.execute(
                 "INSERT INTO runs (created, device, model_sha256, llama_cpp, config, n_gpu_layers,"
-                " threads, pp_tps, tg_tps, rss_bytes, gpu_bytes) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                " threads, pp_tps, tg_tps, rss_bytes, gpu_bytes, power_w, power_p95_w,"
+                " joules_per_token, throttled) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (time.time(), device, model_sha256, llama_cpp, json.dumps(key, sort_keys=True),
                  int(config.get("n_gpu_layers") or 0), int(config.get("threads") or 0),
-                 pp_tps, tg_tps, rss_bytes, gpu_bytes))
+                 pp_tps, tg_tps, rss_bytes, gpu_bytes, pw.get("power_w"), pw.get("power_p95_w"),
+                 pw.get("joules_per_token"),
+                 None if pw.get("throttled") is None else int(pw["throttled"])))
 
     def runs(self, device: str, model_sha256: str, llama_cpp: str) -> list[dict[str, Any]]:
         cur = self._conn.execute(
-            "SELECT created, config, n_gpu_layers, threads, pp_tps, tg_tps, rss_bytes, gpu_bytes "
-            "FROM runs WHERE device=? AND model_sha256=? AND llama_cpp=? ORDER BY id",
+            "SELECT created, config, n_gpu_layers, threads, pp_tps, tg_tps, rss_bytes, gpu_bytes, "
+            "power_w, power_p95_w, joules_per_token, throttled FROM runs WHERE device=? AND model_sha256=? AND llama_cpp=? ORDER BY id",
             (device, model_sha256, llama_cpp))
         cols = [c[0] for c in cur.description]
         return [dict(zip(cols, row, strict=True)) | {"config": json.loads(row[1])}
@@ -132,10 +149,13 @@ class TuningDB:
 
     def best(self, device: str, model_sha256: str, llama_cpp: str,
              n_ctx: int | None = None) -> dict[str, Any] | None:
-        """The configuration with the fastest decoding (best of its runs), if any."""
+        """The configuration with the fastest decoding (best of its runs), if any. A run
+        the thermal watch flagged as throttled is not the machine's speed: left out."""
         best: dict[str, Any] | None = None
         for r in self.runs(device, model_sha256, llama_cpp):
             if n_ctx is not None and r["config"].get("n_ctx") not in (None, n_ctx):
+                continue
+            if r["throttled"]:
                 continue
             if best is None or r["tg_tps"] > best["tg_tps"]:
                 best = r
@@ -148,45 +168,73 @@ class TuneResult:
     model: str
     rows: list[dict[str, Any]]
     best: dict[str, Any]
+    power_cap: float | None = None
+    idle_w: float | None = None
+    notes: list[str] = field(default_factory=list)
 
     def figure(self) -> Any:
-        """Decode tokens/s against threads, one line per number of GPU layers."""
+        """Decode tokens/s against threads, one line per number of GPU layers (and
+        micro-batch, where several were tried)."""
         import plotly.graph_objects as go
 
         fig = go.Figure(layout=go.Layout(
             title={"text": f"Autotune: {self.model}", "font": {"size": 13}}, height=320,
             xaxis={"title": {"text": "threads"}, "dtick": 1},
             yaxis={"title": {"text": "decode tokens/s"}, "rangemode": "tozero"}))
-        for ngl in sorted({r["n_gpu_layers"] for r in self.rows}):
+        ubatches = {r.get("n_ubatch") for r in self.rows}
+        for ngl, ub in sorted({(r["n_gpu_layers"], r.get("n_ubatch") or 0) for r in self.rows}):
             pts = sorted((r["threads"], r["tg_tps"]) for r in self.rows
-                         if r["n_gpu_layers"] == ngl)
+                         if r["n_gpu_layers"] == ngl and (r.get("n_ubatch") or 0) == ub)
+            name = f"{ngl} GPU layers" + (f", ubatch {ub}" if len(ubatches) > 1 else "")
             fig.add_scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers",
-                            name=f"{ngl} GPU layers")
+                            name=name)
         return fig
 
+    def _cells(self, r: dict[str, Any]) -> list[str]:
+        flags = []
+        if r is self.best:
+            flags.append("best" + (" under the cap" if self.power_cap else ""))
+        if self.power_cap and r.get("power_p95_w") and r["power_p95_w"] > self.power_cap:
+            flags.append("over the cap")
+        if r.get("throttled"):
+            flags.append("throttled: " + "; ".join(r.get("throttle_why") or []))
+        watts = (f"{r['power_w']:,.0f} / {r['power_p95_w']:,.0f}"
+                 if r.get("power_w") is not None else "—")
+        jpt = f"{r['joules_per_token']:,.3f}" if r.get("joules_per_token") is not None else "—"
+        return [str(r["n_gpu_layers"]), str(r["threads"]), str(r.get("n_ubatch") or ""),
+                f"{r['pp_tps']:,.1f}", f"{r['tg_tps']:,.1f}", watts, jpt, ", ".join(flags)]
+
+    _HEAD = ("GPU layers", "threads", "ubatch", "prompt t/s", "decode t/s", "W mean / p95",
+             "J/token", "")
+
+    def _title(self) -> str:
+        cap = (f" under a {self.power_cap:,.0f} W cap (idle draw {self.idle_w:,.1f} W)"
+               if self.power_cap else "")
+        return f"Autotune of {self.model}{cap}"
+
     def _repr_html_(self) -> str:
-        head = "".join(f"<th>{h}</th>" for h in ("GPU layers", "threads", "prompt t/s",
-                                                   "decode t/s", "worker MiB", ""))
-        body = "".join(
-            f"<tr><td>{r['n_gpu_layers']}</td><td>{r['threads']}</td>"
-            f"<td>{r['pp_tps']:,.1f}</td><td>{r['tg_tps']:,.1f}</td>"
-            f"<td>{(r['rss_bytes'] or 0) / 2**20:,.0f}</td>"
-            f"<td>{'best' if r is self.best else ''}</td></tr>" for r in self.rows)
-        return (f"<b>Autotune of {html.escape(self.model)}</b>"
-                f"<table><tr>{head}</tr>{body}</table>")
+        head = "".join(f"<th>{h}</th>" for h in self._HEAD)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in self._cells(r))
+                       + "</tr>" for r in self.rows)
+        notes = "".join(f"<p>{html.escape(n)}</p>" for n in self.notes)
+        return (f"<b>{html.escape(self._title())}</b>"
+                f"<table><tr>{head}</tr>{body}</table>{notes}")
 
     def __repr__(self) -> str:
-        lines = [f"Autotune of {self.model}",
-                 "GPU layers  threads  prompt t/s  decode t/s"]
-        lines += [f"{r['n_gpu_layers']:>10}  {r['threads']:>7}  {r['pp_tps']:>10.1f}  "
-                  f"{r['tg_tps']:>10.1f}{'  best' if r is self.best else ''}" for r in self.rows]
-        return "\n".join(lines)
+        table = [list(self._HEAD)] + [self._cells(r) for r in self.rows]
+        w = [max(len(row[i]) for row in table) for i in range(len(self._HEAD))]
+        lines = [self._title()] + ["  ".join(c.rjust(w[i]) if i < 7 else c
+                                             for i, c in enumerate(row)).rstrip()
+                                   for row in table]
+        return "\n".join(lines + self.notes)
 
 
 def candidates(n_layers: int, max_gpu_layers: int, cores: int, logical: int,
                threads: Iterable[int] | None = None,
-               gpu_layers: Iterable[int] | None = None) -> list[tuple[int, int]]:
-    """(n_gpu_layers, threads) pairs worth measuring."""
+               gpu_layers: Iterable[int] | None = None,
+               ubatches: Iterable[int] | None = None) -> list[tuple[int, int, int | None]]:
+    """(n_gpu_layers, threads, n_ubatch) triples worth measuring (n_ubatch None: the
+    planner's)."""
     if threads is None:
         t = {max(1, cores // 2), cores}
         if logical > cores:
@@ -199,12 +247,29 @@ def candidates(n_layers: int, max_gpu_layers: int, cores: int, logical: int,
             steps = {0, max_gpu_layers, max_gpu_layers // 2, (3 * max_gpu_layers) // 4,
                      max(0, max_gpu_layers - 1)}
             gpu_layers = sorted(steps)
-    return [(g, t) for g in gpu_layers for t in threads]
+    ubs: list[int | None] = list(ubatches) if ubatches is not None else [None]
+    return [(g, t, u) for g in gpu_layers for t in threads for u in ubs]
+
+
+def _check_lists(**lists: Iterable[int] | None) -> None:
+    from ..errors import WorkbenchError
+
+    for name, values in lists.items():
+        if values is None:
+            continue
+        vals = list(values)
+        positive = name != "n_gpu_layers"
+        if not vals or any(int(v) < (1 if positive else 0) for v in vals):
+            raise WorkbenchError(f"autotune {name} must be a non-empty list of "
+                                 f"{'positive' if positive else 'non-negative'} "
+                                 f"integers (got {values!r})",
+                                 f"For example {name}=[1, 2].")
 
 
 def autotune(path: Path, *, threads: Iterable[int] | None, n_gpu_layers: Iterable[int] | None,
              n_prompt: int, n_gen: int, repeats: int, progress: bool,
-             settings: dict[str, Any]) -> TuneResult:
+             settings: dict[str, Any], n_ubatch: Iterable[int] | None = None,
+             power_cap: float | None = None) -> TuneResult:
     """See `workbench.autotune`."""
     import psutil
 
@@ -212,66 +277,162 @@ def autotune(path: Path, *, threads: Iterable[int] | None, n_gpu_layers: Iterabl
     from ..errors import WorkbenchError
     from ..models.hashing import file_sha256
     from ..progress import progress_bar
+    from . import telemetry
     from .profile import fingerprint, usable_cores
 
-    for name, values in (("threads", threads), ("n_gpu_layers", n_gpu_layers)):
-        if values is not None and (not list(values) or any(int(v) < 0 for v in values)
-                                   or (name == "threads" and 0 in list(values))):
-            raise WorkbenchError(f"autotune {name} must be a non-empty list of "
-                                 f"{'positive' if name == 'threads' else 'non-negative'} "
-                                 f"integers (got {values!r})",
-                                 f"For example {name}=[1, 2].")
+    _check_lists(threads=threads, n_gpu_layers=n_gpu_layers, n_ubatch=n_ubatch)
     for name, v in (("n_prompt", n_prompt), ("n_gen", n_gen), ("repeats", repeats)):
         if int(v) < 1:
             raise WorkbenchError(f"autotune {name} must be at least 1 (got {v!r})",
                                  f"Pass {name}=1 or more.")
-    base = api.plan(path, **settings)
-    max_ngl = base.settings["n_gpu_layers"]
-    from ..models.inspect import inspect_model
-
-    m = inspect_model(path)
-    pairs = candidates(m.n_layers, max_ngl, usable_cores(), psutil.cpu_count() or 1,
-                       threads, n_gpu_layers)
-    too_many = [g for g, _ in pairs if g > max_ngl]
-    if too_many:
-        raise WorkbenchError(f"{max(too_many)} GPU layers do not fit here (the planner fits "
-                             f"at most {max_ngl})", f"Use n_gpu_layers up to {max_ngl}.")
-    fixed = {k: v for k, v in settings.items() if k not in ("n_gpu_layers", "threads")}
-    fixed.setdefault("n_ctx", base.settings["n_ctx"])
-    fixed["kv_cache"] = "off"  # every run computes its whole prompt
-    first = 1000 if m.n_vocab > 2000 else 0
-    prompt = [first + (i * 7919) % max(1, m.n_vocab - first) for i in range(n_prompt)]
-    device, sha = fingerprint(), file_sha256(path)
-    version = api.engine().worker.llama_cpp_version
-    db = TuningDB()
-    best_of: dict[tuple[int, int], dict[str, Any]] = {}
-    bar = progress_bar(f"Autotune {path.name}", enabled=progress)
-    done, total = 0, len(pairs) * repeats
+    settings = {k: v for k, v in settings.items() if k not in ("power_cap",)}
+    tel = telemetry.Telemetry()
+    idle = None
     try:
-        for _ in range(repeats):  # in turn, so slow moments of a noisy machine spread out
-            for ngl, t in pairs:
-                loaded = api.load_model(path, progress=False, n_gpu_layers=ngl, threads=t,
-                                        **fixed)
-                c = api.generate(prompt, max_tokens=n_gen, temperature=0.0, ignore_eos=True)
-                met = c.metrics
-                config = {k: getattr(loaded.info, k, None) for k in KEY_SETTINGS}
-                config.update(n_gpu_layers=ngl, threads=t,
-                              n_ubatch=loaded.info.n_ubatch, flash_attn=loaded.info.flash_attn)
-                db.add(device, sha, version, config, met.prompt_tps, met.decode_tps,
-                       met.peak_rss_bytes or met.rss_bytes, met.gpu_bytes)
-                row = {"n_gpu_layers": ngl, "threads": t, "pp_tps": met.prompt_tps,
-                       "tg_tps": met.decode_tps, "rss_bytes": met.rss_bytes}
-                if (ngl, t) not in best_of or row["tg_tps"] > best_of[(ngl, t)]["tg_tps"]:
-                    best_of[(ngl, t)] = row
-                done += 1
-                bar(done / total)
+        if power_cap is not None:
+            idle = telemetry.check_cap(float(power_cap), tel)
+        base = api.plan(path, **settings)
+        max_ngl = base.settings["n_gpu_layers"]
+        from ..models.inspect import inspect_model
+
+        m = inspect_model(path)
+        triples = candidates(m.n_layers, max_ngl, usable_cores(), psutil.cpu_count() or 1,
+                             threads, n_gpu_layers, n_ubatch)
+        too_many = [g for g, _, _ in triples if g > max_ngl]
+        if too_many:
+            raise WorkbenchError(f"{max(too_many)} GPU layers do not fit here (the planner "
+                                 f"fits at most {max_ngl})", f"Use n_gpu_layers up to {max_ngl}.")
+        fixed = {k: v for k, v in settings.items() if k not in ("n_gpu_layers", "threads")}
+        fixed.setdefault("n_ctx", base.settings["n_ctx"])
+        fixed["kv_cache"] = "off"  # every run computes its whole prompt
+        first = 1000 if m.n_vocab > 2000 else 0
+        prompt = [first + (i * 7919) % max(1, m.n_vocab - first) for i in range(n_prompt)]
+        device, sha = fingerprint(), file_sha256(path)
+        version = api.engine().worker.llama_cpp_version
+        db = TuningDB()
+        best_of: dict[tuple[int, int, int | None], dict[str, Any]] = {}
+        bar = progress_bar(f"Autotune {path.name}", enabled=progress)
+        done, total = 0, len(triples) * repeats
+        try:
+            for _ in range(repeats):  # in turn, so slow moments of a noisy machine spread out
+                for ngl, t, ub in triples:
+                    extra = {} if ub is None else {"n_ubatch": ub, "n_batch": max(ub, 512)}
+                    loaded = api.load_model(path, progress=False, n_gpu_layers=ngl, threads=t,
+                                            **{**fixed, **extra})
+                    sampler = telemetry.Sampler(0.05, tel).start()
+                    t0, runs = time.monotonic(), []
+                    # power needs a window of seconds (NVML averages over about one)
+                    while not runs or (power_cap is not None
+                                       and time.monotonic() - t0 < POWER_WINDOW_S):
+                        runs.append(api.generate(prompt, max_tokens=n_gen, temperature=0.0,
+                                                 ignore_eos=True).metrics)
+                    pw = sampler.stop()
+                    met = max(runs, key=lambda x: x.decode_tps)
+                    config = {k: getattr(loaded.info, k, None) for k in KEY_SETTINGS}
+                    config.update(n_gpu_layers=ngl, threads=t, n_ubatch=loaded.info.n_ubatch,
+                                  flash_attn=loaded.info.flash_attn)
+                    power = {"power_w": pw.mean_w, "power_p95_w": pw.p95_w,
+                             "joules_per_token": pw.joules_per_token(
+                                 sum(x.generated_tokens for x in runs)),
+                             "throttled": pw.throttled}
+                    db.add(device, sha, version, config, met.prompt_tps, met.decode_tps,
+                           met.peak_rss_bytes or met.rss_bytes, met.gpu_bytes, power)
+                    row = {"n_gpu_layers": ngl, "threads": t, "n_ubatch": loaded.info.n_ubatch,
+                           "pp_tps": met.prompt_tps, "tg_tps": met.decode_tps,
+                           "rss_bytes": met.rss_bytes, **power, "throttle_why": pw.why}
+                    key = (ngl, t, ub)
+                    if key not in best_of or _better(row, best_of[key]):
+                        best_of[key] = row
+                    done += 1
+                    bar(done / total)
+        finally:
+            db.close()
     finally:
-        db.close()
-    rows = [best_of[p] for p in pairs]
-    best = max(rows, key=lambda r: r["tg_tps"])
+        tel.close()
+    rows = [best_of[k] for k in triples]
+    notes = []
+    if any(r["throttled"] for r in rows):
+        notes.append("Some runs were throttled (marked): their speed is not this machine's, "
+                     "and the planner does not use them.")
+    pool = [r for r in rows if not r["throttled"]] or rows
+    if power_cap is not None:
+        under = [r for r in pool if r["power_p95_w"] is not None
+                 and r["power_p95_w"] <= power_cap]
+        if not under:
+            low = min(pool, key=lambda r: r["power_p95_w"] or float("inf"))
+            bar.close("no configuration under the cap")
+            raise WorkbenchError(
+                f"no measured configuration of {path.name} stays under {power_cap:,.0f} W: the "
+                f"lowest draw was {low['power_p95_w']:,.0f} W (95th percentile) with "
+                f"{low['n_gpu_layers']} GPU layers and {low['threads']} threads; idle is "
+                f"{idle:,.1f} W", f"Raise the cap above {low['power_p95_w']:,.0f} W"
+                + (", or try fewer threads (threads=[1])." if low["threads"] > 1 else "."))
+        pool = under
+    best = max(pool, key=lambda r: r["tg_tps"])
     bar.close(f"best: {best['n_gpu_layers']} GPU layers, {best['threads']} threads, "
-              f"{best['tg_tps']:,.1f} tokens/s")
+              f"{best['tg_tps']:,.1f} tokens/s"
+              + (f", {best['power_p95_w']:,.0f} W" if best.get("power_p95_w") else ""))
     keep = {k: v for k, v in settings.items() if k not in ("n_gpu_layers", "threads")}
+    if best.get("n_ubatch") and n_ubatch is not None:
+        keep.update(n_ubatch=best["n_ubatch"], n_batch=max(best["n_ubatch"], 512))
     api.load_model(path, progress=False, n_gpu_layers=best["n_gpu_layers"],
                    threads=best["threads"], **keep)
-    return TuneResult(model=path.name, rows=rows, best=best)
+    return TuneResult(model=path.name, rows=rows, best=best, power_cap=power_cap, idle_w=idle,
+                      notes=notes)
+
+
+def _better(row: dict[str, Any], old: dict[str, Any]) -> bool:
+    """A repeat replaces the kept run when it is faster, and never an unthrottled run
+    with a throttled one."""
+    if row["throttled"] != old["throttled"]:
+        return not row["throttled"]
+    return row["tg_tps"] > old["tg_tps"]
+
+
+@dataclass(frozen=True)
+class Capped:
+    """The measured configuration a power cap chose: settings for the planner to keep,
+    and the rows that explain it."""
+    settings: dict[str, Any]
+    reasons: tuple[tuple[str, str, str], ...]
+
+
+def under_cap(db: TuningDB, device: str, model_sha256: str, llama_cpp: str, model: str,
+              cap_w: float, fixed: dict[str, Any]) -> Capped:
+    """The fastest configuration measured on this machine whose draw (95th percentile)
+    stays under `cap_w`, among those that agree with the settings the user fixed."""
+    from ..errors import WorkbenchError
+    from . import telemetry
+
+    idle = telemetry.check_cap(cap_w)
+    runs = [r for r in db.runs(device, model_sha256, llama_cpp)
+            if r["power_p95_w"] is not None and not r["throttled"]
+            and all(r["config"].get(k) == v for k, v in fixed.items()
+                    if k in ("n_gpu_layers", "threads", "n_ubatch"))]
+    if not runs:
+        raise WorkbenchError(
+            f"no configuration of {model} has had its power measured on this machine, so "
+            f"none can be chosen under {cap_w:,.0f} W",
+            f"Measure them first: workbench.autotune({model!r}, power_cap={cap_w:g}) or "
+            f"%profile_device --tune MODEL --power-cap {cap_w:g}.")
+    under = [r for r in runs if r["power_p95_w"] <= cap_w]
+    if not under:
+        low = min(runs, key=lambda r: r["power_p95_w"])
+        raise WorkbenchError(
+            f"every measured configuration of {model} draws more than {cap_w:,.0f} W: the "
+            f"lowest was {low['power_p95_w']:,.0f} W (95th percentile; {low['n_gpu_layers']} "
+            f"GPU layers, {low['threads']} threads); idle is {idle:,.1f} W",
+            "Raise the cap, or measure configurations that draw less: autotune with "
+            "threads=[1] or fewer GPU layers.")
+    best = max(under, key=lambda r: r["tg_tps"])
+    cfg = best["config"]
+    settings = {"n_gpu_layers": best["n_gpu_layers"], "threads": best["threads"]}
+    if cfg.get("n_ubatch"):
+        settings.update(n_ubatch=cfg["n_ubatch"], n_batch=max(cfg["n_ubatch"],
+                                                              cfg.get("n_batch") or 512))
+    jpt = best["joules_per_token"]
+    why = (f"fastest of {len(under)} measured configurations under the cap (of {len(runs)}): "
+           f"{best['tg_tps']:,.1f} tokens/s at {best['power_p95_w']:,.0f} W p95"
+           + (f", {jpt:,.3f} J/token" if jpt is not None else "")
+           + f"; idle draw {idle:,.1f} W")
+    return Capped(settings, (("power cap", f"{cap_w:,.0f} W", why),))

@@ -31,6 +31,9 @@ SHAPES = {
     # SmolLM2-135M (the default model's shape)
     "smollm2-135m": LlamaShape(n_layer=30, n_embd=576, n_ff=1536, n_head=9, n_head_kv=3),
     "smollm2-360m": LlamaShape(n_layer=32, n_embd=960, n_ff=2560, n_head=15, n_head_kv=5),
+    # Llama-3.2-1B's blocks (16 layers, 2048 wide, grouped-query attention)
+    "llama-3.2-1b": LlamaShape(n_layer=16, n_embd=2048, n_ff=8192, n_head=32, n_head_kv=8,
+                               rope_freq_base=500000.0),
     "llama-2-7b": LlamaShape(n_layer=32, n_embd=4096, n_ff=11008, n_head=32, n_head_kv=32,
                              n_ctx_train=4096, rope_freq_base=10000.0, tied_embeddings=False),
     "llama-2-13b": LlamaShape(n_layer=40, n_embd=5120, n_ff=13824, n_head=40, n_head_kv=40,
