@@ -217,7 +217,7 @@ def power_cap(shape: str, vocab: str | None, quick: bool, save: Any) -> dict[str
     save(out)
     t = time.monotonic()
     try:
-        planner = workbench.autotune(model, power_cap=cap, repeats=1, n_gen=96, progress=False)
+        planner = workbench.autotune(model, power_cap=cap, repeats=1, n_gen=64, progress=False)
     except workbench.WorkbenchError as e:
         out["planner_error"] = str(e)
         save(out)
@@ -226,11 +226,11 @@ def power_cap(shape: str, vocab: str | None, quick: bool, save: Any) -> dict[str
                       "best": planner.best}
     save(out)
     cores = workbench.profile_device(measure=False).usable_cores
-    threads = sorted({1, max(1, cores // 4), max(1, cores // 2), cores})
+    threads = sorted({max(1, cores // 4), max(1, cores // 2), cores})
     layers = sorted(set(range(0, n + 2, 2 if quick else 1)) | {n + 1})
     t = time.monotonic()
     sweep = workbench.autotune(model, power_cap=cap, threads=threads, n_gpu_layers=layers,
-                               batch_sizes=[128, 512], repeats=1, n_gen=96, progress=False)
+                               batch_sizes=[128, 512], repeats=1, n_gen=64, progress=False)
     out["sweep"] = {"seconds": round(time.monotonic() - t, 1), "configurations": len(sweep.rows),
                     "rows": sweep.rows, "best": sweep.best}
     save(out)
@@ -265,7 +265,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer rounds, a coarser sweep")
     ap.add_argument("--gpu", action="store_true", help="the speed and power parts (GPU machine)")
     ap.add_argument("--parts", default="mixed,power", help="with --gpu: mixed, power or both")
-    ap.add_argument("--synthetic", default="llama-3.2-1b", help="model shape for --gpu")
+    ap.add_argument("--synthetic", default="llama-3.2-1b", help="model shape of the power part")
+    ap.add_argument("--mixed-shape", default="smollm2-135m",
+                    help="model shape of the mixed part: the default model's, so that its "
+                         "tensor types (and llama.cpp's fallbacks for rows not a multiple of "
+                         "256) and its layers are those the quality part measures")
     ap.add_argument("--vocab", default=None, help="GGUF whose tokenizer the synthetic model "
                     "copies (default: the default model)")
     ap.add_argument("--gpu-mem-mib", type=int, default=None,
@@ -276,11 +280,12 @@ def main() -> None:
     name = "power_precision_gpu" if args.gpu else "power_precision"
     result: dict[str, Any] = {"machine": machine,
                               "params": {"quick": args.quick, "shape": args.synthetic,
+                                         "mixed_shape": args.mixed_shape,
                                          "cap_fraction": CAP_FRACTION, "uniform": UNIFORM,
                                          "pairs": PAIRS}}
     if args.gpu:
         result.update({k: v for k, v in _load(name).items()
-                       if k in ("mixed", "power")})  # parts not run now are kept
+                       if k.startswith(("mixed", "power"))})  # parts not run now are kept
 
     def save(part: str) -> Any:
         def write(data: dict[str, Any]) -> None:
@@ -291,7 +296,7 @@ def main() -> None:
     if args.gpu:
         parts = set(args.parts.split(","))
         if "mixed" in parts:
-            mixed_speed(args.synthetic, args.vocab, args.gpu_mem_mib, 2 if args.quick else 3,
+            mixed_speed(args.mixed_shape, args.vocab, args.gpu_mem_mib, 2 if args.quick else 3,
                         None, save("mixed"))
         if "power" in parts:
             power_cap(args.synthetic, args.vocab, args.quick, save("power"))

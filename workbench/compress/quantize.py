@@ -122,7 +122,7 @@ def quantize(model: str | os.PathLike, to: str = "int8", out: str | os.PathLike 
              threads: int | None = None, same_type: bool = False, ranking: Any = None,
              imatrix: bool | str = False, overrides: Any = None,
              progress: Callable[[float], None] | None = None) -> Quantized:
-    """Quantize `model` (a path) to `to`. `prune_layers`: layer indices to drop (the
+    r"""Quantize `model` (a path) to `to`. `prune_layers`: layer indices to drop (the
     rest are renumbered). `out` defaults to `<name>.<QUANT>.gguf` beside the source.
     `same_type`: copy the tensors as they are (with `prune_layers`). `imatrix`: True (the
     calibration text) or a text: measure an importance matrix on it and quantize with it.
