@@ -313,38 +313,46 @@ def autotune(path: Path, *, threads: Iterable[int] | None, n_gpu_layers: Iterabl
         best_of: dict[tuple[int, int, int | None], dict[str, Any]] = {}
         bar = progress_bar(f"Autotune {path.name}", enabled=progress)
         done, total = 0, len(triples) * repeats
+
+        def measure(ngl: int, t: int, ub: int | None) -> None:
+            extra = {} if ub is None else {"n_ubatch": ub, "n_batch": max(ub, 512)}
+            loaded = api.load_model(path, progress=False, n_gpu_layers=ngl, threads=t,
+                                    **{**fixed, **extra})
+            sampler = telemetry.Sampler(0.05, tel).start()
+            t0, runs = time.monotonic(), []
+            # power needs a window of seconds (NVML averages over about one)
+            while not runs or (power_cap is not None
+                               and time.monotonic() - t0 < POWER_WINDOW_S):
+                runs.append(api.generate(prompt, max_tokens=n_gen, temperature=0.0,
+                                         ignore_eos=True).metrics)
+            pw = sampler.stop()
+            met = max(runs, key=lambda x: x.decode_tps)
+            config = {k: getattr(loaded.info, k, None) for k in KEY_SETTINGS}
+            config.update(n_gpu_layers=ngl, threads=t, n_ubatch=loaded.info.n_ubatch,
+                          flash_attn=loaded.info.flash_attn)
+            power = {"power_w": pw.mean_w, "power_p95_w": pw.p95_w,
+                     "joules_per_token": pw.joules_per_token(
+                         sum(x.generated_tokens for x in runs)),
+                     "throttled": pw.throttled}
+            db.add(device, sha, version, config, met.prompt_tps, met.decode_tps,
+                   met.peak_rss_bytes or met.rss_bytes, met.gpu_bytes, power)
+            row = {"n_gpu_layers": ngl, "threads": t, "n_ubatch": loaded.info.n_ubatch,
+                   "pp_tps": met.prompt_tps, "tg_tps": met.decode_tps,
+                   "rss_bytes": met.rss_bytes, **power, "throttle_why": pw.why}
+            key = (ngl, t, ub)
+            if key not in best_of or _better(row, best_of[key]):
+                best_of[key] = row
+
         try:
             for _ in range(repeats):  # in turn, so slow moments of a noisy machine spread out
                 for ngl, t, ub in triples:
-                    extra = {} if ub is None else {"n_ubatch": ub, "n_batch": max(ub, 512)}
-                    loaded = api.load_model(path, progress=False, n_gpu_layers=ngl, threads=t,
-                                            **{**fixed, **extra})
-                    sampler = telemetry.Sampler(0.05, tel).start()
-                    t0, runs = time.monotonic(), []
-                    # power needs a window of seconds (NVML averages over about one)
-                    while not runs or (power_cap is not None
-                                       and time.monotonic() - t0 < POWER_WINDOW_S):
-                        runs.append(api.generate(prompt, max_tokens=n_gen, temperature=0.0,
-                                                 ignore_eos=True).metrics)
-                    pw = sampler.stop()
-                    met = max(runs, key=lambda x: x.decode_tps)
-                    config = {k: getattr(loaded.info, k, None) for k in KEY_SETTINGS}
-                    config.update(n_gpu_layers=ngl, threads=t, n_ubatch=loaded.info.n_ubatch,
-                                  flash_attn=loaded.info.flash_attn)
-                    power = {"power_w": pw.mean_w, "power_p95_w": pw.p95_w,
-                             "joules_per_token": pw.joules_per_token(
-                                 sum(x.generated_tokens for x in runs)),
-                             "throttled": pw.throttled}
-                    db.add(device, sha, version, config, met.prompt_tps, met.decode_tps,
-                           met.peak_rss_bytes or met.rss_bytes, met.gpu_bytes, power)
-                    row = {"n_gpu_layers": ngl, "threads": t, "n_ubatch": loaded.info.n_ubatch,
-                           "pp_tps": met.prompt_tps, "tg_tps": met.decode_tps,
-                           "rss_bytes": met.rss_bytes, **power, "throttle_why": pw.why}
-                    key = (ngl, t, ub)
-                    if key not in best_of or _better(row, best_of[key]):
-                        best_of[key] = row
+                    measure(ngl, t, ub)
                     done += 1
                     bar(done / total)
+            if power_cap is not None and n_gpu_layers is None:
+                for ngl, t, ub in _refine(best_of, power_cap):
+                    measure(ngl, t, ub)
+                    triples.append((ngl, t, ub))
         finally:
             db.close()
     finally:
@@ -379,6 +387,24 @@ def autotune(path: Path, *, threads: Iterable[int] | None, n_gpu_layers: Iterabl
                    threads=best["threads"], **keep)
     return TuneResult(model=path.name, rows=rows, best=best, power_cap=power_cap, idle_w=idle,
                       notes=notes)
+
+
+def _refine(best_of: dict[tuple[int, int, int | None], dict[str, Any]], cap_w: float,
+            steps: int = 3) -> Any:
+    """Under a power cap, the draw rises with the layers on the GPU. Between the best
+    configuration under the cap and the next one measured above it (same threads and
+    micro-batch) that went over, bisect on GPU layers: yields what to measure next."""
+    for _ in range(steps):
+        under = [(k, r) for k, r in best_of.items() if not r["throttled"]
+                 and r["power_p95_w"] is not None and r["power_p95_w"] <= cap_w]
+        if not under:
+            return
+        (ngl, t, ub), _best = max(under, key=lambda kr: kr[1]["tg_tps"])
+        above = [k[0] for k, r in best_of.items() if k[1:] == (t, ub) and k[0] > ngl
+                 and r["power_p95_w"] is not None and r["power_p95_w"] > cap_w]
+        if not above or min(above) - ngl <= 1 or ((ngl + min(above)) // 2, t, ub) in best_of:
+            return
+        yield (ngl + min(above)) // 2, t, ub
 
 
 def _better(row: dict[str, Any], old: dict[str, Any]) -> bool:
