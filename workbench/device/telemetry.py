@@ -36,6 +36,7 @@ _THROTTLE_BITS = {
     0x40: "hardware thermal slowdown", 0x80: "hardware power brake"}
 CLOCK_DROP = 0.85   # a busy device's clock below this share of its earlier clock: throttled
 BUSY_PCT = 50.0     # utilization above which a clock is expected to stay up
+WINDOW_S = 0.25     # each power sample spans at least this long
 
 
 def _powercap_root() -> Path:
@@ -341,7 +342,7 @@ class Sampler:
         rs = list(self.readings)
         tel = self.telemetry
         secs = rs[-1].t - rs[0].t if len(rs) > 1 else 0.0
-        watts = [w for a, b in zip(rs, rs[1:]) if (w := power_w(a, b)) is not None]
+        watts = [w for a, b in _windows(rs, WINDOW_S) if (w := power_w(a, b)) is not None]
         energy = None
         if len(rs) > 1 and tel.has_power:
             e = 0.0
@@ -368,6 +369,17 @@ class Sampler:
             gpu_temp_max_c=max(gtemps) if gtemps else None,
             cpu_temp_max_c=max(ctemps) if ctemps else None, clocks=clocks,
             missing=dict(tel.missing), watts=watts)
+
+
+def _windows(rs: list[Reading], seconds: float) -> list[tuple[Reading, Reading]]:
+    """Consecutive spans of at least `seconds`: an energy counter read every 50 ms moves
+    in the OS's scheduling ticks, so the power of a span that short is mostly noise."""
+    out, i = [], 0
+    for j in range(1, len(rs)):
+        if rs[j].t - rs[i].t >= seconds:
+            out.append((rs[i], rs[j]))
+            i = j
+    return out
 
 
 def _percentile(xs: list[float], q: float) -> float:
