@@ -240,7 +240,9 @@ def power_cap(shape: str, vocab: str | None, quick: bool, save: Any) -> dict[str
     out["planner"] = {"seconds": round(time.monotonic() - t, 1), "rows": planner.rows,
                       "best": planner.best}
     save(out)
-    cores = workbench.profile_device(measure=False).usable_cores
+    from workbench.device.profile import usable_cores
+
+    cores = usable_cores()
     threads = sorted({max(1, cores // 2), cores})
     top = [n + 1, n, n - 1, n - 2, n - 3, n - 5, n - 7, n - 9, n - 13]
     layers = sorted({x for x in top if x >= 0} | {0, n // 4, n // 2})
