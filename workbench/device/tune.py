@@ -196,6 +196,8 @@ class TuneResult:
             flags.append("best" + (" under the cap" if self.power_cap else ""))
         if self.power_cap and r.get("power_p95_w") and r["power_p95_w"] > self.power_cap:
             flags.append("over the cap")
+        if r.get("confirmed"):
+            flags.append("confirmed by a second run")
         if r.get("throttled"):
             flags.append("throttled: " + "; ".join(r.get("throttle_why") or []))
         watts = (f"{r['power_w']:,.0f} / {r['power_p95_w']:,.0f}"
@@ -314,7 +316,7 @@ def autotune(path: Path, *, threads: Iterable[int] | None, n_gpu_layers: Iterabl
         bar = progress_bar(f"Autotune {path.name}", enabled=progress)
         done, total = 0, len(triples) * repeats
 
-        def measure(ngl: int, t: int, ub: int | None) -> None:
+        def measure(ngl: int, t: int, ub: int | None, window: float = POWER_WINDOW_S) -> None:
             extra = {} if ub is None else {"n_ubatch": ub, "n_batch": max(ub, 512)}
             loaded = api.load_model(path, progress=False, n_gpu_layers=ngl, threads=t,
                                     **{**fixed, **extra})
@@ -322,7 +324,7 @@ def autotune(path: Path, *, threads: Iterable[int] | None, n_gpu_layers: Iterabl
             t0, runs = time.monotonic(), []
             # power needs a window of seconds (NVML averages over about one)
             while not runs or (power_cap is not None
-                               and time.monotonic() - t0 < POWER_WINDOW_S):
+                               and time.monotonic() - t0 < window):
                 runs.append(api.generate(prompt, max_tokens=n_gen, temperature=0.0,
                                          ignore_eos=True).metrics)
             pw = sampler.stop()
@@ -340,8 +342,13 @@ def autotune(path: Path, *, threads: Iterable[int] | None, n_gpu_layers: Iterabl
                    "pp_tps": met.prompt_tps, "tg_tps": met.decode_tps,
                    "rss_bytes": met.rss_bytes, **power, "throttle_why": pw.why}
             key = (ngl, t, ub)
-            if key not in best_of or _better(row, best_of[key]):
+            old = best_of.get(key)
+            if old is None or _better(row, old):
                 best_of[key] = row
+            if old is not None:  # the fastest run's speed, and the highest draw seen
+                for k in ("power_w", "power_p95_w"):
+                    seen = [x[k] for x in (old, row) if x[k] is not None]
+                    best_of[key][k] = max(seen) if seen else None
 
         try:
             for _ in range(repeats):  # in turn, so slow moments of a noisy machine spread out
@@ -349,10 +356,15 @@ def autotune(path: Path, *, threads: Iterable[int] | None, n_gpu_layers: Iterabl
                     measure(ngl, t, ub)
                     done += 1
                     bar(done / total)
-            if power_cap is not None and n_gpu_layers is None:
-                for ngl, t, ub in _refine(best_of, power_cap):
-                    measure(ngl, t, ub)
-                    triples.append((ngl, t, ub))
+            if power_cap is not None:
+                for extra_run in _search_under_cap(best_of, power_cap,
+                                                   refine=n_gpu_layers is None):
+                    if extra_run not in best_of:
+                        triples.append(extra_run)
+                        measure(*extra_run)
+                    else:  # confirm the choice: twice as long, keeping the higher draw
+                        measure(*extra_run, window=2 * POWER_WINDOW_S)
+                        best_of[extra_run]["confirmed"] = True
         finally:
             db.close()
     finally:
@@ -389,22 +401,34 @@ def autotune(path: Path, *, threads: Iterable[int] | None, n_gpu_layers: Iterabl
                       notes=notes)
 
 
-def _refine(best_of: dict[tuple[int, int, int | None], dict[str, Any]], cap_w: float,
-            steps: int = 3) -> Any:
-    """Under a power cap, the draw rises with the layers on the GPU. Between the best
-    configuration under the cap and the next one measured above it (same threads and
-    micro-batch) that went over, bisect on GPU layers: yields what to measure next."""
-    for _ in range(steps):
+Key = tuple[int, int, "int | None"]
+
+
+def _search_under_cap(best_of: dict[Key, dict[str, Any]], cap_w: float, refine: bool,
+                      rounds: int = 12) -> Any:
+    """What to measure next under a power cap (the caller measures each and updates
+    `best_of`): a configuration not yet measured, or the current choice again to confirm it.
+
+    Draw rises with the layers on the GPU, so between the best configuration under the
+    cap and the next one measured above it (same threads and micro-batch) that went over,
+    bisect on GPU layers (with `refine`). A choice is then run again, twice as long: a
+    draw measured once, over a few seconds, varies by some 10% from run to run, and a
+    choice at the edge of the cap would break it half the time."""
+    for _ in range(rounds):
         under = [(k, r) for k, r in best_of.items() if not r["throttled"]
                  and r["power_p95_w"] is not None and r["power_p95_w"] <= cap_w]
         if not under:
             return
-        (ngl, t, ub), _best = max(under, key=lambda kr: kr[1]["tg_tps"])
+        (ngl, t, ub), best = max(under, key=lambda kr: kr[1]["tg_tps"])
         above = [k[0] for k, r in best_of.items() if k[1:] == (t, ub) and k[0] > ngl
                  and r["power_p95_w"] is not None and r["power_p95_w"] > cap_w]
-        if not above or min(above) - ngl <= 1 or ((ngl + min(above)) // 2, t, ub) in best_of:
+        mid = (ngl + min(above)) // 2 if above else ngl
+        if refine and mid != ngl and (mid, t, ub) not in best_of:
+            yield mid, t, ub
+        elif not best.get("confirmed"):
+            yield ngl, t, ub
+        else:
             return
-        yield (ngl + min(above)) // 2, t, ub
 
 
 def _better(row: dict[str, Any], old: dict[str, Any]) -> bool:
@@ -431,10 +455,22 @@ def under_cap(db: TuningDB, device: str, model_sha256: str, llama_cpp: str, mode
     from . import telemetry
 
     idle = telemetry.check_cap(cap_w)
-    runs = [r for r in db.runs(device, model_sha256, llama_cpp)
-            if r["power_p95_w"] is not None and not r["throttled"]
-            and all(r["config"].get(k) == v for k, v in fixed.items()
-                    if k in ("n_gpu_layers", "threads", "n_ubatch"))]
+    # one entry per configuration: its fastest run, and the highest draw any run of it saw
+    by_config: dict[str, dict[str, Any]] = {}
+    for r in db.runs(device, model_sha256, llama_cpp):
+        if r["power_p95_w"] is None or r["throttled"] or not all(
+                r["config"].get(k) == v for k, v in fixed.items()
+                if k in ("n_gpu_layers", "threads", "n_ubatch")):
+            continue
+        key = json.dumps(r["config"], sort_keys=True)
+        old = by_config.get(key)
+        if old is None:
+            by_config[key] = dict(r)
+            continue
+        if r["tg_tps"] > old["tg_tps"]:
+            old.update(tg_tps=r["tg_tps"], joules_per_token=r["joules_per_token"])
+        old["power_p95_w"] = max(old["power_p95_w"], r["power_p95_w"])
+    runs = list(by_config.values())
     if not runs:
         raise WorkbenchError(
             f"no configuration of {model} has had its power measured on this machine, so "
@@ -457,7 +493,8 @@ def under_cap(db: TuningDB, device: str, model_sha256: str, llama_cpp: str, mode
         settings.update(n_ubatch=cfg["n_ubatch"], n_batch=max(cfg["n_ubatch"],
                                                               cfg.get("n_batch") or 512))
     jpt = best["joules_per_token"]
-    why = (f"fastest of {len(under)} measured configurations under the cap (of {len(runs)}): "
+    why = (f"fastest of {len(under)} measured configurations under the cap (of {len(runs)}; "
+           "each at the highest draw any of its runs saw): "
            f"{best['tg_tps']:,.1f} tokens/s at {best['power_p95_w']:,.0f} W p95"
            + (f", {jpt:,.3f} J/token" if jpt is not None else "")
            + f"; idle draw {idle:,.1f} W")
