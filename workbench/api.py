@@ -88,14 +88,14 @@ def load_model(model: str | os.PathLike | None = None, *, progress: bool = True,
         bar.close(f"{info.load_seconds:.1f} s")
         return LoadedModel(info, cluster_plan)
     _leave_cluster()
+    if config.set_gpu_power_limit and config.power_cap is None:
+        raise WorkbenchError("--set-gpu-power-limit needs --power-cap",
+                             "Give the cap in watts, for example --power-cap 250.")
     placement = _plan(path, config, settings)
     config = dataclasses.replace(config, **placement.settings).validate()
     if config.set_gpu_power_limit:
         from .device.telemetry import set_gpu_power_limit
 
-        if config.power_cap is None:
-            raise WorkbenchError("--set-gpu-power-limit needs --power-cap",
-                                 "Give the cap in watts, for example --power-cap 250.")
         placement = dataclasses.replace(placement, reasons=placement.reasons + (
             set_gpu_power_limit(config.power_cap),))
     bar = progress_bar(f"Loading {path.name}", enabled=progress)

@@ -287,7 +287,11 @@ def autotune(path: Path, *, threads: Iterable[int] | None, n_gpu_layers: Iterabl
         if int(v) < 1:
             raise WorkbenchError(f"autotune {name} must be at least 1 (got {v!r})",
                                  f"Pass {name}=1 or more.")
-    settings = {k: v for k, v in settings.items() if k not in ("power_cap",)}
+    final = dict(settings)  # the chosen configuration loads with these
+    if power_cap is not None and final.get("set_gpu_power_limit"):
+        final["power_cap"] = power_cap  # the GPU's limit is set to the cap
+    settings = {k: v for k, v in settings.items()
+                if k not in ("power_cap", "set_gpu_power_limit")}
     tel = telemetry.Telemetry()
     idle = None
     try:
@@ -392,7 +396,7 @@ def autotune(path: Path, *, threads: Iterable[int] | None, n_gpu_layers: Iterabl
     bar.close(f"best: {best['n_gpu_layers']} GPU layers, {best['threads']} threads, "
               f"{best['tg_tps']:,.1f} tokens/s"
               + (f", {best['power_p95_w']:,.0f} W" if best.get("power_p95_w") else ""))
-    keep = {k: v for k, v in settings.items() if k not in ("n_gpu_layers", "threads")}
+    keep = {k: v for k, v in final.items() if k not in ("n_gpu_layers", "threads")}
     if best.get("n_ubatch") and n_ubatch is not None:
         keep.update(n_ubatch=best["n_ubatch"], n_batch=max(best["n_ubatch"], 512))
     api.load_model(path, progress=False, n_gpu_layers=best["n_gpu_layers"],
