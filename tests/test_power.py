@@ -328,3 +328,22 @@ def test_mixed_precision_measures_and_chooses(default_model, tmp_path):
     assert study.chosen is max(study.candidates, key=lambda c: c.tg_tps)
     assert study.same_size_uniform(by["Q8_0 GPU / Q4_0 CPU"]).kind == "uniform"
     assert "chosen" in repr(study) and "<table>" in study._repr_html_()
+
+
+def test_each_request_reports_the_energy_it_used(meter, default_model, monkeypatch):
+    e = workbench.engine()
+    e.close()  # a fresh worker, started with the meter in its environment
+    try:
+        workbench.load_model(default_model, n_ctx=1024, progress=False)
+        c = workbench.generate("Water boils at", max_tokens=24, temperature=0, ignore_eos=True)
+        m = c.metrics
+        assert m.energy_j is not None and m.energy_j > 0
+        assert m.joules_per_token == pytest.approx(m.energy_j / 24)
+        assert "J/token" in repr(c)
+        assert workbench.metrics().column("energy_j")[-1] == pytest.approx(m.energy_j)
+    finally:
+        e.close()
+    monkeypatch.delenv("WORKBENCH_POWERCAP")
+    workbench.load_model(default_model, n_ctx=1024, progress=False)
+    c = workbench.generate("Water boils at", max_tokens=4, temperature=0)
+    assert c.metrics.energy_j is None and "J/token" not in repr(c)  # nothing metered now

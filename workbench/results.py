@@ -106,9 +106,11 @@ class LoadedModel(_KeyValue):
 
 
 def _metrics_line(m: RequestMetrics) -> str:
+    jpt = m.joules_per_token
     return (f"{m.generated_tokens} tokens · {m.decode_tps:,.1f} tok/s · "
             f"TTFT {m.ttft_s * 1000:,.0f} ms · prompt {m.prompt_tokens} tokens at "
-            f"{m.prompt_tps:,.0f} tok/s · {m.finish_reason}")
+            f"{m.prompt_tps:,.0f} tok/s" + (f" · {jpt:,.3f} J/token" if jpt is not None else "")
+            + f" · {m.finish_reason}")
 
 
 class Completion:
@@ -142,7 +144,8 @@ class MetricsTable:
     """Per-request metrics as a table; `records` holds them as dicts."""
 
     columns = ("request_id", "kind", "model", "prompt_tokens", "prompt_tps", "ttft_s",
-               "generated_tokens", "decode_tps", "finish_reason", "rss_bytes", "gpu_bytes")
+               "generated_tokens", "decode_tps", "finish_reason", "rss_bytes", "gpu_bytes",
+               "energy_j")
 
     def __init__(self, records: Iterable[RequestMetrics | dict[str, Any]]) -> None:
         self.records = [dataclasses.asdict(r) if dataclasses.is_dataclass(r) else dict(r)

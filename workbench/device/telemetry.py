@@ -123,10 +123,11 @@ def _call(fn: Any, *args: Any) -> Any:
 class Telemetry:
     """Reads every source this machine has. `missing` says which it lacks and why."""
 
-    def __init__(self) -> None:
+    def __init__(self, nvml: tuple[Any, list[Any]] | None = None) -> None:
+        """`nvml`: (module, handles) already opened by the caller, to share them."""
         from .nvml import open_nvml
 
-        self._nv, self._handles = open_nvml()
+        self._nv, self._handles = nvml if nvml is not None else open_nvml()
         self.zones, rapl_why = rapl_zones()
         self._last_uj: dict[str, int] = {}
         self._wraps: dict[str, int] = {}
@@ -192,6 +193,26 @@ class Telemetry:
             utilization_pct=util.gpu if util is not None else None,
             throttle=tuple(v for bit, v in _THROTTLE_BITS.items() if reasons & bit),
             energy_j=energy / 1000 if energy is not None else None)
+
+    def energy_j(self) -> float | None:
+        """Joules the metered parts (each GPU's energy counter, the RAPL zones) have used
+        since an arbitrary origin; None unless every one of them could be read."""
+        total = 0.0
+        for z in self.zones:
+            uj = _read_uj(z)
+            if uj is None:
+                return None
+            last = self._last_uj.get(z.name)
+            if last is not None and uj < last:
+                self._wraps[z.name] = self._wraps.get(z.name, 0) + 1
+            self._last_uj[z.name] = uj
+            total += (uj + self._wraps.get(z.name, 0) * z.wrap_uj) / 1e6
+        for h in self._handles:
+            mj = _call(self._nv.nvmlDeviceGetTotalEnergyConsumption, h)
+            if mj is None:
+                return None
+            total += mj / 1000
+        return total if (self.zones or self._handles) else None
 
     def read(self) -> Reading:
         import psutil

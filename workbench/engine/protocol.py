@@ -186,6 +186,15 @@ class RequestMetrics:
     cached_tokens: int = 0  # prompt tokens restored from the prefix cache, not computed
     cache_tier: str = ""    # "ram" or "disk" on a hit
     peak_rss_bytes: int = 0  # the worker's peak resident memory since its model loaded
+    # joules the machine's metered parts (GPUs through NVML, CPU packages through RAPL)
+    # used while the request ran: machine-wide; None where nothing is metered
+    energy_j: float | None = None
+
+    @property
+    def joules_per_token(self) -> float | None:
+        if self.energy_j is None or not self.generated_tokens:
+            return None
+        return self.energy_j / self.generated_tokens
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -105,6 +105,9 @@ class Worker:
         self.cancelled: set[str] = set()
         self.proc = psutil.Process()
         self.gpu = _GpuMemory()
+        from ..device.telemetry import Telemetry
+
+        self.meter = Telemetry(nvml=(self.gpu._nvml, self.gpu._handles))
         self.stopping = threading.Event()
         self._send_lock = threading.Lock()
         self.send(P.WorkerReady(
@@ -256,6 +259,7 @@ class Worker:
 
     def _generate(self, msg: P.Generate | P.Chat) -> None:
         t_received = time.monotonic()
+        energy = self.meter.energy_j()
         tokens, kind = self._prompt(msg)
         out = _Emitter(self.send, msg.id)
         try:
@@ -263,9 +267,13 @@ class Worker:
                                  lambda: msg.id in self.cancelled)
         finally:
             out.flush_rest()
-        self._finished(msg.id, kind, r, t_received)
+        self._finished(msg.id, kind, r, t_received, energy)
 
-    def _finished(self, rid: str, kind: str, r: Any, t_received: float) -> None:
+    def _finished(self, rid: str, kind: str, r: Any, t_received: float,
+                  energy0: float | None = None) -> None:
+        """`energy0`: the meter before the request (requests decoded alone only: in a
+        batch the machine's energy is not one request's)."""
+        energy1 = self.meter.energy_j() if energy0 is not None else None
         decode_s = r.t_last - r.t_first
         info = self.runtime.info
         metrics = P.RequestMetrics(
@@ -279,7 +287,8 @@ class Worker:
             rss_bytes=self.proc.memory_info().rss, gpu_bytes=self.gpu.used(),
             peak_rss_bytes=_peak_rss(),
             n_threads=info.threads, n_ctx=info.n_ctx, wall_time=time.time(),
-            cached_tokens=r.cached_tokens, cache_tier=r.cache_tier)
+            cached_tokens=r.cached_tokens, cache_tier=r.cache_tier,
+            energy_j=energy1 - energy0 if energy0 is not None and energy1 is not None else None)
         self.send(P.Finished(id=rid, text=r.text, metrics=metrics))
 
     # ---- continuous batching -------------------------------------------------
