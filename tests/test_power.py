@@ -186,6 +186,7 @@ def test_a_cap_without_power_readings_names_what_is_missing(no_power, default_mo
                    "needs power readings")
     _fails_cleanly(sh, capsys, "%profile_device --power-cap 50", "goes with --tune")
     _fails_cleanly(sh, capsys, "%load_model --power-cap 0", "power_cap")
+    _fails_cleanly(sh, capsys, "%load_model --power-cap 50 --cluster", "RPC nodes")
     _fails_cleanly(sh, capsys, "%load_model --set-gpu-power-limit --n-ctx 1024",
                    "needs --power-cap")
     assert sh.run_cell("1 + 1").result == 2  # the kernel goes on

@@ -82,6 +82,10 @@ def load_model(model: str | os.PathLike | None = None, *, progress: bool = True,
     if config.lora:
         config = dataclasses.replace(config, lora=str(_check_lora(config.lora)))
     path = resolve_model(model, progress=progress)
+    if config.cluster and config.power_cap is not None:
+        raise WorkbenchError("--power-cap chooses among configurations measured on this "
+                             "machine; a model split across RPC nodes draws power on each",
+                             "Leave out --power-cap with --cluster.")
     if config.cluster:
         bar = progress_bar(f"Loading {path.name} across the cluster", enabled=progress)
         info, cluster_plan = rpc_cluster().load(path, config, settings, on_progress=bar)
