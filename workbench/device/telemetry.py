@@ -194,19 +194,26 @@ class Telemetry:
             throttle=tuple(v for bit, v in _THROTTLE_BITS.items() if reasons & bit),
             energy_j=energy / 1000 if energy is not None else None)
 
+    def _zone_joules(self, z: RaplZone) -> float | None:
+        """A zone's counter in joules, continued across its wrap-arounds."""
+        uj = _read_uj(z)
+        if uj is None:
+            return None
+        last = self._last_uj.get(z.name)
+        if last is not None and uj < last:  # the counter wrapped
+            self._wraps[z.name] = self._wraps.get(z.name, 0) + 1
+        self._last_uj[z.name] = uj
+        return (uj + self._wraps.get(z.name, 0) * z.wrap_uj) / 1e6
+
     def energy_j(self) -> float | None:
         """Joules the metered parts (each GPU's energy counter, the RAPL zones) have used
         since an arbitrary origin; None unless every one of them could be read."""
         total = 0.0
         for z in self.zones:
-            uj = _read_uj(z)
-            if uj is None:
+            j = self._zone_joules(z)
+            if j is None:
                 return None
-            last = self._last_uj.get(z.name)
-            if last is not None and uj < last:
-                self._wraps[z.name] = self._wraps.get(z.name, 0) + 1
-            self._last_uj[z.name] = uj
-            total += (uj + self._wraps.get(z.name, 0) * z.wrap_uj) / 1e6
+            total += j
         for h in self._handles:
             mj = _call(self._nv.nvmlDeviceGetTotalEnergyConsumption, h)
             if mj is None:
@@ -217,16 +224,7 @@ class Telemetry:
     def read(self) -> Reading:
         import psutil
 
-        energy: dict[str, float] = {}
-        for z in self.zones:
-            uj = _read_uj(z)
-            if uj is None:
-                continue
-            last = self._last_uj.get(z.name)
-            if last is not None and uj < last:  # the counter wrapped
-                self._wraps[z.name] = self._wraps.get(z.name, 0) + 1
-            self._last_uj[z.name] = uj
-            energy[z.name] = (uj + self._wraps.get(z.name, 0) * z.wrap_uj) / 1e6
+        energy = {z.name: j for z in self.zones if (j := self._zone_joules(z)) is not None}
         temp, high = self._cpu_temperature()
         freq = _call(psutil.cpu_freq)
         return Reading(t=time.monotonic(),
@@ -473,21 +471,20 @@ def profile_rows() -> list[tuple[str, str]]:
     if r2.cpu_temp_c is not None:
         rows.append(("CPU temperature", f"{r2.cpu_temp_c:.0f} °C" + (
             f" (high mark {r2.cpu_temp_high_c:.0f} °C)" if r2.cpu_temp_high_c else "")))
-    if r2.cpu_energy_j:
-        cpu_w = power_w(r, r2)
-        gpu_w = sum(g.power_w or 0 for g in r2.gpus)
-        rows.append(("CPU power", f"{(cpu_w or 0) - gpu_w:,.1f} W (RAPL: "
-                     f"{', '.join(r2.cpu_energy_j)})"))
+    if r2.cpu_energy_j and r2.t > r.t:
+        cpu_w = sum(j - r.cpu_energy_j.get(k, j) for k, j in r2.cpu_energy_j.items()) / (r2.t - r.t)
+        rows.append(("CPU power", f"{cpu_w:,.1f} W (RAPL: {', '.join(r2.cpu_energy_j)})"))
     for g in r2.gpus:
         parts = [f"{g.sm_clock_mhz:,.0f} of {g.sm_clock_max_mhz:,.0f} MHz SM clock"
                  if g.sm_clock_mhz and g.sm_clock_max_mhz else "",
                  f"throttled: {', '.join(g.throttle)}" if g.throttle else "not throttled"]
         rows.append((f"GPU {g.index} clocks", "; ".join(p for p in parts if p)))
-    rows += [(f"{k}", f"not available: {v}") for k, v in tel.missing.items()]
+    rows += [(k, f"not available: {v}") for k, v in tel.missing.items()]
     return rows
 
 
 _restore: dict[int, int] = {}   # GPU index -> its power limit before we changed it (mW)
+_registered = False
 
 
 def set_gpu_power_limit(cap_w: float) -> tuple[str, str, str]:
@@ -520,8 +517,10 @@ def set_gpu_power_limit(cap_w: float) -> tuple[str, str, str]:
                           f"{hi / 1000:,.0f} W; was {old / 1000:,.0f} W)")
     finally:
         nv.nvmlShutdown()
-    if len(_restore) == len(set_to):
+    global _registered
+    if not _registered:
         atexit.register(_restore_limits)
+        _registered = True
     return ("GPU power limit", "; ".join(set_to), "set as asked; restored when Python exits")
 
 
