@@ -161,6 +161,8 @@ def test_benchmark_results_carry_the_thermal_watch(tmp_path, monkeypatch, meter)
 
 
 def test_device_monitor_plots_power(meter):
+    rows = dict(workbench.profile_device(measure=False).telemetry)
+    assert rows["CPU power"].endswith("W (RAPL: package-0)")
     mon = workbench.profile_device(live=True)
     try:
         import time
