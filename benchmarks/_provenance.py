@@ -36,11 +36,22 @@ def machine() -> dict[str, Any]:
 
 
 def thermal() -> dict[str, Any] | None:
-    """Power, temperatures and throttling seen since `machine()` was first called: a
-    throttled run is flagged, so it is never quoted as the machine's speed."""
+    """Power, temperatures and throttling seen since `machine()` was first called (a
+    throttled run is flagged, so it is never quoted as the machine's speed), and, where
+    the engine's requests were metered, their joules per generated token."""
     if _watch is None:
         return None
-    return _watch.report().as_dict()
+    out = _watch.report().as_dict()
+    from workbench import api
+
+    # the energy of each request this process ran through the engine, where metered
+    recs = [r for r in (api._engine.records if api._engine is not None else [])
+            if r.energy_j is not None]
+    tokens = sum(r.generated_tokens for r in recs)
+    if tokens:
+        out["requests_metered"] = len(recs)
+        out["joules_per_token"] = round(sum(r.energy_j for r in recs) / tokens, 4)
+    return out
 
 
 def write(name: str, data: dict[str, Any]) -> Path:

@@ -141,17 +141,20 @@ def test_benchmark_results_carry_the_thermal_watch(tmp_path, monkeypatch, meter)
     from benchmarks import _provenance
 
     prov = importlib.reload(_provenance)
+    e = workbench.engine()
+    e.close()  # a fresh worker, metered by the stand-in
     try:
         prov.machine()
-        import time
-
-        time.sleep(1.2)
+        workbench.load_model(n_ctx=512, progress=False)
+        workbench.generate("One, two,", max_tokens=16, temperature=0, ignore_eos=True)
         path = prov.write("probe", {"result": {}})
     finally:
         if prov._watch is not None:
             prov._watch.stop()
+        e.close()
     data = json.loads(path.read_text())
     assert data["thermal"]["throttled"] is False and data["thermal"]["mean_w"] > 0
+    assert data["thermal"]["requests_metered"] >= 1 and data["thermal"]["joules_per_token"] > 0
     assert data["thermal"]["sources"] == ["CPU package-0 (RAPL)"]
     from workbench.report import BenchmarkRun, render_html
 
