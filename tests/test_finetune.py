@@ -240,6 +240,9 @@ def test_a_run_trains_checkpoints_and_exports_a_lora_llama_cpp_loads(trained, de
     assert [p.name for p in result.checkpoints] == ["ckpt-00000004.safetensors",
                                                     "ckpt-00000006.safetensors"]
     assert {"start", "step", "val", "checkpoint", "done"} <= set(events)
+    # the thermal watch ran over it (no power reading on this machine: it says so)
+    assert result.thermal["throttled"] is False and result.thermal["samples"] >= 2
+    assert "CPU power" in result.thermal["missing"]
     assert len(job.history["train"]) == 6 and job.history["steps"][-1]["memory"] > 0
     # the adapter changes what the model says, in llama.cpp
     q = "Which magic frees the model's memory?"

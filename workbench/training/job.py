@@ -36,6 +36,8 @@ class FinetuneResult:
     checkpoint_stalls_s: list[float] = field(default_factory=list)
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    # what the thermal watch saw over the run (device/telemetry.PowerReport.as_dict())
+    thermal: dict[str, Any] | None = None
 
     @property
     def val_loss_drop(self) -> float | None:
@@ -48,8 +50,13 @@ class FinetuneResult:
         drop = (f"; validation loss {self.val_loss_before:.3f} → {self.val_loss_after:.3f} "
                 f"({self.val_loss_drop:+.0%} drop)" if self.val_loss_drop is not None else "")
         speed = f", {self.tokens_per_s:,.0f} tokens/s" if self.tokens_per_s else ""
-        return (f"fine-tuning {how} step {self.steps}/{self.total_steps}{speed}{drop}\n"
-                f"adapter: {self.adapter}  (load it: %load_model BASE --lora {self.adapter})")
+        t = self.thermal or {}
+        power = (f"\npower: {t['mean_w']:,.0f} W mean, {t['energy_j'] / 1000:,.1f} kJ"
+                 if t.get("mean_w") is not None and t.get("energy_j") is not None else "")
+        hot = ("\nTHROTTLED during the run (" + "; ".join(t.get("why") or []) + "): its "
+               "tokens/s is not this machine's speed" if t.get("throttled") else "")
+        return (f"fine-tuning {how} step {self.steps}/{self.total_steps}{speed}{drop}{power}{hot}"
+                f"\nadapter: {self.adapter}  (load it: %load_model BASE --lora {self.adapter})")
 
     def _repr_html_(self) -> str:
         import html
@@ -79,6 +86,7 @@ class FinetuneJob:
         self.process = ctx.Process(target=train.main, args=(spec, self._events, self._cancel),
                                    daemon=True, name="workbench-finetune")
         self.process.start()
+        self._watch = _start_watch()
         self._reader = threading.Thread(target=self._read, name="finetune-events", daemon=True)
         self._reader.start()
 
@@ -164,6 +172,10 @@ class FinetuneJob:
             self.status = payload
         elif kind == "done":
             r = payload
+            thermal = self._stop_watch()
+            if thermal and thermal.get("throttled"):
+                self.warnings.append("the machine throttled during the run ("
+                                     + "; ".join(thermal["why"]) + ")")
             self._result = FinetuneResult(
                 adapter=Path(r["adapter"]), out_dir=self.out_dir, steps=r["steps"],
                 total_steps=r["total_steps"], cancelled=r["cancelled"],
@@ -172,9 +184,10 @@ class FinetuneJob:
                 checkpoints=[Path(p) for p in r["checkpoints"]],
                 checkpoint_stalls_s=r["checkpoint_stalls_s"],
                 history={**r["history"], "steps": list(self.history["steps"])},
-                warnings=list(self.warnings))
+                warnings=list(self.warnings), thermal=thermal)
             self.status = "cancelled" if r["cancelled"] else "finished"
         elif kind == "error":
+            self._stop_watch()
             self._error = WorkbenchError(rest[0], rest[1])
             self.status = "failed"
         elif kind == "bug":
@@ -183,9 +196,19 @@ class FinetuneJob:
         self._notify(kind, payload)
         return kind in ("done", "error", "bug")
 
+    def _stop_watch(self) -> dict[str, Any] | None:
+        watch, self._watch = self._watch, None
+        if watch is None:
+            return None
+        try:
+            return watch.stop().as_dict()
+        except Exception:  # telemetry must never fail a run
+            return None
+
     def _finish_dead(self) -> None:
         from .checkpoint import CheckpointStore
 
+        self._stop_watch()
         self.process.join(timeout=5)
         code = self.process.exitcode
         how = (f"was killed by {signal.Signals(-code).name}" if code is not None and code < 0
@@ -209,3 +232,14 @@ class FinetuneJob:
         from ..dashboards.finetune import FinetuneDashboard
 
         display(FinetuneDashboard(self).widget)
+
+
+def _start_watch() -> Any:
+    """The thermal watch over a run: power, temperatures and throttling, read once a
+    second in this (the kernel's) process; None where telemetry cannot start."""
+    from ..device.telemetry import Sampler
+
+    try:
+        return Sampler(period_s=1.0).start()
+    except Exception:
+        return None
