@@ -186,11 +186,11 @@ class DeviceMonitor(widgets.VBox):
         return s
 
     def _power(self) -> dict[str, Any]:
+        from ..device.telemetry import cpu_power_w
+
         r = self._tel.read()
         last, self._last = self._last, r
-        dt = r.t - last.t
-        cpu_w = sum(r.cpu_energy_j[k] - last.cpu_energy_j[k] for k in r.cpu_energy_j
-                    if k in last.cpu_energy_j) / dt if r.cpu_energy_j and dt > 0 else None
+        cpu_w = cpu_power_w(last, r)
         gpu_w = [g.power_w for g in r.gpus if g.power_w is not None]
         gpu_c = [g.temperature_c for g in r.gpus if g.temperature_c is not None]
         return {"gpu_w": sum(gpu_w) if gpu_w else None, "cpu_w": cpu_w,

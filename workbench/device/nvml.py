@@ -16,3 +16,11 @@ def open_nvml() -> tuple[Any, list[Any]]:
                         for i in range(pynvml.nvmlDeviceGetCount())]
     except Exception:
         return None, []
+
+
+def optional(fn: Any, *args: Any) -> Any:
+    """A reading some GPUs (or machines) do not offer: its value, or None."""
+    try:
+        return fn(*args)
+    except Exception:
+        return None

@@ -159,17 +159,9 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _optional(fn: Any, *args: Any) -> Any:
-    """An NVML reading some GPUs do not offer (temperature, power): None then."""
-    try:
-        return fn(*args)
-    except Exception:
-        return None
-
-
 def gpus() -> tuple[GPU, ...]:
     """NVIDIA GPUs through NVML; () where there are none or no driver."""
-    from .nvml import open_nvml
+    from .nvml import open_nvml, optional as _optional
 
     pynvml, handles = open_nvml()
     if pynvml is None:

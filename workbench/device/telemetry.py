@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import WorkbenchError
+from .nvml import optional as _call
 
 POWERCAP = Path("/sys/class/powercap")
 # NVML throttle reasons that mean "slower than it could be": the rest (idle, application
@@ -111,13 +112,6 @@ class Reading:
     cpu_temp_high_c: float | None         # the OS's "high" mark of that sensor
     cpu_mhz: float | None
     cpu_pct: float | None
-
-
-def _call(fn: Any, *args: Any) -> Any:
-    try:
-        return fn(*args)
-    except Exception:
-        return None
 
 
 class Telemetry:
@@ -234,14 +228,21 @@ class Telemetry:
                        cpu_pct=_call(psutil.cpu_percent))
 
 
+def cpu_power_w(a: Reading, b: Reading) -> float | None:
+    """The CPU's mean power between two readings, from its RAPL counters; None without."""
+    zones = [k for k in b.cpu_energy_j if k in a.cpu_energy_j]
+    if not zones or b.t <= a.t:
+        return None
+    return sum(b.cpu_energy_j[k] - a.cpu_energy_j[k] for k in zones) / (b.t - a.t)
+
+
 def power_w(a: Reading, b: Reading) -> float | None:
     """Mean power between two readings: the GPUs' board power (as read at `b`) plus the
     CPU's RAPL energy over the interval. None without any power reading."""
     parts = [g.power_w for g in b.gpus if g.power_w is not None]
-    dt = b.t - a.t
-    if dt > 0:
-        parts += [(b.cpu_energy_j[k] - a.cpu_energy_j[k]) / dt
-                  for k in b.cpu_energy_j if k in a.cpu_energy_j]
+    cpu = cpu_power_w(a, b)
+    if cpu is not None:
+        parts.append(cpu)
     return sum(parts) if parts else None
 
 
@@ -471,8 +472,8 @@ def profile_rows() -> list[tuple[str, str]]:
     if r2.cpu_temp_c is not None:
         rows.append(("CPU temperature", f"{r2.cpu_temp_c:.0f} °C" + (
             f" (high mark {r2.cpu_temp_high_c:.0f} °C)" if r2.cpu_temp_high_c else "")))
-    if r2.cpu_energy_j and r2.t > r.t:
-        cpu_w = sum(j - r.cpu_energy_j.get(k, j) for k, j in r2.cpu_energy_j.items()) / (r2.t - r.t)
+    cpu_w = cpu_power_w(r, r2)
+    if cpu_w is not None:
         rows.append(("CPU power", f"{cpu_w:,.1f} W (RAPL: {', '.join(r2.cpu_energy_j)})"))
     for g in r2.gpus:
         parts = [f"{g.sm_clock_mhz:,.0f} of {g.sm_clock_max_mhz:,.0f} MHz SM clock"
