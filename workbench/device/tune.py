@@ -346,13 +346,7 @@ def autotune(path: Path, *, threads: Iterable[int] | None, n_gpu_layers: Iterabl
                    "pp_tps": met.prompt_tps, "tg_tps": met.decode_tps,
                    "rss_bytes": met.rss_bytes, **power, "throttle_why": pw.why}
             key = (ngl, t, ub)
-            old = best_of.get(key)
-            if old is None or _better(row, old):
-                best_of[key] = row
-            if old is not None:  # the fastest run's speed, and the highest draw seen
-                for k in ("power_w", "power_p95_w"):
-                    seen = [x[k] for x in (old, row) if x[k] is not None]
-                    best_of[key][k] = max(seen) if seen else None
+            best_of[key] = _combine(best_of.get(key), row)
 
         try:
             for _ in range(repeats):  # in turn, so slow moments of a noisy machine spread out
@@ -380,8 +374,7 @@ def autotune(path: Path, *, threads: Iterable[int] | None, n_gpu_layers: Iterabl
                      "and the planner does not use them.")
     pool = [r for r in rows if not r["throttled"]] or rows
     if power_cap is not None:
-        under = [r for r in pool if r["power_p95_w"] is not None
-                 and r["power_p95_w"] <= power_cap]
+        under = [r for r in pool if _under(r, power_cap)]
         if not under:
             low = min(pool, key=lambda r: r["power_p95_w"] or float("inf"))
             bar.close("no configuration under the cap")
@@ -419,8 +412,7 @@ def _search_under_cap(best_of: dict[Key, dict[str, Any]], cap_w: float, refine: 
     draw measured once, over a few seconds, varies by some 10% from run to run, and a
     choice at the edge of the cap would break it half the time."""
     for _ in range(rounds):
-        under = [(k, r) for k, r in best_of.items() if not r["throttled"]
-                 and r["power_p95_w"] is not None and r["power_p95_w"] <= cap_w]
+        under = [(k, r) for k, r in best_of.items() if _under(r, cap_w)]
         if not under:
             return
         (ngl, t, ub), best = max(under, key=lambda kr: kr[1]["tg_tps"])
@@ -435,12 +427,24 @@ def _search_under_cap(best_of: dict[Key, dict[str, Any]], cap_w: float, refine: 
             return
 
 
-def _better(row: dict[str, Any], old: dict[str, Any]) -> bool:
-    """A repeat replaces the kept run when it is faster, and never an unthrottled run
-    with a throttled one."""
-    if row["throttled"] != old["throttled"]:
-        return not row["throttled"]
-    return row["tg_tps"] > old["tg_tps"]
+def _under(r: dict[str, Any], cap_w: float) -> bool:
+    """Whether a configuration's measured draw (95th percentile) stays under the cap, in
+    runs the thermal watch did not flag."""
+    return not r["throttled"] and r["power_p95_w"] is not None and r["power_p95_w"] <= cap_w
+
+
+def _combine(kept: dict[str, Any] | None, run: dict[str, Any]) -> dict[str, Any]:
+    """One configuration's runs as one: the fastest run (never a throttled one over one
+    that was not), with the highest draw any of them saw."""
+    if kept is None:
+        return dict(run)
+    faster = (not run["throttled"] if bool(run["throttled"]) != bool(kept["throttled"])
+              else run["tg_tps"] > kept["tg_tps"])
+    out = dict(run if faster else kept)
+    for k in ("power_w", "power_p95_w"):
+        seen = [x[k] for x in (kept, run) if x[k] is not None]
+        out[k] = max(seen) if seen else None
+    return out
 
 
 @dataclass(frozen=True)
@@ -467,13 +471,7 @@ def under_cap(db: TuningDB, device: str, model_sha256: str, llama_cpp: str, mode
                 if k in ("n_gpu_layers", "threads", "n_ubatch")):
             continue
         key = json.dumps(r["config"], sort_keys=True)
-        old = by_config.get(key)
-        if old is None:
-            by_config[key] = dict(r)
-            continue
-        if r["tg_tps"] > old["tg_tps"]:
-            old.update(tg_tps=r["tg_tps"], joules_per_token=r["joules_per_token"])
-        old["power_p95_w"] = max(old["power_p95_w"], r["power_p95_w"])
+        by_config[key] = _combine(by_config.get(key), r)
     runs = list(by_config.values())
     if not runs:
         raise WorkbenchError(
@@ -481,7 +479,7 @@ def under_cap(db: TuningDB, device: str, model_sha256: str, llama_cpp: str, mode
             f"none can be chosen under {cap_w:,.0f} W",
             f"Measure them first: workbench.autotune({model!r}, power_cap={cap_w:g}) or "
             f"%profile_device --tune MODEL --power-cap {cap_w:g}.")
-    under = [r for r in runs if r["power_p95_w"] <= cap_w]
+    under = [r for r in runs if _under(r, cap_w)]
     if not under:
         low = min(runs, key=lambda r: r["power_p95_w"])
         raise WorkbenchError(
