@@ -178,25 +178,23 @@ def _plan(path: Path, config: LoadConfig, given: dict[str, Any]) -> Any:
         over = budget.overheads(e, db, machine)
         tuned = None if "threads" in fixed else db.best(machine, file_sha256(path),
                                                          e.worker.llama_cpp_version)
-        capped = None
+        capped, fixed_why = None, {}
         if config.power_cap is not None:
             from .device.tune import under_cap
 
             capped = under_cap(db, machine, file_sha256(path), e.worker.llama_cpp_version,
                                path.name, config.power_cap, fixed)
+            fixed_why = {k: "chosen under the power cap (below)" for k in capped.settings
+                         if k not in fixed}
             fixed.update(capped.settings)
             tuned = None
     finally:
         db.close()
     placement = place(inspection, budgets, device=config.device, fixed=fixed,
-                      cores=usable_cores(), overheads=over, measure=measure, tuned=tuned)
+                      cores=usable_cores(), overheads=over, measure=measure, tuned=tuned,
+                      fixed_why=fixed_why)
     if capped is not None:
-        row_setting = {"device": "n_gpu_layers", "n_batch / n_ubatch": "n_ubatch"}
-        reasons = tuple((k, v, "chosen under the power cap (below)"
-                         if why == "given" and row_setting.get(k, k) in capped.settings
-                         and given.get(row_setting.get(k, k)) is None else why)
-                        for k, v, why in placement.reasons)
-        placement = dataclasses.replace(placement, reasons=reasons + capped.reasons)
+        placement = dataclasses.replace(placement, reasons=placement.reasons + capped.reasons)
     return placement
 
 

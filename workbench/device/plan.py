@@ -233,12 +233,15 @@ def place(m: ModelInspection, budgets: Sequence[Budget], *, device: str = "auto"
           fixed: dict[str, Any] | None = None, cores: int = 1,
           overheads: Overheads | None = None,
           measure: Callable[[dict[str, Any]], Sequence[Any]] | None = None,
-          tuned: dict[str, Any] | None = None) -> Placement:
+          tuned: dict[str, Any] | None = None,
+          fixed_why: dict[str, str] | None = None) -> Placement:
     """Choose a configuration for model `m` within `budgets` (host first, then GPUs).
 
     `fixed`: LoadConfig settings the user gave; they are kept. `measure(settings)`
     runs a dry run and returns llama.cpp's buffers (engine.protocol.Buffer).
-    `tuned`: the best configuration autotune measured on this machine, if any."""
+    `tuned`: the best configuration autotune measured on this machine, if any.
+    `fixed_why`: why a fixed setting is fixed, where the user did not give it (setting ->
+    reason; the table says "given" for the rest)."""
     fixed = {k: v for k, v in (fixed or {}).items() if v is not None}
     overheads = overheads or Overheads(host=0)
     notes: list[str] = []
@@ -377,7 +380,7 @@ def place(m: ModelInspection, budgets: Sequence[Budget], *, device: str = "auto"
     if gpus and c.ngl > 0 and len(gpus) > 1 and "tensor_split" not in fixed:
         total = sum(b.usable for b in gpus)
         settings["tensor_split"] = tuple(round(b.usable / total, 3) for b in gpus)
-    reasons = _explain(m, c, why, settings, fixed, gpus, contexts[0], cores, tuned)
+    reasons = _explain(m, c, why, settings, fixed, gpus, contexts[0], cores, tuned, fixed_why)
     reasons += [("note", "", n) for n in notes]
     return Placement(model=m.path, settings=settings, memory=tuple(memory),
                      budgets=tuple(use_budgets), reasons=tuple(reasons), compute_measured=measured,
@@ -440,22 +443,27 @@ def _measured_compute(buffers: Sequence[Any], gpu_names: Sequence[str]) -> dict[
 
 def _explain(m: ModelInspection, c: _Choice, why: str, s: dict[str, Any], fixed: dict[str, Any],
              gpus: Sequence[Budget], first_ctx: int, cores: int,
-             tuned: dict[str, Any] | None) -> list[tuple[str, str, str]]:
+             tuned: dict[str, Any] | None, fixed_why: dict[str, str] | None = None
+             ) -> list[tuple[str, str, str]]:
     n = m.n_layers
-    given = "given"
+
+    def given(*keys: str) -> str:
+        """Why a fixed setting is what it is: the user gave it, unless told otherwise."""
+        return next(((fixed_why or {})[k] for k in keys if k in (fixed_why or {})), "given")
+
     where = ("GPU" if c.ngl > n else "CPU + GPU" if c.ngl > 0 else "CPU")
-    rows = [("device", where, why if "n_gpu_layers" not in fixed else given),
+    rows = [("device", where, why if "n_gpu_layers" not in fixed else given("n_gpu_layers")),
             ("n_gpu_layers", str(c.ngl),
-             given if "n_gpu_layers" in fixed else
+             given("n_gpu_layers") if "n_gpu_layers" in fixed else
              f"all {n} layers and the output layer" if c.ngl > n else
              f"{c.ngl} of {n} layers; the output layer and embeddings stay on the CPU"
              if c.ngl else "no layer offloaded")]
     if "tensor_split" in s:
         rows.append(("tensor_split", ", ".join(f"{x:g}" for x in s["tensor_split"]),
-                     given if "tensor_split" in fixed else
+                     given("tensor_split") if "tensor_split" in fixed else
                      "in proportion to each GPU's usable memory"))
     if "threads" in fixed:
-        t_why = given + (f"; more than the {cores} usable cores slows decoding sharply"
+        t_why = given("threads") + (f"; more than the {cores} usable cores slows decoding sharply"
                          if fixed["threads"] > cores else "")
     elif tuned:
         t_why = (f"fastest in autotune on this machine ({tuned['tg_tps']:,.1f} tokens/s)")
@@ -463,22 +471,22 @@ def _explain(m: ModelInspection, c: _Choice, why: str, s: dict[str, Any], fixed:
         t_why = ("usable cores (physical, within CPU affinity and the cgroup quota): "
                  "one thread more than cores decoded 3× slower here")
     rows.append(("threads", str(s["threads"]), t_why))
-    ctx_why = given if "n_ctx" in fixed else (
+    ctx_why = given("n_ctx") if "n_ctx" in fixed else (
         f"{c.n_ctx:,} of the {m.n_ctx_train:,} trained" if c.n_ctx == first_ctx else
         f"shortened from {first_ctx:,} so the model fits")
     rows.append(("n_ctx", f"{c.n_ctx:,}", ctx_why))
-    kv_why = given if ("type_k" in fixed or "type_v" in fixed) else (
+    kv_why = given("type_k", "type_v") if ("type_k" in fixed or "type_v" in fixed) else (
         "f16 fits" if c.type_k == "f16" else f"{c.type_k} so that more fits "
         f"({m.kv_bytes_per_token(c.type_k, c.type_v) / 1024:,.1f} KiB/token against "
         f"{m.kv_bytes_per_token() / 1024:,.1f} with f16)")
     rows.append(("KV cache", f"K {c.type_k}, V {c.type_v}", kv_why))
-    fa_why = given if "flash_attn" in fixed else (
+    fa_why = given("flash_attn") if "flash_attn" in fixed else (
         "quantized V needs flash attention" if c.type_v != "f16" else
         "layers on a GPU" if c.ngl else
         "off on the CPU: it decoded 30% slower here (benchmarks/engine_overhead.py)")
     rows.append(("flash_attn", c.flash_attn, fa_why))
     rows.append(("n_batch / n_ubatch", f"{s['n_batch']} / {c.n_ubatch}",
-                 given if "n_ubatch" in fixed or "n_batch" in fixed else
+                 given("n_ubatch", "n_batch") if "n_ubatch" in fixed or "n_batch" in fixed else
                  "llama.cpp's default micro-batch; prompt speed flattens above it"
                  if c.n_ubatch == 512 else
                  "a smaller micro-batch, so the compute buffer fits (prompts run slower)"))
