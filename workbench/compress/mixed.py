@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..errors import WorkbenchError
-from .quantize import OVERRIDE_TYPES, quant_name
+from .quantize import quant_name, tensor_type
 
 DEFAULT_PAIRS = (("Q8_0", "Q4_0"), ("Q8_0", "Q3_K"), ("Q6_K", "Q4_0"), ("Q5_K_M", "Q3_K"))
 DEFAULT_UNIFORM = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_0")
@@ -54,12 +54,7 @@ class Mix:
 
 
 def _check_types(gpu_type: str, cpu_type: str) -> tuple[str, str]:
-    gpu = quant_name(gpu_type)
-    cpu = cpu_type.upper()
-    if cpu not in OVERRIDE_TYPES:
-        raise WorkbenchError(f"unknown tensor type {cpu_type!r} for the CPU layers",
-                             "Valid tensor types: " + ", ".join(OVERRIDE_TYPES) + ".")
-    return gpu, cpu
+    return quant_name(gpu_type), tensor_type(cpu_type, "for the CPU layers")
 
 
 def build_mix(model: str | os.PathLike, gpu_type: str = "Q8_0", cpu_type: str = "Q4_0", *,
@@ -71,14 +66,13 @@ def build_mix(model: str | os.PathLike, gpu_type: str = "Q8_0", cpu_type: str = 
     with `settings` (gpu_mem_mib, n_ctx, ...), found by planning it in turn."""
     from .. import api
     from ..models.gguf_file import read_header
-    from .quantize import default_output, quantize
+    from .quantize import default_output, quantize, temporary_output
 
     src = Path(model).expanduser()
     gpu, cpu = _check_types(gpu_type, cpu_type)
     n = int(read_header(src).arch_value("block_count", 0))
     dst = Path(out).expanduser() if out else default_output(src, f"{gpu}-{cpu}", "-mixed")
-    if dst.exists() and not overwrite:
-        raise WorkbenchError(f"{dst} exists", "Pass overwrite=True to replace it.")
+    tmp = temporary_output(src, dst, overwrite)  # refuses an existing or unwritable output
     settings = {k: v for k, v in (settings or {}).items() if k != "n_gpu_layers"}
     ngl = n_gpu_layers
     if ngl is None:
@@ -89,7 +83,6 @@ def build_mix(model: str | os.PathLike, gpu_type: str = "Q8_0", cpu_type: str = 
                 "has cheaper bytes for a mix", f"Quantize it uniformly (to {cpu} for speed), "
                 "or give n_gpu_layers to build a mix for a machine with a GPU.")
     seen: list[int] = []
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.mix")
     try:
         while True:
             pattern = cpu_layer_pattern(n, ngl)

@@ -62,6 +62,16 @@ def quant_name(to: str) -> str:
     return name
 
 
+def tensor_type(name: str, where: str) -> str:
+    """The canonical name of a type a tensor may be given, or a clear error naming
+    `where` it was asked for."""
+    kind = name.upper()
+    if kind not in OVERRIDE_TYPES:
+        raise WorkbenchError(f"unknown tensor type {name!r} {where}",
+                             "Valid tensor types: " + ", ".join(OVERRIDE_TYPES) + ".")
+    return kind
+
+
 def tensor_overrides(overrides: Any) -> tuple[tuple[str, int], ...]:
     """Check per-tensor type overrides ({regex: type} or (regex, type) pairs, the first
     match wins, as in llama.cpp) and give them as (pattern, ggml type id)."""
@@ -76,10 +86,7 @@ def tensor_overrides(overrides: Any) -> tuple[tuple[str, int], ...]:
             raise WorkbenchError(f"a tensor type override must be (pattern, type), got {item!r}",
                                  "For example {r'blk\\.(0|1)\\.': 'Q4_0'}.")
         pattern, name = item
-        kind = name.upper()
-        if kind not in OVERRIDE_TYPES:
-            raise WorkbenchError(f"unknown tensor type {name!r} in the override for {pattern!r}",
-                                 "Valid tensor types: " + ", ".join(OVERRIDE_TYPES) + ".")
+        kind = tensor_type(name, f"in the override for {pattern!r}")
         try:
             re.compile(pattern)
         except re.error as e:
