@@ -59,7 +59,7 @@ def same_size(variants: list[dict[str, Any]], mix: dict[str, Any]) -> dict[str, 
 # ---- mixed precision: speed of a split (GPU) -----------------------------------------
 
 def mixed_speed(shape: str, vocab: str | None, gpu_mem_mib: int | None, rounds: int,
-                threads: int | None, save: Any) -> dict[str, Any]:
+                save: Any) -> dict[str, Any]:
     import workbench
     from workbench.compress.mixed import build_mix, cpu_bytes, decode_speed
     from workbench.models.inspect import inspect_model
@@ -82,8 +82,6 @@ def mixed_speed(shape: str, vocab: str | None, gpu_mem_mib: int | None, rounds: 
         m = inspect_model(paths["Q5_K_M"])
         gpu_mem_mib = int((sum(m.layer_bytes) / 2 + m.output_offload_bytes) / MiB) + 700
     settings = {"gpu_mem_mib": gpu_mem_mib, "n_ctx": 2048}
-    if threads:
-        settings["threads"] = threads
     out["settings"] = settings
     n = inspect_model(f16).n_layers
     variants = [{"name": q, "kind": "uniform", "path": p} for q, p in paths.items()]
@@ -321,7 +319,7 @@ def main() -> None:
         parts = set(args.parts.split(","))
         if "mixed" in parts:
             mixed_speed(args.mixed_shape, args.vocab, args.gpu_mem_mib, 2 if args.quick else 3,
-                        None, save("mixed"))
+                        save("mixed"))
         if "power" in parts:
             power_cap(args.synthetic, args.vocab, args.quick, save("power"))
         gpu, cpu = result, _load("power_precision")
