@@ -66,10 +66,8 @@ def _reset_peak_rss() -> bool:
 class _GpuMemory:
     """GPU memory used by this process, where NVML sees an NVIDIA GPU; else None."""
 
-    def __init__(self) -> None:
-        from ..device.nvml import open_nvml
-
-        self._nvml, self._handles = open_nvml()
+    def __init__(self, nvml: tuple[Any, list[Any]]) -> None:
+        self._nvml, self._handles = nvml  # device.nvml.open_nvml()
 
     def used(self) -> int | None:
         if not self._handles:
@@ -104,10 +102,12 @@ class Worker:
         self.deferred: collections.deque[P.Message] = collections.deque()
         self.cancelled: set[str] = set()
         self.proc = psutil.Process()
-        self.gpu = _GpuMemory()
+        from ..device.nvml import open_nvml
         from ..device.telemetry import Telemetry
 
-        self.meter = Telemetry(nvml=(self.gpu._nvml, self.gpu._handles))
+        nvml = open_nvml()  # one NVML session for memory and energy readings
+        self.gpu = _GpuMemory(nvml)
+        self.meter = Telemetry(nvml=nvml)
         self.stopping = threading.Event()
         self._send_lock = threading.Lock()
         self.send(P.WorkerReady(
