@@ -31,6 +31,7 @@ def loaded(default_model):
     import workbench
 
     e = workbench.engine()
-    if not (e.alive and e.model is not None and e.model.path == str(default_model)):
+    if not (e.alive and e.model is not None and e.model.path == str(default_model)
+            and e.model.n_ctx == 2048):
         workbench.load_model(progress=False, n_ctx=2048)
     return e

@@ -207,11 +207,12 @@ def test_a_cap_below_idle_gives_the_measured_idle_draw(meter, default_model, cap
         workbench.autotune(default_model, threads=[1], power_cap=2, progress=False)
 
 
-def test_a_cap_with_nothing_measured_says_to_autotune(meter, default_model, tmp_path,
-                                                      monkeypatch):
-    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path))  # an empty tuning database
+def test_a_cap_with_nothing_measured_says_to_autotune(meter, tmp_path):
+    from workbench.models.synthetic import synthetic
+
+    never_tuned = synthetic("tiny", "q4_0", tmp_path / "tiny.gguf")
     with pytest.raises(WorkbenchError, match="no configuration of .* has had its power") as e:
-        workbench.plan(default_model, power_cap=500)
+        workbench.plan(never_tuned, power_cap=500)
     assert "power_cap=500" in e.value.hint
 
 
@@ -223,8 +224,7 @@ def test_setting_the_gpu_power_limit_needs_a_gpu():
 # ---- the power cap: choosing ----------------------------------------------------------
 
 def test_power_capped_autotune_and_plan_choose_the_fastest_under_the_cap(
-        meter, default_model, tmp_path, monkeypatch):
-    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path))
+        meter, default_model):
     free = workbench.autotune(default_model, threads=[1, 2], power_cap=1000, n_prompt=32,
                               n_gen=16, repeats=1, progress=False, n_ctx=1024)
     one, two = free.rows
