@@ -331,8 +331,8 @@ def mixed_precision(model: str | os.PathLike | None = None, reference: Any = Non
     bar = progress_bar(f"Mixed precision for {path.name}", enabled=progress)
     try:
         return mixed.mixed_precision(
-            path, ref, pairs=pairs or mixed.DEFAULT_PAIRS,
-            uniform=uniform or mixed.DEFAULT_UNIFORM, baseline=baseline,
+            path, ref, pairs=mixed.DEFAULT_PAIRS if pairs is None else pairs,
+            uniform=mixed.DEFAULT_UNIFORM if uniform is None else uniform, baseline=baseline,
             max_kl_ratio=max_kl_ratio, n_gpu_layers=n_gpu_layers, measure_speed=measure_speed,
             progress=lambda _what, fraction: bar(fraction),
             **settings)
