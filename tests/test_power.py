@@ -353,3 +353,27 @@ def test_each_request_reports_the_energy_it_used(meter, default_model, monkeypat
     workbench.load_model(default_model, n_ctx=1024, progress=False)
     c = workbench.generate("Water boils at", max_tokens=4, temperature=0)
     assert c.metrics.energy_j is None and "J/token" not in repr(c)  # nothing metered now
+
+
+def test_more_bad_requests_for_caps_and_mixes(meter, default_model, tmp_path):
+    # every configuration tried draws more than a cap just above idle
+    idle = telemetry.idle_power()
+    with pytest.raises(WorkbenchError, match="no measured configuration .* stays under") as e:
+        workbench.autotune(default_model, threads=[2], power_cap=idle + 1, n_prompt=32,
+                           n_gen=8, repeats=1, progress=False, n_ctx=1024)
+    assert "Raise the cap above" in e.value.hint
+    from workbench.compress.mixed import build_mix
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(WorkbenchError, match="no layer of .* stays on the CPU"):
+        build_mix(default_model, "Q8_0", "Q4_0", n_gpu_layers=31, out=out / "all.gguf")
+    with pytest.raises(WorkbenchError, match="no mix to try"):
+        workbench.mixed_precision(default_model, pairs=[], progress=False)
+    with pytest.raises(WorkbenchError, match="max_kl_ratio=0.5 is below 1"):
+        workbench.mixed_precision(default_model, max_kl_ratio=0.5, progress=False)
+    (out / "taken.gguf").write_bytes(b"x")
+    with pytest.raises(WorkbenchError, match="exists") as e:
+        build_mix(default_model, "Q8_0", "Q4_0", n_gpu_layers=15, out=out / "taken.gguf")
+    assert "overwrite" in e.value.hint and (out / "taken.gguf").read_bytes() == b"x"
+    assert sorted(p.name for p in out.iterdir()) == ["taken.gguf"]  # nothing half-written
