@@ -172,24 +172,38 @@ def mixed_quality(gpu_run: dict[str, Any], quick: bool) -> dict[str, Any]:
 
 # ---- power cap (GPU) -----------------------------------------------------------------
 
-def _run_sampled(path: Path, settings: dict[str, Any], n_gen: int, seconds: float = 3.0
-                 ) -> tuple[float, list[float], float | None]:
+def _run_sampled(path: Path, settings: dict[str, Any], n_gen: int, seconds: float = 3.0,
+                 n_prompt: int = 128) -> tuple[float, list[float], float | None, list[list[float]]]:
     """Load with `settings`, then generate for at least `seconds` (NVML averages power over
     about one) with power sampled every 50 ms: (median decode tokens/s, the samples in
-    watts, joules per generated token)."""
+    watts, joules per generated token, the trace: [seconds since the start, board W (NVML's
+    one-second mean), W from the energy counter over the last 250 ms, GPU °C, SM MHz,
+    tokens generated so far])."""
     import workbench
     from workbench.device.telemetry import Sampler
 
     workbench.load_model(path, progress=False, kv_cache="off", **settings)
-    prompt = [1000 + (i * 7919) % 30000 for i in range(128)]
+    prompt = [1000 + (i * 7919) % 30000 for i in range(n_prompt)]
     s = Sampler(0.05).start()
-    t0, tps, tokens = time.monotonic(), [], 0
+    t0, tps, tokens, done = time.monotonic(), [], 0, []
     while not tps or time.monotonic() - t0 < seconds:
         c = workbench.generate(prompt, max_tokens=n_gen, temperature=0.0, ignore_eos=True)
         tps.append(c.metrics.decode_tps)
         tokens += c.metrics.generated_tokens
+        done.append((time.monotonic(), tokens))
     r = s.stop()
-    return statistics.median(tps), r.watts, r.joules_per_token(tokens)
+    trace, rs = [], s.readings
+    for i, x in enumerate(rs):
+        g = x.gpus[0] if x.gpus else None
+        if g is None:
+            break
+        j = max((k for k in range(i) if x.t - rs[k].t >= 0.25), default=None)
+        ew = None
+        if j is not None and g.energy_j is not None and rs[j].gpus[0].energy_j is not None:
+            ew = round((g.energy_j - rs[j].gpus[0].energy_j) / (x.t - rs[j].t), 1)
+        trace.append([round(x.t - rs[0].t, 3), g.power_w, ew, g.temperature_c,
+                      g.sm_clock_mhz, max((n for tt, n in done if tt <= x.t), default=0)])
+    return statistics.median(tps), r.watts, r.joules_per_token(tokens), trace
 
 
 def power_cap(shape: str, vocab: str | None, quick: bool, save: Any) -> dict[str, Any]:
@@ -213,7 +227,7 @@ def power_cap(shape: str, vocab: str | None, quick: bool, save: Any) -> dict[str
         save(out)
         return out
     n = inspect_model(model).n_layers
-    tps, watts, jpt = _run_sampled(model, {}, 256)
+    tps, watts, jpt, _trace = _run_sampled(model, {}, 256)
     out["uncapped"] = {"tg_tps": round(tps, 1), "mean_w": round(statistics.fmean(watts), 1),
                        "p95_w": round(sorted(watts)[int(0.95 * (len(watts) - 1))], 1),
                        "joules_per_token": jpt}
@@ -259,11 +273,22 @@ def power_cap(shape: str, vocab: str | None, quick: bool, save: Any) -> dict[str
     out["plan_choice"] = {k: chosen[k] for k in ("n_gpu_layers", "threads", "n_ubatch")}
     runs: dict[str, dict[str, list[float]]] = {"planner": {"tg": [], "w": []},
                                                "best": {"tg": [], "w": []}}
+    traces: dict[str, list[Any]] = {"planner": [], "best": [], "planner_tune_workload": []}
     for _ in range(2 if quick else 3):
         for name, b in (("planner", planner.best), ("best", sweep.best)):
-            tg, w, _j = _run_sampled(model, config(b), 192)
+            tg, w, _j, trace = _run_sampled(model, config(b), 192)
             runs[name]["tg"].append(tg)
             runs[name]["w"] += w
+            traces[name].append(trace)
+    # the choice again, under the workload autotune measured it with: over the cap here as
+    # well, or only under a longer generation?
+    tune_w: list[float] = []
+    for _ in range(2):
+        _tg, w, _j, trace = _run_sampled(model, config(planner.best), tune["n_gen"],
+                                         n_prompt=tune["n_prompt"])
+        tune_w += w
+        traces["planner_tune_workload"].append(trace)
+    out["check_traces"] = traces
     over = sum(1 for w in runs["planner"]["w"] if w > cap)
     out["check"] = {
         "samples": len(runs["planner"]["w"]), "over_cap": over,
@@ -271,7 +296,10 @@ def power_cap(shape: str, vocab: str | None, quick: bool, save: Any) -> dict[str
         "planner_tg": [round(x, 1) for x in runs["planner"]["tg"]],
         "best_tg": [round(x, 1) for x in runs["best"]["tg"]],
         "capped_vs_best": round(statistics.median(runs["planner"]["tg"])
-                                / statistics.median(runs["best"]["tg"]), 3)}
+                                / statistics.median(runs["best"]["tg"]), 3),
+        "planner_w": [round(x, 1) for x in runs["planner"]["w"]],
+        "planner_tune_workload_w": [round(x, 1) for x in tune_w],
+        "tune_workload_over_cap": sum(1 for x in tune_w if x > cap)}
     save(out)
     return out
 
