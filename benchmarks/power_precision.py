@@ -10,7 +10,8 @@ Two parts.
           it in size: decode speed (here), and KL divergence against the reference.
   power   A cap at CAP_FRACTION of the uncapped draw. The planner's choice (autotune's
           candidates, power_cap=) is run again with its power sampled every 50 ms: the
-          share of samples over the cap, and its speed against the best configuration
+          share of samples (250 ms windows, from the second after the start, when NVML's
+          one-second mean has let go of the idle before) over the cap, and its speed against the best configuration
           under the cap found by an exhaustive sweep (GPU layers x threads x micro-batch).
 
 Speed and power need the GPU machine, where the default model's file does not travel:
@@ -172,7 +173,7 @@ def mixed_quality(gpu_run: dict[str, Any], quick: bool) -> dict[str, Any]:
 
 # ---- power cap (GPU) -----------------------------------------------------------------
 
-def _run_sampled(path: Path, settings: dict[str, Any], n_gen: int, seconds: float = 3.0,
+def _run_sampled(path: Path, settings: dict[str, Any], n_gen: int, seconds: float = 4.0,
                  n_prompt: int = 128) -> tuple[float, list[float], float | None, list[list[float]]]:
     """Load with `settings`, then generate for at least `seconds` (NVML averages power over
     about one) with power sampled every 50 ms: (median decode tokens/s, the samples in

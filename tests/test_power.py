@@ -133,6 +133,25 @@ def test_thermal_watch_flags_throttle_reasons_and_falling_clocks():
     assert any("CPU clock fell" in w for w in telemetry._throttle_verdict(cpu)[0])
 
 
+def test_gpu_power_samples_start_after_nvmls_one_second_mean():
+    # NVML's board power trails by a one-second mean: a run that starts after idle reads low
+    # for its first second, and those readings would pull a 95th percentile under the draw
+    # the configuration keeps up.
+    def gpu_at(t: float, watts: float) -> Reading:
+        gpu = GpuReading(0, 60.0, watts, 700.0, 1980.0, 1980.0, 95.0, (), None)
+        return Reading(t, (gpu,), {}, None, None, None, 90.0)
+
+    ramp = [gpu_at(i * 0.05, min(220.0, 120.0 + 100.0 * i * 0.05)) for i in range(81)]
+    s = Sampler(0.05, telemetry=Telemetry())
+    s.readings = ramp
+    r = s.report()
+    assert r.watts and min(r.watts) == 220.0 and r.p95_w == 220.0
+    assert len(r.watts) == 12          # the 0.25 s windows that end from 1.25 s to 4 s
+    s.readings = ramp[:10]             # shorter than the mean: its last window stands
+    assert len(s.report().watts) == 1
+    s.telemetry.close()
+
+
 def test_benchmark_results_carry_the_thermal_watch(tmp_path, monkeypatch, meter):
     import importlib
 

@@ -38,6 +38,9 @@ _THROTTLE_BITS = {
 CLOCK_DROP = 0.85   # a busy device's clock below this share of its earlier clock: throttled
 BUSY_PCT = 50.0     # utilization above which a clock is expected to stay up
 WINDOW_S = 0.25     # each power sample spans at least this long
+# NVML's board power is a trailing one-second mean (Ampere and newer): for the first second
+# of a window it still counts what ran before, so power samples start after it.
+NVML_MEAN_S = 1.0
 
 
 def _powercap_root() -> Path:
@@ -362,7 +365,11 @@ class Sampler:
         rs = list(self.readings)
         tel = self.telemetry
         secs = rs[-1].t - rs[0].t if len(rs) > 1 else 0.0
-        watts = [w for a, b in _windows(rs, WINDOW_S) if (w := power_w(a, b)) is not None]
+        spans = _windows(rs, WINDOW_S)
+        if any(g.power_w is not None for r in rs[-1:] for g in r.gpus):
+            settled = [(a, b) for a, b in spans if b.t - rs[0].t >= NVML_MEAN_S + WINDOW_S]
+            spans = settled or spans[-1:]
+        watts = [w for a, b in spans if (w := power_w(a, b)) is not None]
         energy = None
         if len(rs) > 1 and tel.has_power:
             e = 0.0

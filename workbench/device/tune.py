@@ -326,9 +326,10 @@ def autotune(path: Path, *, threads: Iterable[int] | None, n_gpu_layers: Iterabl
                                     **{**fixed, **extra})
             sampler = telemetry.Sampler(0.05, tel).start()
             t0, runs = time.monotonic(), []
-            # power needs a window of seconds (NVML averages over about one)
+            # power needs a window of seconds, after NVML's one-second mean has let go of
+            # what ran before
             while not runs or (power_cap is not None
-                               and time.monotonic() - t0 < window):
+                               and time.monotonic() - t0 < window + telemetry.NVML_MEAN_S):
                 runs.append(api.generate(prompt, max_tokens=n_gen, temperature=0.0,
                                          ignore_eos=True).metrics)
             pw = sampler.stop()
