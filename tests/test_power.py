@@ -251,8 +251,13 @@ def test_power_capped_autotune_and_plan_choose_the_fastest_under_the_cap(
     assert free.best is two and all(r["joules_per_token"] > 0 for r in free.rows)
     assert two.get("confirmed")  # the choice was run again before it was taken
     cap = one["power_p95_w"] + 0.4 * (two["power_p95_w"] - one["power_p95_w"])
+    seen = len(workbench.metrics())
     capped = workbench.autotune(default_model, threads=[1, 2], power_cap=cap, n_prompt=32,
                                 n_gen=16, repeats=1, progress=False, n_ctx=1024)
+    # power is measured over sustained decoding (generations of about a second, far more
+    # than the 16 tokens of the speed runs), not over short requests with idle gaps
+    generated = workbench.metrics().column("generated_tokens")[seen:]
+    assert generated.count(16) >= 2 and max(generated) > 16 * 2
     assert capped.best["threads"] == 1 and capped.best["power_p95_w"] <= cap
     assert workbench.engine().model.threads == 1
     text = repr(capped)

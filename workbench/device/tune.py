@@ -54,6 +54,7 @@ CREATE TABLE IF NOT EXISTS calibration (
 _ADDED = (("power_w", "REAL"), ("power_p95_w", "REAL"), ("joules_per_token", "REAL"),
           ("throttled", "INTEGER"))
 POWER_WINDOW_S = 2.0  # each candidate runs at least this long when its power is measured
+SUSTAIN_S = 1.0       # ... in generations of about this long each
 # Settings that make two runs comparable (the rest do not change speed).
 KEY_SETTINGS = ("n_gpu_layers", "threads", "n_ctx", "n_batch", "n_ubatch", "flash_attn",
                 "type_k", "type_v", "tensor_split")
@@ -325,21 +326,31 @@ def autotune(path: Path, *, threads: Iterable[int] | None, n_gpu_layers: Iterabl
             loaded = api.load_model(path, progress=False, n_gpu_layers=ngl, threads=t,
                                     **{**fixed, **extra})
             sampler = telemetry.Sampler(0.05, tel).start()
-            t0, runs = time.monotonic(), []
-            # power needs a window of seconds, after NVML's one-second mean has let go of
-            # what ran before
-            while not runs or (power_cap is not None
-                               and time.monotonic() - t0 < window + telemetry.NVML_MEAN_S):
-                runs.append(api.generate(prompt, max_tokens=n_gen, temperature=0.0,
-                                         ignore_eos=True).metrics)
+            runs = [api.generate(prompt, max_tokens=n_gen, temperature=0.0,
+                                 ignore_eos=True).metrics]
+            generated = runs[0].generated_tokens
+            if power_cap is not None:
+                # The draw a cap must hold is that of sustained decoding: generations of
+                # about a second each, since the gaps between short requests (the GPU
+                # idle, waiting for the next) pull the draw under what a long answer keeps
+                # up. The window starts once NVML's one-second mean has let go of the load.
+                sampler.stop()
+                sustained = max(n_gen, min(int(runs[0].decode_tps * SUSTAIN_S),
+                                           int(fixed["n_ctx"]) - len(prompt) - 8))
+                sampler = telemetry.Sampler(0.05, tel).start()
+                t0, generated = time.monotonic(), 0
+                while not generated or time.monotonic() - t0 < window + telemetry.NVML_MEAN_S:
+                    m = api.generate(prompt, max_tokens=sustained, temperature=0.0,
+                                     ignore_eos=True).metrics
+                    runs.append(m)
+                    generated += m.generated_tokens
             pw = sampler.stop()
             met = max(runs, key=lambda x: x.decode_tps)
             config = {k: getattr(loaded.info, k, None) for k in KEY_SETTINGS}
             config.update(n_gpu_layers=ngl, threads=t, n_ubatch=loaded.info.n_ubatch,
                           flash_attn=loaded.info.flash_attn)
             power = {"power_w": pw.mean_w, "power_p95_w": pw.p95_w,
-                     "joules_per_token": pw.joules_per_token(
-                         sum(x.generated_tokens for x in runs)),
+                     "joules_per_token": pw.joules_per_token(generated),
                      "throttled": pw.throttled}
             db.add(device, sha, version, config, met.prompt_tps, met.decode_tps,
                    met.peak_rss_bytes or met.rss_bytes, met.gpu_bytes, power)
