@@ -257,8 +257,10 @@ def power_cap(shape: str, vocab: str | None, quick: bool, save: Any) -> dict[str
 
     cores = usable_cores()
     threads = sorted({max(1, cores // 2), cores})
-    top = [n + 1, n, n - 1, n - 2, n - 3, n - 5, n - 7, n - 9, n - 13]
-    layers = sorted({x for x in top if x >= 0} | {0, n // 4, n // 2})
+    # every step near the top, where the draw crosses the cap; coarser below, where the CPU
+    # layers set a slow pace at little more than the idle draw (--quick: fewer of those)
+    top = [n + 1, n, n - 1, n - 2, n - 3, n - 5, n - 9] + ([] if quick else [n - 7, n - 13])
+    layers = sorted({x for x in top if x >= 0} | {0, n // 2} | (set() if quick else {n // 4}))
     t = time.monotonic()
     sweep = workbench.autotune(model, power_cap=cap, threads=threads, n_gpu_layers=layers,
                                **tune)
