@@ -179,12 +179,11 @@ def decode_speed(path: Path, settings: dict[str, Any], n_gen: int = 64) -> tuple
     """(decode tokens/s, GPU layers) of `path` as the planner places it, after a short
     prompt; the better of two runs."""
     from .. import api
+    from ..device.calibrate import probe_tokens
     from ..models.inspect import inspect_model
 
     loaded = api.load_model(path, progress=False, kv_cache="off", **settings)
-    n_vocab = inspect_model(path).n_vocab
-    first = 1000 if n_vocab > 2000 else 0
-    prompt = [first + (i * 7919) % (n_vocab - first) for i in range(64)]
+    prompt = probe_tokens(inspect_model(path).n_vocab, 64)
     best = 0.0
     for _ in range(2):
         c = api.generate(prompt, max_tokens=n_gen, temperature=0.0, ignore_eos=True)

@@ -116,10 +116,12 @@ class DeviceMonitor(widgets.VBox):
         super().__init__([widgets.HBox([self.header, self.stop_button]),
                           widgets.HBox([self.util.figure, self.memory.figure]),
                           self.power.figure])
-        self._nvml = _Nvml()
+        from ..device.nvml import open_nvml
         from ..device.telemetry import Telemetry
 
-        self._tel = Telemetry()
+        nvml = open_nvml()  # one NVML session: utilization and memory here, power in _tel
+        self._nvml = _Nvml(nvml)
+        self._tel = Telemetry(nvml=nvml)  # closes the session
         self._last = self._tel.read()
         psutil.cpu_percent()  # the first call only sets the baseline
         self._stop = threading.Event()
@@ -147,7 +149,6 @@ class DeviceMonitor(widgets.VBox):
         self.stop_button.disabled = True
         self.header.value = self.header.value.replace(" (updates stopped)", "") + \
             " (updates stopped)"
-        self._nvml.close()
         self._tel.close()
 
     def _loop(self) -> None:
@@ -204,12 +205,11 @@ class DeviceMonitor(widgets.VBox):
 
 
 class _Nvml:
-    """All GPUs' utilization (mean, %) and memory used (GiB), or (None, None)."""
+    """All GPUs' utilization (mean, %) and memory used (GiB), or (None, None), through an
+    NVML session the caller opened (device.nvml.open_nvml()) and closes."""
 
-    def __init__(self) -> None:
-        from ..device.nvml import open_nvml
-
-        self._nv, self._handles = open_nvml()
+    def __init__(self, nvml: tuple[Any, list[Any]]) -> None:
+        self._nv, self._handles = nvml
 
     def sample(self) -> tuple[float | None, float | None]:
         if not self._handles:
@@ -220,11 +220,3 @@ class _Nvml:
         except Exception:
             return None, None
         return sum(util) / len(util), used / 2**30
-
-    def close(self) -> None:
-        if self._handles:
-            try:
-                self._nv.nvmlShutdown()
-            except Exception:
-                pass
-            self._handles = []

@@ -39,14 +39,20 @@ class CalibrationReport:
         return f"Calibration with {self.model}\n{_table_text(self._lines())}"
 
 
+def probe_tokens(n_vocab: int, n: int) -> list[int]:
+    """`n` token ids spread over the vocabulary (past the special tokens): a prompt that
+    measures speed and memory without a tokenizer."""
+    first = 1000 if n_vocab > 2000 else 0
+    return [first + (i * 7919) % max(1, n_vocab - first) for i in range(n)]
+
+
 def fill_context(n_ctx: int, n_vocab: int) -> Any:
     """Fill the loaded model's context (all but 8 tokens, then 4 generated): the peak
     memory a plan must allow for. Returns the `Completion`."""
     from .. import api
 
-    first = 1000 if n_vocab > 2000 else 0  # past the special tokens
-    return api.generate([first + (i * 7919) % (n_vocab - first) for i in range(n_ctx - 8)],
-                        max_tokens=4, temperature=0.0, ignore_eos=True)
+    return api.generate(probe_tokens(n_vocab, n_ctx - 8), max_tokens=4, temperature=0.0,
+                        ignore_eos=True)
 
 
 def calibrate(path: Path, settings: dict[str, Any], progress: bool) -> CalibrationReport:

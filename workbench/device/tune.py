@@ -117,7 +117,8 @@ class TuningDB:
     def runs(self, device: str, model_sha256: str, llama_cpp: str) -> list[dict[str, Any]]:
         cur = self._conn.execute(
             "SELECT created, config, n_gpu_layers, threads, pp_tps, tg_tps, rss_bytes, gpu_bytes, "
-            "power_w, power_p95_w, joules_per_token, throttled FROM runs WHERE device=? AND model_sha256=? AND llama_cpp=? ORDER BY id",
+            "power_w, power_p95_w, joules_per_token, throttled FROM runs "
+            "WHERE device=? AND model_sha256=? AND llama_cpp=? ORDER BY id",
             (device, model_sha256, llama_cpp))
         cols = [c[0] for c in cur.description]
         return [dict(zip(cols, row, strict=True)) | {"config": json.loads(row[1])}
@@ -281,6 +282,7 @@ def autotune(path: Path, *, threads: Iterable[int] | None, n_gpu_layers: Iterabl
     from ..models.hashing import file_sha256
     from ..progress import progress_bar
     from . import telemetry
+    from .calibrate import probe_tokens
     from .profile import fingerprint, usable_cores
 
     _check_lists(threads=threads, n_gpu_layers=n_gpu_layers, n_ubatch=n_ubatch)
@@ -312,8 +314,7 @@ def autotune(path: Path, *, threads: Iterable[int] | None, n_gpu_layers: Iterabl
         fixed = {k: v for k, v in settings.items() if k not in ("n_gpu_layers", "threads")}
         fixed.setdefault("n_ctx", base.settings["n_ctx"])
         fixed["kv_cache"] = "off"  # every run computes its whole prompt
-        first = 1000 if m.n_vocab > 2000 else 0
-        prompt = [first + (i * 7919) % max(1, m.n_vocab - first) for i in range(n_prompt)]
+        prompt = probe_tokens(m.n_vocab, n_prompt)
         device, sha = fingerprint(), file_sha256(path)
         version = api.engine().worker.llama_cpp_version
         db = TuningDB()
@@ -325,7 +326,9 @@ def autotune(path: Path, *, threads: Iterable[int] | None, n_gpu_layers: Iterabl
             extra = {} if ub is None else {"n_ubatch": ub, "n_batch": max(ub, 512)}
             loaded = api.load_model(path, progress=False, n_gpu_layers=ngl, threads=t,
                                     **{**fixed, **extra})
-            sampler = telemetry.Sampler(0.05, tel).start()
+            sampler = telemetry.Sampler(0.05, tel)
+            if power_cap is None:
+                sampler.start()  # the speed run is the whole measurement
             runs = [api.generate(prompt, max_tokens=n_gen, temperature=0.0,
                                  ignore_eos=True).metrics]
             generated = runs[0].generated_tokens
@@ -334,16 +337,14 @@ def autotune(path: Path, *, threads: Iterable[int] | None, n_gpu_layers: Iterabl
                 # about a second each, since the gaps between short requests (the GPU
                 # idle, waiting for the next) pull the draw under what a long answer keeps
                 # up. The window starts once NVML's one-second mean has let go of the load.
-                sampler.stop()
                 sustained = max(n_gen, min(int(runs[0].decode_tps * SUSTAIN_S),
                                            int(fixed["n_ctx"]) - len(prompt) - 8))
-                sampler = telemetry.Sampler(0.05, tel).start()
+                sampler.start()
                 t0, generated = time.monotonic(), 0
                 while not generated or time.monotonic() - t0 < window + telemetry.NVML_MEAN_S:
-                    m = api.generate(prompt, max_tokens=sustained, temperature=0.0,
-                                     ignore_eos=True).metrics
-                    runs.append(m)
-                    generated += m.generated_tokens
+                    runs.append(api.generate(prompt, max_tokens=sustained, temperature=0.0,
+                                             ignore_eos=True).metrics)
+                    generated += runs[-1].generated_tokens
             pw = sampler.stop()
             met = max(runs, key=lambda x: x.decode_tps)
             config = {k: getattr(loaded.info, k, None) for k in KEY_SETTINGS}
