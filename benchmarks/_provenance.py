@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -52,6 +55,14 @@ def thermal() -> dict[str, Any] | None:
         out["requests_metered"] = len(recs)
         out["joules_per_token"] = round(sum(r.energy_j for r in recs) / tokens, 4)
     return out
+
+
+def scratch(prefix: str) -> Path:
+    """A temporary folder for a benchmark's files (quantized copies, adapters, services),
+    removed when the benchmark exits: repeated runs do not fill the disk."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, True)
+    return path
 
 
 def write(name: str, data: dict[str, Any]) -> Path:

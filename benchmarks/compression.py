@@ -29,7 +29,6 @@ import argparse
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -64,7 +63,7 @@ def main() -> None:
     src = default_model_path()
     chunks, reps = (4, 3) if args.quick else (16, 5)
     threads = usable_cores()
-    out = Path(tempfile.mkdtemp(prefix="wb-compress-"))
+    out = _provenance.scratch("wb-compress-")
     text = stdlib_text()
     result = {"machine": _provenance.machine(), "model": src.name,
               "model_sha256": _provenance.sha256(src),

@@ -20,7 +20,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -163,7 +162,7 @@ def main() -> None:
     n_parallel = max(levels)
     name = "deploy_load_gpu" if args.gpu else "deploy_load"
 
-    work = Path(tempfile.mkdtemp(prefix="deploy-load-"))
+    work = _provenance.scratch("deploy-load-")
     svc = work / "svc"
     r = subprocess.run([sys.executable, "-m", "workbench.cli", "deploy", "--model", str(model),
                         "--output", str(svc), "--device", "gpu" if args.gpu else "cpu",

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,7 +48,7 @@ def main() -> None:
     import workbench
 
     base = workbench.api.resolve_model(args.base)
-    out = Path(tempfile.mkdtemp(prefix="wb-finetune-"))
+    out = _provenance.scratch("wb-finetune-")
     task = {**TASK, "epochs": 1 if args.quick else TASK["epochs"], "device": args.device}
     result = {"machine": _provenance.machine(), "versions": versions(), "model": base.name,
               "model_sha256": _provenance.sha256(base),

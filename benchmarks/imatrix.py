@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,7 +33,7 @@ def main() -> None:
 
     src = default_model_path()
     chunks = 4 if args.quick else 16
-    out = Path(tempfile.mkdtemp(prefix="wb-imatrix-"))
+    out = _provenance.scratch("wb-imatrix-")
     text = stdlib_text()
     ref = workbench.quantize(src, "f16", out / "ref.F16.gguf", progress=False)
     files = {}

@@ -3,7 +3,9 @@ run the real default model through the real worker process."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
 import tempfile
 
@@ -13,6 +15,9 @@ import pytest
 os.environ["WORKBENCH_HOME"] = tempfile.mkdtemp(prefix="workbench-test-home-")
 # ... and the engines' status files out of the user's Jupyter runtime directory.
 os.environ["WORKBENCH_STATUS_DIR"] = tempfile.mkdtemp(prefix="workbench-test-status-")
+# Both go when the run ends (their models, adapters and caches take a gigabyte or more).
+for _scratch in (os.environ["WORKBENCH_HOME"], os.environ["WORKBENCH_STATUS_DIR"]):
+    atexit.register(shutil.rmtree, _scratch, True)
 # A shell without job control starts background commands with SIGINT ignored, and Python
 # then installs no KeyboardInterrupt handler: the tests that interrupt a generation need it.
 signal.signal(signal.SIGINT, signal.default_int_handler)

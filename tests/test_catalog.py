@@ -323,7 +323,9 @@ def test_a_full_disk_mid_download_leaves_no_partial_file(hub, tmp_path):
                 and "blobs" in p.parts], list(cache.rglob("*"))
 
 
-def test_models_table_shows_what_fits(places, default_model):
+def test_models_table_shows_what_fits(places, default_model, tmp_path, monkeypatch):
+    # a tuning database of its own, so that faster runs stored by other tests are not the best
+    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path / "home"))
     tuned = workbench.autotune(threads=[2], n_prompt=16, n_gen=4, repeats=1, progress=False,
                                n_ctx=512)
     t = workbench.list_models(fits=True)
