@@ -323,16 +323,26 @@ def test_a_full_disk_mid_download_leaves_no_partial_file(hub, tmp_path):
                 and "blobs" in p.parts], list(cache.rglob("*"))
 
 
-def test_models_table_shows_what_fits(places, default_model, tmp_path, monkeypatch):
-    # a tuning database of its own, so that faster runs stored by other tests are not the best
-    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path / "home"))
+def test_models_table_shows_what_fits(places, default_model):
+    from workbench.device.profile import fingerprint
+    from workbench.device.tune import TuningDB
+    from workbench.models.hashing import file_sha256
+
     tuned = workbench.autotune(threads=[2], n_prompt=16, n_gen=4, repeats=1, progress=False,
                                n_ctx=512)
     t = workbench.list_models(fits=True)
     row = next(r for r in t.rows if r.name == "smollm2-135m-instruct:q4_1")
     assert row.where == str(default_model)
     assert row.fits.startswith("yes: CPU") and "(estimate)" not in row.fits
-    assert row.tokens_per_s == pytest.approx(tuned.best["tg_tps"])  # autotune's, measured here
+    # the fastest decoding measured here: this autotune's, or a faster run other tests stored
+    db = TuningDB()
+    try:
+        stored = db.best(fingerprint(), file_sha256(default_model),
+                         workbench.engine().worker.llama_cpp_version)
+    finally:
+        db.close()
+    assert stored["tg_tps"] >= tuned.best["tg_tps"]
+    assert row.tokens_per_s == pytest.approx(stored["tg_tps"])
     # a catalog variant not on this machine: the planner on the catalog's shape and size
     q4km = next(r for r in t.rows if r.name == "smollm2-135m-instruct:q4_k_m")
     assert q4km.where == "catalog" and q4km.fits.endswith("(estimate)")
