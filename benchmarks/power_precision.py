@@ -11,8 +11,9 @@ Two parts.
   power   A cap at CAP_FRACTION of the uncapped draw. The planner's choice (autotune's
           candidates, power_cap=) is run again with its power sampled every 50 ms: the
           share of samples (250 ms windows, from the second after the start, when NVML's
-          one-second mean has let go of the idle before) over the cap, and its speed against the best configuration
-          under the cap found by an exhaustive sweep (GPU layers x threads x micro-batch).
+          one-second mean has let go of the idle before) over the cap, and its speed
+          against the best configuration under the cap found by an exhaustive sweep (GPU
+          layers x threads x micro-batch).
 
 Speed and power need the GPU machine, where the default model's file does not travel:
 `--gpu` measures them on a synthetic model of a real shape (random weights decode as
