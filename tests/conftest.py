@@ -40,3 +40,22 @@ def loaded(default_model):
             and e.model.n_ctx == 2048):
         workbench.load_model(progress=False, n_ctx=2048)
     return e
+
+
+@pytest.fixture()
+def busy_core():
+    """Keep cores busy with other processes, as on a shared lab machine: all usable
+    cores but one (one on a 2-core machine). Yields how many."""
+    import subprocess
+    import sys
+
+    from workbench._cpu import usable_cores
+
+    n = max(1, usable_cores() - 1)
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield n
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()

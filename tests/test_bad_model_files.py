@@ -131,3 +131,16 @@ def test_unknown_tensor_type(tmp_path, loaded, default_model):
     path.write_bytes(bytes(data) + Path(default_model).read_bytes()[header.data_offset:])
     err = _check(path, "tensor type 250", loaded)
     assert "damaged" in err.message
+
+
+@pytest.mark.parametrize("offset, what", [(8, "2^63 tensors"), (16, "2^63 metadata entries"),
+                                          (24, "2^63 bytes in one string")])
+def test_absurd_counts_are_damage_not_truncation(tmp_path, loaded, default_model, offset,
+                                                 what):
+    """Counts near 2^63 in a full-length file: named as what they are."""
+    size = default_model.stat().st_size
+    p = patched(default_model, tmp_path / "absurd.gguf", offset, struct.pack("<Q", 1 << 63),
+                keep=size)
+    assert p.stat().st_size == size
+    err = _check(p, rf"damaged GGUF header: it claims {re.escape(what)}", loaded)
+    assert "truncated" not in err.message

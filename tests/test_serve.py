@@ -272,6 +272,228 @@ def test_bad_requests_get_openai_errors_and_the_service_stays_up(service):
     assert r.choices[0].message.content is not None
 
 
+# ---- hostile requests ------------------------------------------------------------------------
+
+def _stream_in_background(service, prompt: str = "Tell a long story about a lighthouse.",
+                          max_tokens: int = 60):
+    """A client streaming a chat answer meanwhile; returns (thread, its result dict)."""
+    out: dict = {}
+
+    def run() -> None:
+        try:
+            c = service.client(max_retries=0, timeout=120)
+            parts, reason = [], None
+            for ch in c.chat.completions.create(
+                    model=service.name, stream=True, max_tokens=max_tokens, temperature=0.7,
+                    seed=1, messages=[{"role": "user", "content": prompt}]):
+                if ch.choices:
+                    parts.append(ch.choices[0].delta.content or "")
+                    reason = ch.choices[0].finish_reason or reason
+            out["text"], out["reason"] = "".join(parts), reason
+        except Exception as e:  # noqa: BLE001 - the test asserts there was none
+            out["error"] = repr(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, out
+
+
+def _chat(name: str, **fields) -> bytes:
+    return json.dumps({"model": name, "messages": [{"role": "user", "content": "hi"}],
+                       "max_tokens": 4, **fields}).encode()
+
+
+def test_a_lone_surrogate_anywhere_is_a_400_and_a_stream_meanwhile_finishes(service):
+    b, name = service.base, service.name
+    worker = _raw(b, "GET", "/health")[2]["worker_pid"]
+    bad = "a\ud800b"  # valid JSON; not valid Unicode
+    msgs = [{"role": "user", "content": "hi"}]
+    cases = [  # (raw JSON body, path, the field named)
+        (f'{{"model": "{name}", "messages": [{{"role": "user", "content": "{bad}"}}]}}',
+         "/v1/chat/completions", "messages[0].content"),
+        (f'{{"model": "{name}", "messages": [{{"role": "user", "content": [{{"type": "text", '
+         f'"text": "{bad}"}}]}}]}}', "/v1/chat/completions", "messages[0].content[0].text"),
+        (f'{{"model": "{name}", "messages": [{{"role": "system", "content": "{bad}"}}, '
+         f'{{"role": "user", "content": "hi"}}]}}', "/v1/chat/completions",
+         "messages[0].content"),
+        (f'{{"model": "{name}", "messages": [{{"role": "{bad}", "content": "hi"}}]}}',
+         "/v1/chat/completions", "messages[0].role"),
+        (f'{{"model": "{name}", "messages": [{{"role": "user", "content": "hi", '
+         f'"name": "{bad}"}}]}}', "/v1/chat/completions", "messages[0].name"),
+        (f'{{"model": "{name}", "messages": {json.dumps(msgs)}, "stop": ["{bad}"]}}',
+         "/v1/chat/completions", "stop[0]"),
+        (f'{{"model": "{name}", "messages": {json.dumps(msgs)}, "user": "{bad}"}}',
+         "/v1/chat/completions", "user"),
+        (f'{{"model": "{bad}", "messages": {json.dumps(msgs)}}}', "/v1/chat/completions",
+         "model"),
+        (f'{{"model": "{name}", "messages": {json.dumps(msgs)}, "{bad}": 1}}',
+         "/v1/chat/completions", None),
+        (f'{{"model": "{name}", "prompt": "{bad}"}}', "/v1/completions", "prompt"),
+        (f'{{"model": "{name}", "prompt": ["{bad}"]}}', "/v1/completions", "prompt[0]"),
+        (f'{{"model": "{name}", "prompt": "hi", "stop": "{bad}"}}', "/v1/completions",
+         "stop"),
+    ]
+    t, streamed = _stream_in_background(service)
+    for body, path, param in cases:
+        code, _, err = _raw(b, "POST", path, body.encode())
+        assert code == 400, (body, code, err)
+        assert "lone surrogate" in err["error"]["message"] and "character 1" in \
+            err["error"]["message"], err
+        assert err["error"]["param"] == param and err["error"]["code"] == "invalid_text"
+    # the official client sends it too (it writes JSON with \u escapes)
+    with pytest.raises(openai.BadRequestError, match="lone surrogate"):
+        service.client(max_retries=0).chat.completions.create(
+            model=name, max_tokens=4, messages=[{"role": "user", "content": "x\udfff"}])
+    t.join(150)
+    assert "error" not in streamed and streamed["text"] and streamed["reason"], streamed
+    health = _raw(b, "GET", "/health")[2]
+    assert health["status"] == "ok" and health["worker_pid"] == worker  # never restarted
+
+
+def test_nesting_sizes_and_fields_are_bounded(service):
+    b, name = service.base, service.name
+    deep = b"[" * 10_000 + b"]" * 10_000
+    for body in (deep, b'{"model": "x", "messages": ' + deep + b"}",
+                 b'{"a":' * 10_000 + b"1" + b"}" * 10_000):
+        code, _, err = _raw(b, "POST", "/v1/chat/completions", body)
+        assert code == 400 and "nests deeper than 32 levels" in err["error"]["message"], err
+    nested = json.dumps({"model": name, "messages": [{"role": "user", "content": "hi"}],
+                         "metadata": json.loads("[" * 40 + "]" * 40)})
+    code, _, err = _raw(b, "POST", "/v1/chat/completions", nested.encode())
+    assert code == 400 and err["error"]["code"] == "too_deep"
+    assert err["error"]["param"].startswith("metadata")
+    cases = [
+        (_chat(name, messages=[{"role": "user", "content": "x"}] * 1025), "messages",
+         "the limit is 1,024"),
+        (_chat(name, stop=["a", "b", "c", "d", "e"]), "stop", "up to 4"),
+        (_chat(name, logit_bias={str(i): 1 for i in range(1025)}), "logit_bias",
+         "the limit is 1,024"),
+        (_chat(name, tools=[{"type": "function"}] * 5000), "tools", "the limit is 4,096"),
+        (_chat(name, logprobs=True), "logprobs", "not supported"),
+        (_chat(name, n=2), "n", "not supported"),
+        (_chat(name, response_format={"type": "json_object"}), "response_format",
+         "not supported"),
+        (_chat(name, frobnicate=1), "frobnicate", "unknown field"),
+        (_chat(name, stream_options={"include_usage": True, "x": 1}), "stream_options.x",
+         "not supported"),
+        (_chat(name, messages=[{"role": "user", "content": "hi", "tool_calls": []}]),
+         "messages[0].tool_calls", "not supported"),
+        (_chat(name, presence_penalty=3), "presence_penalty", "between -2 and 2"),
+    ]
+    for body, param, words in cases:
+        code, _, err = _raw(b, "POST", "/v1/chat/completions", body)
+        assert code == 400 and err["error"]["param"] == param, (param, code, err)
+        assert words in err["error"]["message"], err
+    # fields that ask for nothing are accepted, and null is absent
+    code, _, r = _raw(b, "POST", "/v1/chat/completions",
+                      _chat(name, n=1, logprobs=False, tools=None, user="student-7",
+                            presence_penalty=0.5, frequency_penalty=0.5))
+    assert code == 200 and r["choices"][0]["message"]["content"] is not None
+    assert _raw(b, "GET", "/health")[0] == 200
+
+
+def test_logit_bias_is_checked_and_honored(service, loaded):
+    b, name = service.base, service.name
+    for bias, param, words in (({"49152": 5}, "logit_bias.49152", "outside this model's "
+                                 "vocabulary (0..49151)"),
+                                ({"-1": 5}, "logit_bias", "token ids"),
+                                ({"hello": 5}, "logit_bias", "token ids"),
+                                ({"1.5": 5}, "logit_bias", "token ids"),
+                                ({"42": 101}, "logit_bias.42", "between -100 and 100"),
+                                ({"42": "x"}, "logit_bias.42", "must be a number"),
+                                ([1, 2], "logit_bias", "must be an object")):
+        code, _, err = _raw(b, "POST", "/v1/chat/completions", _chat(name, logit_bias=bias))
+        assert code == 400 and err["error"]["param"] == param, (bias, err)
+        assert words in err["error"]["message"], err
+    c = service.client(max_retries=0, timeout=60)
+    plain = c.completions.create(model=name, prompt="The capital of France is", max_tokens=6,
+                                 temperature=0)
+    # +100 forces a token (id 30: '?' in SmolLM2's vocabulary), -100 bans it
+    forced = c.completions.create(model=name, prompt="The capital of France is",
+                                  max_tokens=6, temperature=0, logit_bias={"30": 100})
+    assert forced.choices[0].text == "?" * 6 and plain.choices[0].text != forced.choices[0].text
+    # -100 bans: the greedy first token (its id from the engine in this process) is not
+    # chosen again
+    s = workbench.generate("The capital of France is", stream=True, max_tokens=1,
+                           temperature=0)
+    first = "".join(s)
+    r = c.completions.create(model=name, prompt="The capital of France is", max_tokens=1,
+                             temperature=0, logit_bias={str(s.token_ids[0]): -100})
+    assert plain.choices[0].text.startswith(first) and r.choices[0].text != first
+
+
+def test_model_aliases_and_placeholders(service):
+    b, name = service.base, service.name
+    c = service.client(max_retries=0, timeout=60)
+    r = c.chat.completions.create(model="default", max_tokens=4,
+                                  messages=[{"role": "user", "content": "Hi"}])
+    assert r.model == name and r.choices[0].message.content is not None
+    for placeholder in ("gpt-4o", "x"):
+        with pytest.raises(openai.NotFoundError) as e:
+            c.chat.completions.create(model=placeholder, max_tokens=4,
+                                      messages=[{"role": "user", "content": "Hi"}])
+        err = e.value.body
+        assert err["code"] == "model_not_found" and err["param"] == "model"
+        assert f"'{name}'" in err["message"] and "'default'" in err["message"]
+    # a placeholder does not hide the request's other mistakes
+    code, _, err = _raw(b, "POST", "/v1/chat/completions",
+                        _chat("gpt-4o", temperature="hot"))
+    assert code == 400 and err["error"]["param"] == "temperature"
+
+
+def test_a_failure_inside_the_worker_fails_that_request_only(service_dir):
+    s = Service(service_dir, env={"WORKBENCH_FAULT": "decode:POISON"})
+    try:
+        worker = _raw(s.base, "GET", "/health")[2]["worker_pid"]
+        c = s.client(max_retries=0, timeout=120)
+        results: dict[int, object] = {}
+
+        def ask(i: int) -> None:
+            prompt = "POISON story" if i == 2 else f"Tell me fact number {i}."
+            try:
+                r = c.chat.completions.create(model=s.name, max_tokens=24, temperature=0,
+                                              messages=[{"role": "user", "content": prompt}])
+                results[i] = r.choices[0].message.content
+            except openai.APIError as e:
+                results[i] = e
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        bad = results[2]
+        assert isinstance(bad, openai.InternalServerError), bad
+        assert bad.body["code"] == "engine_error" and "Traceback" not in str(bad.body)
+        for i in (0, 1, 3):
+            assert isinstance(results[i], str) and results[i], results
+        # streamed: the error arrives as an event, as JSON
+        got = _read_all(s.port, _post_stream(s.name, "POISON again"))
+        assert got.startswith(b"HTTP/1.1 200") and b'"code": "engine_error"' in got
+        # and at the first stage a request is read
+        health = _raw(s.base, "GET", "/health")[2]
+        assert health["worker_pid"] == worker and health["in_flight"] == 0
+    finally:
+        s.stop()
+    s = Service(service_dir, env={"WORKBENCH_FAULT": "prompt:POISON"})
+    try:
+        code, _, err = _raw(s.base, "POST", "/v1/completions", json.dumps(
+            {"model": s.name, "prompt": "POISON", "max_tokens": 4}).encode())
+        assert code == 500 and err["error"]["code"] == "engine_error"
+        r = s.client(max_retries=0).completions.create(model=s.name, prompt="Hello",
+                                                       max_tokens=4)
+        assert r.choices[0].text is not None
+    finally:
+        s.stop()
+
+
+def _post_stream(name: str, content: str) -> bytes:
+    body = json.dumps({"model": name, "stream": True, "max_tokens": 24, "temperature": 0,
+                       "messages": [{"role": "user", "content": content}]}).encode()
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+            b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+
+
 def _send(port: int, head: bytes, parts: list[bytes]) -> bytes:
     """Send a request as raw bytes (the server may answer and close before the body is
     all sent); returns the start of the response."""
@@ -386,6 +608,44 @@ def test_32_clients_get_answers_or_429s_and_nothing_hangs(service):
     with urllib.request.urlopen(f"{service.base}/metrics") as r:
         metrics = r.read().decode()
     assert 'status="429"' in metrics and "workbench_ttft_seconds_bucket" in metrics
+
+
+def test_64_requests_at_once_on_a_busy_machine_all_answered(service, busy_core):
+    """Another process keeps a core busy. 64 requests sent at once: each completes or gets
+    429 with Retry-After, and every admitted one completes within its timeout."""
+    c = service.client(max_retries=0, timeout=150)
+    outcomes: list[str] = []
+    lock = threading.Lock()
+    gate = threading.Barrier(64)
+
+    def client(i: int) -> None:
+        gate.wait()
+        try:
+            r = c.chat.completions.create(model=service.name, max_tokens=16, temperature=0.7,
+                                          seed=i, messages=[{"role": "user",
+                                                             "content": f"Say fact {i}."}])
+            result = "done" if r.choices[0].message.content is not None else "empty"
+        except openai.RateLimitError as e:
+            result = "429" if int(e.response.headers["retry-after"]) >= 1 else "429-no-retry"
+        except Exception as e:  # noqa: BLE001 - a timeout or an error fails the test
+            result = repr(e)
+        with lock:
+            outcomes.append(result)
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(200)
+    elapsed = time.monotonic() - started
+    assert len(outcomes) == 64
+    odd = [o for o in outcomes if o not in ("done", "429")]
+    assert odd == [], odd
+    done = outcomes.count("done")
+    assert done >= 4  # at least the batch was admitted
+    print(f"\n64 at once, {busy_core} core(s) busy elsewhere: {done} completed, "
+          f"{outcomes.count('429')} told 429, in {elapsed:.1f} s")
 
 
 def _metric(base: str, name: str) -> float:

@@ -67,7 +67,7 @@ def resolve_model(model: str | os.PathLike | None, progress: bool = False) -> Pa
 
 
 PLACEMENT_SETTINGS = ("n_ctx", "n_gpu_layers", "threads", "n_batch", "n_ubatch", "flash_attn",
-                      "type_k", "type_v", "tensor_split", "backend_sampling", "n_parallel")
+                      "type_k", "type_v", "tensor_split", "backend_sampling", "n_parallel", "max_threads")
 
 
 def load_model(model: str | os.PathLike | None = None, *, progress: bool = True,
@@ -168,7 +168,8 @@ def _plan(path: Path, config: LoadConfig, given: dict[str, Any]) -> Any:
     def measure(chosen: dict[str, Any]) -> Any:
         return e.measure_buffers(path, dataclasses.replace(config, **chosen))
 
-    from .device.profile import fingerprint, usable_cores
+    from ._cpu import idle_cores
+    from .device.profile import fingerprint
     from .device.tune import TuningDB
     from .models.hashing import file_sha256
 
@@ -190,9 +191,10 @@ def _plan(path: Path, config: LoadConfig, given: dict[str, Any]) -> Any:
             tuned = None
     finally:
         db.close()
+    idle = idle_cores()
     placement = place(inspection, budgets, device=config.device, fixed=fixed,
-                      cores=usable_cores(), overheads=over, measure=measure, tuned=tuned,
-                      fixed_why=fixed_why)
+                      cores=idle.idle, overheads=over, measure=measure, tuned=tuned,
+                      fixed_why=fixed_why, idle=idle)
     if capped is not None:
         placement = dataclasses.replace(placement, reasons=placement.reasons + capped.reasons)
     return placement

@@ -13,6 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._text import check_text
 from .errors import GenerationError, WorkbenchError
 
 
@@ -37,7 +38,12 @@ class LoadConfig:
     n_gpu_layers: int | None = setting(
         None, "layers offloaded to the GPU (-1 = all; default: all with a GPU build, else 0)",
         lo=-1)
-    threads: int | None = setting(None, "CPU threads (default: physical cores)", lo=1, hi=1024)
+    threads: int | None = setting(None, "CPU threads (default: the usable cores idle now; "
+                                  "re-chosen while decoding unless given)", lo=1, hi=1024)
+    max_threads: int | None = setting(
+        None, "most threads the worker may re-choose while decoding, from the cores idle "
+        "then (0: keep `threads` fixed; default: the usable cores, 0 when threads is given)",
+        lo=0, hi=1024, flag=False)
     n_batch: int = setting(512, "prompt tokens per llama_decode call", lo=1, hi=1 << 16)
     n_ubatch: int = setting(512, "physical micro-batch size", lo=1, hi=1 << 16)
     n_parallel: int = setting(1, "requests decoded together in one batch (continuous "
@@ -97,6 +103,14 @@ class GenerationConfig:
                            lo=0.0, hi=1.0)
     repeat_penalty: float = setting(1.0, "penalty for repeated tokens (1 = off)", lo=0.0,
                                     lo_open=True, hi=10.0)
+    frequency_penalty: float = setting(0.0, "lower a token's logit by this much for each "
+                                       "time it was generated (last 64 tokens)", lo=-2.0,
+                                       hi=2.0)
+    presence_penalty: float = setting(0.0, "lower a token's logit by this much once it was "
+                                      "generated (last 64 tokens)", lo=-2.0, hi=2.0)
+    logit_bias: tuple[tuple[int, float], ...] = setting(
+        (), "added to the logits of these token ids before sampling, each in -100..100 "
+        "(-100 bans a token, 100 forces it)", flag=False)
     seed: int | None = setting(None, "sampling seed (default: random)", lo=0, hi=2**32 - 1)
     stop: tuple[str, ...] = setting((), "stop when any of these strings is generated",
                                     flag=False)
@@ -107,6 +121,16 @@ class GenerationConfig:
         if any(not isinstance(x, str) or not x for x in self.stop):
             raise GenerationError(f"stop must be non-empty strings (got {self.stop!r})",
                                   "Pass stop='text' or stop=['a', 'b'].")
+        for i, x in enumerate(self.stop):
+            check_text(x, f"stop[{i}]")
+        for entry in self.logit_bias:
+            token, bias = entry if isinstance(entry, tuple) and len(entry) == 2 else (-1, 0)
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0 \
+                    or isinstance(bias, bool) or not isinstance(bias, (int, float)) \
+                    or not -100 <= bias <= 100:
+                raise GenerationError(f"logit_bias entries must be token id -> bias in "
+                                      f"-100..100 (got {entry!r})",
+                                      "Pass logit_bias={token_id: bias}, e.g. {42: -100}.")
         return self
 
 
@@ -208,5 +232,7 @@ def build(cls: type, values: dict[str, Any]) -> Any:
                              f"Known settings: {', '.join(sorted(names))}.")
     if "stop" in values and isinstance(values["stop"], str):
         values = {**values, "stop": (values["stop"],)}
+    if isinstance(values.get("logit_bias"), dict):  # {token id: bias}, as OpenAI's
+        values = {**values, "logit_bias": tuple(sorted(values["logit_bias"].items()))}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     return cls(**{k: v for k, v in values.items() if v is not None or k == "seed"}).validate()

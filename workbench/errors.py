@@ -43,6 +43,24 @@ class PromptTooLong(GenerationError):
     context_length_exceeded)."""
 
 
+class BadText(WorkbenchError):
+    """Text that is not valid Unicode: it holds a lone UTF-16 surrogate, which UTF-8
+    cannot encode. `where` names the field, `position` the character (from 0)."""
+
+    def __init__(self, message: str, hint: str, where: str, position: int) -> None:
+        super().__init__(message, hint)
+        self.where, self.position = where, position
+
+
+class EngineFault(WorkbenchError):
+    """The worker failed on one request (a bug, not a mistake in the request). The
+    worker goes on serving; `details` keeps its traceback."""
+
+    def __init__(self, message: str, hint: str = "", details: str = "") -> None:
+        super().__init__(message, hint)
+        self.details = details
+
+
 def no_model() -> GenerationError:
     """The error for any request that needs a model when none is loaded."""
     return GenerationError("no model is loaded",

@@ -21,11 +21,11 @@ from typing import Any
 
 from .. import _paths
 from ..errors import WorkbenchError
+from .._cpu import SPINCOUNT, idle_cores
 from .._net import is_loopback
 from .probe import status_port
 
 GiB = 2 ** 30
-SPINCOUNT = "10000"
 UNSAFE_FLAG = "--allow-unauthenticated-network"
 _STACK = 8 * 2 ** 20       # glibc's default thread stack, counted by RLIMIT_DATA
 _SLACK = 48 * 2 ** 20      # transfer buffers and the graph the server deserialises
@@ -161,7 +161,7 @@ def run(host: str = "127.0.0.1", port: int = 50052, device: str = "cpu",
     # llama.cpp (and its OpenMP runtime) loads; benchmarks/cluster.py measures it.
     os.environ.setdefault("GOMP_SPINCOUNT", SPINCOUNT)
     os.environ.setdefault("GGML_NO_BACKTRACE", "1")
-    from ..device.profile import memory_bandwidth, usable_cores
+    from ..device.profile import memory_bandwidth
 
     check_host(host, allow_network)
     if device not in ("cpu", "gpu"):
@@ -173,7 +173,7 @@ def run(host: str = "127.0.0.1", port: int = 50052, device: str = "cpu",
         raise WorkbenchError(f"--mem-limit must be positive (got {mem_limit_gib})",
                              "Give GiB, for example --mem-limit 4.")
     _check_port_free(host, port, "the RPC port")
-    threads = threads or usable_cores()
+    threads = threads or idle_cores().idle  # the cores other work leaves idle now
     dev = _pick_device(device)
     limit = int(mem_limit_gib * GiB) if mem_limit_gib else None
     if limit is not None and limit > dev.free:

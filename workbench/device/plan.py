@@ -234,14 +234,15 @@ def place(m: ModelInspection, budgets: Sequence[Budget], *, device: str = "auto"
           overheads: Overheads | None = None,
           measure: Callable[[dict[str, Any]], Sequence[Any]] | None = None,
           tuned: dict[str, Any] | None = None,
-          fixed_why: dict[str, str] | None = None) -> Placement:
+          fixed_why: dict[str, str] | None = None, idle: Any = None) -> Placement:
     """Choose a configuration for model `m` within `budgets` (host first, then GPUs).
 
     `fixed`: LoadConfig settings the user gave; they are kept. `measure(settings)`
     runs a dry run and returns llama.cpp's buffers (engine.protocol.Buffer).
     `tuned`: the best configuration autotune measured on this machine, if any.
     `fixed_why`: why a fixed setting is fixed, where the user did not give it (setting ->
-    reason; the table says "given" for the rest)."""
+    reason; the table says "given" for the rest). `idle`: the cores idle now
+    (`_cpu.IdleCores`); `cores` is then its idle count."""
     fixed = {k: v for k, v in (fixed or {}).items() if v is not None}
     overheads = overheads or Overheads(host=0)
     notes: list[str] = []
@@ -375,12 +376,18 @@ def place(m: ModelInspection, budgets: Sequence[Budget], *, device: str = "auto"
 
     memory = mem(c)
     settings = _settings(c, fixed, cores)
-    if tuned and "threads" not in fixed:
-        settings["threads"] = tuned["threads"]
+    if tuned and "threads" not in fixed:  # autotune's best, within the cores idle now
+        settings["threads"] = min(tuned["threads"], cores) if idle else tuned["threads"]
+    if "threads" in fixed:
+        settings.setdefault("max_threads", 0)  # given: kept as given
+    else:
+        settings.setdefault("max_threads", tuned["threads"] if tuned else
+                            idle.usable if idle else cores)
     if gpus and c.ngl > 0 and len(gpus) > 1 and "tensor_split" not in fixed:
         total = sum(b.usable for b in gpus)
         settings["tensor_split"] = tuple(round(b.usable / total, 3) for b in gpus)
-    reasons = _explain(m, c, why, settings, fixed, gpus, contexts[0], cores, tuned, fixed_why)
+    reasons = _explain(m, c, why, settings, fixed, gpus, contexts[0], cores, tuned, fixed_why,
+                       idle)
     reasons += [("note", "", n) for n in notes]
     return Placement(model=m.path, settings=settings, memory=tuple(memory),
                      budgets=tuple(use_budgets), reasons=tuple(reasons), compute_measured=measured,
@@ -443,8 +450,8 @@ def _measured_compute(buffers: Sequence[Any], gpu_names: Sequence[str]) -> dict[
 
 def _explain(m: ModelInspection, c: _Choice, why: str, s: dict[str, Any], fixed: dict[str, Any],
              gpus: Sequence[Budget], first_ctx: int, cores: int,
-             tuned: dict[str, Any] | None, fixed_why: dict[str, str] | None = None
-             ) -> list[tuple[str, str, str]]:
+             tuned: dict[str, Any] | None, fixed_why: dict[str, str] | None = None,
+             idle: Any = None) -> list[tuple[str, str, str]]:
     n = m.n_layers
 
     def given(*keys: str) -> str:
@@ -466,10 +473,18 @@ def _explain(m: ModelInspection, c: _Choice, why: str, s: dict[str, Any], fixed:
         t_why = given("threads") + (f"; more than the {cores} usable cores slows decoding sharply"
                          if fixed["threads"] > cores else "")
     elif tuned:
-        t_why = (f"fastest in autotune on this machine ({tuned['tg_tps']:,.1f} tokens/s)")
+        t_why = (f"fastest in autotune on this machine, by each configuration's latest run "
+                 f"({tuned['threads']} threads, {tuned['tg_tps']:,.1f} tokens/s)")
+        if s["threads"] < tuned["threads"]:
+            t_why += f"; only {idle.why()}"
+    elif idle is not None:
+        t_why = (f"{idle.why()}: a thread without a core of its own holds up the others "
+                 "at every step")
     else:
         t_why = ("usable cores (physical, within CPU affinity and the cgroup quota): "
                  "one thread more than cores decoded 3× slower here")
+    if s.get("max_threads"):
+        t_why += f"; re-chosen while decoding from the cores idle then (1 to {s['max_threads']})"
     rows.append(("threads", str(s["threads"]), t_why))
     ctx_why = given("n_ctx") if "n_ctx" in fixed else (
         f"{c.n_ctx:,} of the {m.n_ctx_train:,} trained" if c.n_ctx == first_ctx else

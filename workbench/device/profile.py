@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._cpu import usable_cores  # noqa: F401 - where the device tools look for it
+
 GiB = 2 ** 30
 MiB = 2 ** 20
 
@@ -128,24 +130,6 @@ def fingerprint() -> str:
     import psutil
 
     return _fingerprint(cpu_model(), usable_cores(), psutil.virtual_memory().total, gpus())
-
-
-def usable_cores() -> int:
-    """Cores this process can use: physical cores, limited by CPU affinity and by a
-    cgroup CPU quota. More decode threads than that slow decoding down sharply."""
-    import psutil
-
-    physical = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    n = physical
-    if hasattr(os, "sched_getaffinity"):
-        n = min(n, len(os.sched_getaffinity(0)))
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            n = min(n, max(1, int(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, n)
 
 
 def cpu_model() -> str:

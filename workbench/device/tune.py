@@ -151,17 +151,18 @@ class TuningDB:
 
     def best(self, device: str, model_sha256: str, llama_cpp: str,
              n_ctx: int | None = None) -> dict[str, Any] | None:
-        """The configuration with the fastest decoding (best of its runs), if any. A run
-        the thermal watch flagged as throttled is not the machine's speed: left out."""
-        best: dict[str, Any] | None = None
-        for r in self.runs(device, model_sha256, llama_cpp):
+        """The configuration that decodes fastest, if any, judging each configuration by
+        its latest run: the machine as it was last measured, not at its quietest (a run
+        on a busy machine replaces an earlier, quieter one of the same configuration). A
+        run the thermal watch flagged as throttled is not the machine's speed: left out."""
+        latest: dict[str, dict[str, Any]] = {}
+        for r in self.runs(device, model_sha256, llama_cpp):  # oldest first
             if n_ctx is not None and r["config"].get("n_ctx") not in (None, n_ctx):
                 continue
             if r["throttled"]:
                 continue
-            if best is None or r["tg_tps"] > best["tg_tps"]:
-                best = r
-        return best
+            latest[json.dumps(r["config"], sort_keys=True)] = r
+        return max(latest.values(), key=lambda r: r["tg_tps"], default=None)
 
 
 @dataclass

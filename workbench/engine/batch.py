@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import codecs
 import time
+import traceback
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -49,7 +50,8 @@ class Sequence:
         self.logit_index = -1     # where this sequence's logits are in the current batch
         self.n_gen = 0
         self.reason: str | None = None  # set when the sequence is done
-        self.error: GenerationError | None = None  # with reason "error"
+        self.error: Exception | None = None  # with reason "error"
+        self.trace = ""  # the traceback, where `error` is a bug
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace").decode
         self._out: list[str] = []
         self._pending = ""        # text held back while it could still start a stop string
@@ -189,6 +191,10 @@ class Batch:
                 fed.append((s, n))
         if fed:
             self._decode(slots, fed)
+            gov = self.rt.governor
+            if gov is not None:  # the tokens this step generated (prompts aside)
+                gov.tick(time.monotonic(), sum(1 for s, n in fed
+                                               if n == 1 and s.logit_index >= 0))
         done = [s for s in self.live if s.reason is not None]
         for s in done:
             self._release(s)
@@ -214,12 +220,15 @@ class Batch:
         for s, n in fed:
             s.n_fed += n
             if s.logit_index >= 0:
-                if s.on_backend:
-                    tok = L.llama_get_sampled_token_ith(self.rt.ctx, s.logit_index)
-                    L.llama_sampler_accept(s.chain, tok)
-                else:
-                    tok = L.llama_sampler_sample(s.chain, self.rt.ctx, s.logit_index)
-                s.accept(tok, self.n_ctx_seq)
+                try:  # a failure here is this sequence's alone
+                    if s.on_backend:
+                        tok = L.llama_get_sampled_token_ith(self.rt.ctx, s.logit_index)
+                        L.llama_sampler_accept(s.chain, tok)
+                    else:
+                        tok = L.llama_sampler_sample(s.chain, self.rt.ctx, s.logit_index)
+                    s.accept(tok, self.n_ctx_seq)
+                except Exception as e:
+                    s.reason, s.error, s.trace = "error", e, traceback.format_exc()
 
     def _free(self, s: Sequence) -> None:
         L.llama_memory_seq_rm(L.llama_get_memory(self.rt.ctx), s.seq_id, -1, -1)

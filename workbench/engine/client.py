@@ -28,8 +28,10 @@ from typing import Any, AsyncIterator, Callable, Iterator
 
 from .. import _paths
 from ..config import GenerationConfig, LoadConfig
-from ..errors import (EngineCrashed, GenerationError, ModelFileError, PromptTooLong,
-                      WorkbenchError, no_model)
+from .._cpu import idle_cores, usable_cores
+from .._text import check_text
+from ..errors import (EngineCrashed, EngineFault, GenerationError, ModelFileError,
+                      PromptTooLong, WorkbenchError, no_model)
 from ..models.gguf_file import read_header
 from . import protocol as P
 
@@ -40,7 +42,7 @@ _CANCEL_WAIT_S = 30.0
 _STOPPED = ("the engine worker was stopped", "The next call starts it again.")
 _ERRORS: dict[str, type[WorkbenchError]] = {
     c.__name__: c for c in (WorkbenchError, ModelFileError, GenerationError, EngineCrashed,
-                          PromptTooLong)}
+                          PromptTooLong, EngineFault)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -396,7 +398,11 @@ class Engine:
         # chain on the host was as fast or faster.
         bs = config.backend_sampling if config.backend_sampling != "auto" \
             else ("on" if ngl else "off")
-        return dataclasses.replace(config, threads=config.threads or _physical_cores(),
+        # Threads left open: the cores idle now, re-chosen while decoding (engine/threads.py).
+        threads = config.threads or idle_cores().idle
+        max_threads = config.max_threads if config.max_threads is not None else \
+            (0 if config.threads else usable_cores())
+        return dataclasses.replace(config, threads=threads, max_threads=max_threads,
                                    n_gpu_layers=ngl, flash_attn=fa, backend_sampling=bs)
 
     def _load(self, req: P.LoadModel, on_progress: Callable[[float], None] | None) -> P.ModelInfo:
@@ -450,6 +456,7 @@ class Engine:
             if self._last_load is None:
                 raise no_model()
             self._ensure()
+            _check_payload(request_kind, payload)
             rid = self._new_id(request_kind)
             if request_kind == "chat":
                 req: P.Message = P.Chat(id=rid, messages=payload, config=config)
@@ -460,6 +467,7 @@ class Engine:
 
     def kv(self, op: str, name: str = "") -> dict:
         """Run a prefix cache / named session operation in the worker."""
+        check_text(name, "the KV session name")
         with self._lock:
             if self._last_load is None:
                 raise no_model()
@@ -514,15 +522,24 @@ class Engine:
 
 
 def _to_error(msg: P.Failed) -> Exception:
-    if msg.kind == "bug":
-        return RuntimeError(f"engine worker error:\n{msg.message}")
+    if msg.kind == "bug":  # the worker's traceback, kept on the error
+        log.debug("the engine worker failed on a request:\n%s", msg.message)
+        last = msg.message.strip().splitlines()[-1] if msg.message.strip() else "unknown"
+        return EngineFault(f"the engine failed on this request ({last})",
+                           "The worker is still running and other requests are not "
+                           "affected. This is a bug in the workbench: please report it with "
+                           "the traceback in the error's `details`.", details=msg.message)
     return _ERRORS.get(msg.kind, WorkbenchError)(msg.message, msg.hint)
 
 
-def _physical_cores() -> int:
-    import psutil
-
-    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+def _check_payload(kind: str, payload: Any) -> None:
+    """Refuse text UTF-8 cannot encode before it reaches the worker (see `_text`)."""
+    if kind == "chat":
+        for i, (role, content) in enumerate(payload):
+            check_text(role, f"messages[{i}].role")
+            check_text(content, f"messages[{i}].content")
+    elif isinstance(payload, str):
+        check_text(payload, "the prompt")
 
 
 class TokenStream:

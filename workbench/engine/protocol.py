@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from ..config import GenerationConfig, LoadConfig
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -145,6 +145,8 @@ class ModelInfo:
     lora: str | None = None  # the applied LoRA adapter's path
     n_parallel: int = 1  # sequences decoded together (continuous batching)
     rpc_servers: tuple[str, ...] = ()  # cluster nodes holding layers (llama.cpp RPC)
+    n_vocab: int = 0  # tokens in the vocabulary: ids are 0..n_vocab-1
+    adapt_threads: bool = False  # the worker re-chooses threads from the idle cores
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -25,6 +25,7 @@ from ..errors import GenerationError, ModelFileError, PromptTooLong, no_model
 from ..models.gguf_file import read_header
 from .protocol import Buffer, ModelInfo
 from .template import render_chat
+from .threads import ThreadGovernor
 
 _FLASH_ATTN = {"auto": L.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED,
                "off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED}
@@ -161,6 +162,7 @@ class Runtime:
         self.cache = None  # PrefixCache, when on
         self.last_tokens: tuple[int, ...] = ()  # whose KV state the context holds now
         self.notice: Callable[[str], None] = lambda text: None
+        self.governor: ThreadGovernor | None = None  # re-chooses threads while decoding
 
     # ---- loading --------------------------------------------------------
 
@@ -203,6 +205,11 @@ class Runtime:
         self._bos_text = self._special_text(L.llama_vocab_bos(self.vocab))
         self._eos_text = self._special_text(L.llama_vocab_eos(self.vocab))
         name = Path(path).name
+        self.governor = None
+        if cfg.max_threads:
+            self.governor = ThreadGovernor(
+                lambda n, c=ctx: L.llama_set_n_threads(c, n, n), cparams.n_threads,
+                cfg.max_threads)
         if cfg.kv_cache == "on" and cfg.n_parallel == 1:  # the prefix cache is sequence 0's
             self.cache = self._open_cache(path, cfg)
         from ..models.inspect import inspect_header
@@ -220,7 +227,9 @@ class Runtime:
             load_seconds=time.monotonic() - t0, type_k=cfg.type_k, type_v=cfg.type_v,
             kv_bytes_per_token=kv_per_token, buffers=self.log.buffers(),
             flash_attn=cfg.flash_attn, n_ubatch=cparams.n_ubatch, lora=cfg.lora,
-            n_parallel=cfg.n_parallel, rpc_servers=tuple(cfg.rpc_servers))
+            n_parallel=cfg.n_parallel, rpc_servers=tuple(cfg.rpc_servers),
+            n_vocab=L.llama_vocab_n_tokens(self.vocab),
+            adapt_threads=self.governor is not None)
         return self.info
 
     def _apply_lora(self, model, ctx, cfg: LoadConfig) -> None:
@@ -336,11 +345,23 @@ class Runtime:
             L.llama_model_free(self.model)
         self.model = self.ctx = self.vocab = None
         self.info = None
+        self.governor = None
+
+    @property
+    def threads(self) -> int:
+        """The decode threads in use now."""
+        if self.governor is not None:
+            return self.governor.current
+        return self.info.threads if self.info is not None else 0
 
     # ---- text <-> tokens ------------------------------------------------
 
     def tokenize(self, text: str, add_special: bool) -> list[int]:
-        raw = text.encode("utf-8")
+        try:  # the kernel side refuses such text first (workbench/_text.py)
+            raw = text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise GenerationError(f"the prompt is not valid Unicode (a lone surrogate at "
+                                  f"character {e.start})", "Remove that character.") from None
         cap = len(raw) + 8
         buf = (L.llama_token * cap)()
         n = L.llama_tokenize(self.vocab, raw, len(raw), buf, cap, add_special, True)
@@ -350,11 +371,12 @@ class Runtime:
             n = L.llama_tokenize(self.vocab, raw, len(raw), buf, cap, add_special, True)
         return list(buf[:n])
 
-    def check_tokens(self, tokens: tuple[int, ...]) -> list[int]:
+    def check_tokens(self, tokens: tuple[int, ...], where: str = "the prompt") -> list[int]:
         n_vocab = L.llama_vocab_n_tokens(self.vocab)
         bad = [t for t in tokens if not 0 <= t < n_vocab]
         if bad:
-            raise GenerationError(f"token id {bad[0]} is outside the vocabulary (0..{n_vocab - 1})",
+            raise GenerationError(f"{where}: token id {bad[0]} is outside the vocabulary "
+                                  f"(0..{n_vocab - 1})",
                                   "Pass token ids from this model's tokenizer.")
         return list(tokens)
 
@@ -381,15 +403,23 @@ class Runtime:
     # ---- generation -----------------------------------------------------
 
     def _sampler(self, g: GenerationConfig):
+        self.check_tokens(tuple(t for t, _ in g.logit_bias), "logit_bias")
         params = L.llama_sampler_chain_default_params()
         params.no_perf = True
         chain = L.llama_sampler_chain_init(params)
         add = L.llama_sampler_chain_add
+        # bias and penalties change the logits, so they come first, for greedy too
+        if g.logit_bias:
+            n_vocab = L.llama_vocab_n_tokens(self.vocab)
+            arr = (L.llama_logit_bias * len(g.logit_bias))(
+                *(L.llama_logit_bias(token=t, bias=b) for t, b in g.logit_bias))
+            add(chain, L.llama_sampler_init_logit_bias(n_vocab, len(g.logit_bias), arr))
+        if (g.repeat_penalty, g.frequency_penalty, g.presence_penalty) != (1.0, 0.0, 0.0):
+            add(chain, L.llama_sampler_init_penalties(64, g.repeat_penalty,
+                                                      g.frequency_penalty, g.presence_penalty))
         if g.temperature == 0:
             add(chain, L.llama_sampler_init_greedy())
             return chain
-        if g.repeat_penalty != 1.0:
-            add(chain, L.llama_sampler_init_penalties(64, g.repeat_penalty, 0.0, 0.0))
         if g.top_k > 0:
             add(chain, L.llama_sampler_init_top_k(g.top_k))
         add(chain, L.llama_sampler_init_top_p(g.top_p, 1))
@@ -496,6 +526,7 @@ class Runtime:
         # The hot loop: C calls, a dict lookup and one queue put per token.
         decode, is_eog = L.llama_decode, L.llama_vocab_is_eog
         piece_of, pieces = self._piece, self._pieces
+        tick = self.governor.tick if self.governor is not None else None
         utf8 = codecs.getincrementaldecoder("utf-8")("replace").decode
         one = (L.llama_token * 1)()
         batch1 = L.llama_batch_get_one(one, 1)
@@ -536,6 +567,8 @@ class Runtime:
             if n_prompt + n_gen > n_ctx:  # the next decode would need position n_ctx
                 reason = "context_full"
                 break
+            if tick is not None:
+                tick(t_last)
             one[0] = tok
             fed.append(tok)
             rc = decode(ctx, batch1)

@@ -110,6 +110,7 @@ class Worker:
         self.meter = Telemetry(nvml=nvml)
         self.stopping = threading.Event()
         self._send_lock = threading.Lock()
+        self.fault = _Fault(os.environ.get("WORKBENCH_FAULT", ""))
         self.send(P.WorkerReady(
             id="", pid=os.getpid(), llama_cpp_version=llama_cpp.__version__,
             supports_gpu_offload=has_gpu(),
@@ -164,7 +165,10 @@ class Worker:
             msg = self.deferred.popleft() if self.deferred else self.pending.get()
             if isinstance(msg, (P.Generate, P.Chat)) and self.runtime.info is not None \
                     and self.runtime.info.n_parallel > 1:
-                self._batched(msg)
+                try:
+                    self._batched(msg)
+                except Exception:  # its requests have failed with the traceback; go on
+                    traceback.print_exc()
                 continue
             if isinstance(msg, P.Shutdown):
                 self.stopping.set()
@@ -173,12 +177,8 @@ class Worker:
                 return
             try:
                 self._handle(msg)
-            except WorkbenchError as e:
-                self.send(P.Failed(id=msg.id, kind=type(e).__name__, message=e.message,
-                                   hint=e.hint))
-            except Exception:  # a bug: keep its traceback for the kernel side
-                self.send(P.Failed(id=msg.id, kind="bug", message=traceback.format_exc(),
-                                   hint=""))
+            except Exception as e:
+                self.send(_failed(msg.id, e, traceback.format_exc()))
             finally:
                 self.cancelled.discard(msg.id)
 
@@ -250,6 +250,7 @@ class Worker:
         rt = self.runtime
         if rt.info is None:
             raise no_model()
+        self.fault.check(msg, "prompt")
         if isinstance(msg, P.Chat):
             text, add_bos = rt.chat_prompt([{"role": r, "content": c} for r, c in msg.messages])
             return rt.tokenize(text, add_special=add_bos), "chat"
@@ -263,7 +264,7 @@ class Worker:
         tokens, kind = self._prompt(msg)
         out = _Emitter(self.send, msg.id)
         try:
-            r = self.runtime.run(tokens, msg.config, t_received, out.emit,
+            r = self.runtime.run(tokens, msg.config, t_received, self.fault.emit(msg, out.emit),
                                  lambda: msg.id in self.cancelled)
         finally:
             out.flush_rest()
@@ -286,7 +287,7 @@ class Worker:
             total_s=time.monotonic() - t_received, finish_reason=r.finish_reason,
             rss_bytes=self.proc.memory_info().rss, gpu_bytes=self.gpu.used(),
             peak_rss_bytes=_peak_rss(),
-            n_threads=info.threads, n_ctx=info.n_ctx, wall_time=time.time(),
+            n_threads=self.runtime.threads, n_ctx=info.n_ctx, wall_time=time.time(),
             cached_tokens=r.cached_tokens, cache_tier=r.cache_tier,
             energy_j=energy1 - energy0 if energy0 is not None and energy1 is not None else None)
         self.send(P.Finished(id=rid, text=r.text, metrics=metrics))
@@ -332,9 +333,7 @@ class Worker:
                     self.cancelled.discard(seq.request_id)
                     if seq.error is not None:
                         out.flush_rest()
-                        e = seq.error
-                        self.send(P.Failed(id=seq.request_id, kind=type(e).__name__,
-                                           message=e.message, hint=e.hint))
+                        self.send(_failed(seq.request_id, seq.error, seq.trace))
                     else:
                         r = seq.result()  # emits text held back for a stop string
                         out.flush_rest()
@@ -352,12 +351,11 @@ class Worker:
         try:
             tokens, kind = self._prompt(msg)
             out = _Emitter(self.send, msg.id)
-            batch.join(msg.id, tokens, msg.config, t_received, out.emit,
+            batch.join(msg.id, tokens, msg.config, t_received, self.fault.emit(msg, out.emit),
                        lambda rid=msg.id: rid in self.cancelled)
-        except WorkbenchError as e:
+        except Exception as e:  # this request fails; the batch goes on
             self.cancelled.discard(msg.id)
-            self.send(P.Failed(id=msg.id, kind=type(e).__name__, message=e.message,
-                               hint=e.hint))
+            self.send(_failed(msg.id, e, traceback.format_exc()))
             return
         outs[msg.id] = (out, kind, t_received)
 
@@ -365,6 +363,45 @@ class Worker:
         """Put requests that were taken but not served back before the deferred ones."""
         for msg in reversed(msgs):
             self.deferred.appendleft(msg)
+
+
+def _failed(rid: str, e: BaseException, trace: str) -> P.Failed:
+    """The reply for a request that raised `e`: typed for a WorkbenchError; for anything
+    else (a bug) its traceback, which the kernel side keeps and logs."""
+    if isinstance(e, WorkbenchError):
+        return P.Failed(id=rid, kind=type(e).__name__, message=e.message, hint=e.hint)
+    return P.Failed(id=rid, kind="bug", message=trace, hint="")
+
+
+class _Fault:
+    """A test hook that makes one request fail inside the worker, so tests can show that
+    a failure there fails that request only. WORKBENCH_FAULT="STAGE:TEXT" raises an
+    exception in every request whose prompt holds TEXT: at STAGE "prompt" while its
+    prompt is read, at "decode" when its third token is handed on. Unset: no cost."""
+
+    def __init__(self, spec: str) -> None:
+        self.stage, _, self.text = spec.partition(":")
+
+    def _hits(self, msg: P.Generate | P.Chat) -> bool:
+        if not self.text:
+            return False
+        if isinstance(msg, P.Chat):
+            return any(self.text in c for _, c in msg.messages)
+        return isinstance(msg.prompt, str) and self.text in msg.prompt
+
+    def check(self, msg: P.Generate | P.Chat, stage: str) -> None:
+        if self.stage == stage and self._hits(msg):
+            raise RuntimeError(f"fault injected at {stage} (WORKBENCH_FAULT)")
+
+    def emit(self, msg: P.Generate | P.Chat, emit: Any) -> Any:
+        if self.stage != "decode" or not self._hits(msg):
+            return emit
+
+        def failing(piece: str, token: int, index: int, t: float) -> None:
+            if index == 2:
+                raise RuntimeError("fault injected at decode (WORKBENCH_FAULT)")
+            emit(piece, token, index, t)
+        return failing
 
 
 class _Emitter:
@@ -405,6 +442,11 @@ def main(requests: Any, replies: Any) -> None:
     import faulthandler
 
     faulthandler.enable()  # a segfault in llama.cpp leaves a Python stack in the log
+    from .._cpu import SPINCOUNT
+
+    # before llama.cpp and its OpenMP runtime load: threads waiting for work sleep soon
+    # rather than spin on cores that other processes (or our other threads) need
+    os.environ.setdefault("GOMP_SPINCOUNT", SPINCOUNT)
     try:
         worker = Worker(requests, replies)
     except Exception:  # report why the worker could not start, then exit

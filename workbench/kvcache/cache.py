@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .._text import check_text
 from ..errors import WorkbenchError
 from .store import BadEntry, read_entry, read_info, write_entry
 from .tiers import DiskFull, DiskTier, Entry, RamTier
@@ -37,6 +38,7 @@ def entry_key(namespace: str, tokens: tuple[int, ...]) -> str:
 
 
 def check_session_name(name: str) -> str:
+    check_text(name or "", "the KV session name")
     if not _SESSION_NAME.match(name or "") or ".." in name:
         raise WorkbenchError(
             f"invalid session name {name!r}",

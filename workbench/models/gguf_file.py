@@ -103,10 +103,32 @@ class _Truncated(Exception):
     pass
 
 
+class _Absurd(ValueError):
+    """A count or length no model file has: damage, told apart from truncation."""
+
+
+def _n(n: int) -> str:
+    """A count as the header claims it: 2^63 rather than 19 digits."""
+    return f"2^{n.bit_length() - 1}" if n >= 1 << 32 and n & (n - 1) == 0 else f"{n:,}"
+
+
+# Far beyond any real model (the largest have thousands of tensors, tens of thousands of
+# metadata array items, strings of a few MiB), and far below what would exhaust memory.
+_MOST = {"tensors": 1 << 20, "metadata entries": 1 << 20, "bytes in one string": 1 << 30,
+         "items in one array": 1 << 32, "dimensions in one tensor": 8}
+
+
 class _Reader:
     def __init__(self, buf: bytes) -> None:
         self.buf = buf
         self.pos = 0
+
+    def claim(self, n: int, what: str) -> int:
+        """A count the header claims, refused when no model file could hold it."""
+        if n > _MOST[what]:
+            raise _Absurd(f"it claims {_n(n)} {what} (no model file has more than "
+                          f"{_n(_MOST[what])})")
+        return n
 
     def take(self, fmt: str) -> Any:
         size = struct.calcsize(fmt)
@@ -117,7 +139,7 @@ class _Reader:
         return value
 
     def string(self) -> str:
-        n = self.take("<Q")
+        n = self.claim(self.take("<Q"), "bytes in one string")
         if self.pos + n > len(self.buf):
             raise _Truncated
         raw = bytes(self.buf[self.pos:self.pos + n])
@@ -125,7 +147,7 @@ class _Reader:
         return raw.decode("utf-8", errors="replace")
 
     def skip_string(self) -> None:
-        n = self.take("<Q")
+        n = self.claim(self.take("<Q"), "bytes in one string")
         self.pos += n
         if self.pos > len(self.buf):
             raise _Truncated
@@ -137,7 +159,7 @@ class _Reader:
             return self.string()
         if vtype == _ARRAY:
             etype = self.take("<I")
-            n = self.take("<Q")
+            n = self.claim(self.take("<Q"), "items in one array")
             if n <= _KEEP_ARRAY_MAX:
                 return [self.value(etype) for _ in range(n)]
             if etype in _SCALARS:
@@ -246,8 +268,8 @@ def _parse(p: Path, buf: bytes, size: int, complete: bool) -> GGUFHeader:
                 f"(it reads versions {', '.join(map(str, SUPPORTED_VERSIONS))})",
                 "Re-convert the model with a current llama.cpp, or update the workbench.",
             )
-        n_tensors = r.take("<Q")
-        n_kv = r.take("<Q")
+        n_tensors = r.claim(r.take("<Q"), "tensors")
+        n_kv = r.claim(r.take("<Q"), "metadata entries")
         metadata: dict[str, Any] = {}
         spans: dict[str, tuple[int, int]] = {}
         for _ in range(n_kv):
@@ -260,7 +282,7 @@ def _parse(p: Path, buf: bytes, size: int, complete: bool) -> GGUFHeader:
         tensors = []
         for _ in range(n_tensors):
             name = r.string()
-            n_dims = r.take("<I")
+            n_dims = r.claim(r.take("<I"), "dimensions in one tensor")
             shape = tuple(r.take("<Q") for _ in range(n_dims))
             ggml_type = r.take("<I")
             offset = r.take("<Q")

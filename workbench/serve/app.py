@@ -16,21 +16,22 @@ import asyncio
 import dataclasses
 import hmac
 import json
+import logging
 import time
 import uuid
 from typing import Any, AsyncIterator, Callable
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ..config import GenerationConfig
-from ..errors import EngineCrashed, PromptTooLong, WorkbenchError
+from ..errors import BadText, EngineCrashed, EngineFault, PromptTooLong, WorkbenchError
 from .admission import Admission
 from .metrics import ServiceMetrics
+from .request import ApiError, AsciiJSON, Limits, Parsed, parse, read_json
 
-_ROLES = ("system", "user", "assistant")
+log = logging.getLogger(__name__)
 _FINISH = {"stop": "stop", "stop_string": "stop", "length": "length",
            "context_full": "length", "cancelled": "stop"}
 
@@ -42,157 +43,10 @@ class ServiceSettings:
     n_parallel: int = 1
     max_queue: int = 16             # admitted requests beyond the batch; more get 429
     request_timeout_s: float = 120.0
-    max_body_bytes: int = 1 << 20
     default_max_tokens: int = 512
     api_key: str | None = None
-
-
-class ApiError(Exception):
-    """A request the service refuses, as OpenAI would: status, message, type, param."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = \
-            status, message, type_, param, code
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
-
-
-# ---- reading requests --------------------------------------------------------------------
-
-def _number(body: dict, name: str, default: Any, lo: float, hi: float,
-            kind: type = float) -> Any:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-            (kind is int and not float(value).is_integer()):
-        raise ApiError(400, f"'{name}' must be {'an integer' if kind is int else 'a number'} "
-                       f"(got {json.dumps(value)[:40]})", param=name)
-    if not lo <= value <= hi:
-        raise ApiError(400, f"'{name}' must be between {lo:g} and {hi:g} (got {value})",
-                       param=name)
-    return kind(value)
-
-
-def _stops(body: dict) -> tuple[str, ...]:
-    stop = body.get("stop")
-    if stop is None:
-        return ()
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) \
-            or len(stop) > 4:
-        raise ApiError(400, "'stop' must be a string or a list of up to 4 non-empty strings",
-                       param="stop")
-    return tuple(stop)
-
-
-def _content(message: Any, i: int) -> tuple[str, str]:
-    if not isinstance(message, dict):
-        raise ApiError(400, f"messages[{i}] must be an object with 'role' and 'content'",
-                       param=f"messages[{i}]")
-    role, content = message.get("role"), message.get("content")
-    if role not in _ROLES:
-        raise ApiError(400, f"messages[{i}].role must be one of {', '.join(_ROLES)} "
-                       f"(got {json.dumps(role)[:40]})", param=f"messages[{i}].role")
-    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-        if not all(isinstance(p, dict) and p.get("type") == "text"
-                   and isinstance(p.get("text"), str) for p in content):
-            raise ApiError(400, f"messages[{i}].content: only text parts are supported",
-                           param=f"messages[{i}].content")
-        content = "".join(p["text"] for p in content)
-    if not isinstance(content, str):
-        raise ApiError(400, f"messages[{i}].content must be a string",
-                       param=f"messages[{i}].content")
-    return role, content
-
-
-@dataclasses.dataclass
-class _Parsed:
-    kind: str                 # "chat" | "generate"
-    payload: Any
-    config: GenerationConfig
-    stream: bool
-    include_usage: bool
-
-
-def parse(body: Any, kind: str, s: ServiceSettings) -> _Parsed:
-    """Check a completion request's fields and types; ApiError names the first problem."""
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise ApiError(400, "'model' is required (a string)", param="model")
-    if model != s.model_name:
-        raise ApiError(404, f"the model '{model[:80]}' does not exist; this service runs "
-                       f"'{s.model_name}'", param="model", code="model_not_found")
-    if kind == "chat":
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise ApiError(400, "'messages' must be a non-empty list", param="messages")
-        payload: Any = tuple(_content(m, i) for i, m in enumerate(messages))
-    else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str) or not prompt:
-            raise ApiError(400, "'prompt' must be a non-empty string", param="prompt")
-        payload = prompt
-    if body.get("n", 1) != 1:
-        raise ApiError(400, "only n=1 is supported", param="n")
-    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None \
-        else "max_tokens"
-    raw = body.get(name)
-    if raw is not None and isinstance(raw, (int, float)) and not isinstance(raw, bool) \
-            and raw > s.n_ctx_seq:
-        raise ApiError(400, f"'{name}' is {raw}, more than this service's context of "
-                       f"{s.n_ctx_seq} tokens per request", param=name,
-                       code="context_length_exceeded")
-    max_tokens = _number(body, name, min(s.default_max_tokens, s.n_ctx_seq), 1, s.n_ctx_seq,
-                         int)
-    for ignored in ("presence_penalty", "frequency_penalty"):
-        _number(body, ignored, 0.0, -2.0, 2.0)
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise ApiError(400, "'stream' must be true or false", param="stream")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise ApiError(400, "'stream_options' must be an object", param="stream_options")
-    seed = body.get("seed")
-    config = GenerationConfig(
-        max_tokens=max_tokens,
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-        top_p=_number(body, "top_p", 1.0, 1e-9, 1.0),
-        seed=None if seed is None else _number(body, "seed", None, 0, 2**32 - 1, int),
-        stop=_stops(body))
-    return _Parsed(kind, payload, config, stream, bool(options.get("include_usage")))
-
-
-async def read_json(request: Request, limit: int) -> Any:
-    """The body as JSON, refusing one larger than `limit` bytes before reading it all."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"the request body is {int(declared):,} bytes; the limit is "
-                       f"{limit:,}", code="request_too_large")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ApiError(413, f"the request body is larger than the limit of {limit:,} "
-                           "bytes", code="request_too_large")
-    try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+    limits: Limits = Limits()
+    aliases: tuple[str, ...] = ("default",)  # other ids a request may name the model by
 
 
 # ---- the service --------------------------------------------------------------------------
@@ -231,13 +85,17 @@ class Service:
                 response = await handler(request)
             except ApiError as e:
                 response = e.response()
+            except Exception:  # a bug: this request fails, as JSON; the service goes on
+                log.exception("%s failed", name)
+                response = ApiError(500, "the service failed on this request",
+                                    type_="server_error", code="internal_error").response()
             self.metrics.request(name, response.status_code)
             return response
         return endpoint
 
     # -- endpoints --
     async def models(self, request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [self._model_card()]})
+        return AsciiJSON({"object": "list", "data": [self._model_card()]})
 
     def _model_card(self) -> dict:
         return {"id": self.s.model_name, "object": "model", "created": self.created,
@@ -246,7 +104,7 @@ class Service:
     async def health(self, request: Request) -> Response:
         e = self.engine
         ok = e.alive and e.model is not None
-        return JSONResponse({"status": "ok" if ok else "unavailable",
+        return AsciiJSON({"status": "ok" if ok else "unavailable",
                              "model": self.s.model_name, "worker_pid": e.pid if ok else None,
                              "in_flight": self.admission.in_service,
                              "queue_depth": self.admission.queued},
@@ -275,23 +133,45 @@ class Service:
                            headers={"Retry-After": str(wait)})
         handed_over = False
         try:
-            parsed = parse(await read_json(request, self.s.max_body_bytes), kind, self.s)
+            parsed = self._parse(await read_json(request, self.s.limits), kind)
             run = _Run(self, parsed, entered)
             await run.start()
             if parsed.stream:
                 handed_over = True
                 return StreamingResponse(run.events(request), media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache"})
-            return JSONResponse(await run.whole(request))
+            return AsciiJSON(await run.whole(request))
         finally:
             if not handed_over:
                 self.admission.leave(entered)
+
+    def _parse(self, body: Any, kind: str) -> Parsed:
+        model = self.engine.model
+        p = parse(body, kind, n_ctx_seq=self.s.n_ctx_seq,
+                  default_max_tokens=self.s.default_max_tokens,
+                  n_vocab=model.n_vocab if model is not None else 1 << 31,
+                  limits=self.s.limits)
+        if p.model != self.s.model_name and p.model not in self.s.aliases:
+            also = f" (or {', '.join(repr(a) for a in self.s.aliases)})" \
+                if self.s.aliases else ""
+            raise ApiError(404, f"the model '{p.model[:80]}' does not exist; this service "
+                           f"runs '{self.s.model_name}'{also}", param="model",
+                           code="model_not_found")
+        if p.user is not None:
+            log.info("%s request from user %r", kind, p.user[:200])
+        return p
 
 
 def _engine_error(e: WorkbenchError) -> ApiError:
     if isinstance(e, EngineCrashed):
         return ApiError(503, f"{e.message}; the service restarts its engine with the next "
                         "request", type_="server_error", code="engine_crashed")
+    if isinstance(e, EngineFault):  # its traceback goes to the log, not to the client
+        log.error("the engine failed on a request:\n%s", e.details)
+        return ApiError(500, "the engine failed on this request; other requests are not "
+                        "affected", type_="server_error", code="engine_error")
+    if isinstance(e, BadText):
+        return ApiError(400, e.message, param=e.where, code="invalid_text")
     code = "context_length_exceeded" if isinstance(e, PromptTooLong) else None
     return ApiError(400, e.message + (f" ({e.hint})" if e.hint else ""), code=code)
 
@@ -299,7 +179,7 @@ def _engine_error(e: WorkbenchError) -> ApiError:
 class _Run:
     """One admitted request: its token stream, streamed out or gathered whole."""
 
-    def __init__(self, service: Service, parsed: _Parsed, entered: float) -> None:
+    def __init__(self, service: Service, parsed: Parsed, entered: float) -> None:
         self.service, self.p, self.entered = service, parsed, entered
         self.id = ("chatcmpl-" if parsed.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
@@ -408,6 +288,10 @@ class _Run:
             yield sse(e.body())
         except WorkbenchError as e:  # the engine failed mid-stream
             yield sse(_engine_error(e).body())
+        except Exception:  # a bug: this stream ends with an error event, as JSON
+            log.exception("a stream failed")
+            yield sse(ApiError(500, "the service failed on this request",
+                               type_="server_error", code="internal_error").body())
         finally:  # also when the client went away: the generation stops
             self.stream.cancel_nowait()
             self.service.admission.leave(self.entered)

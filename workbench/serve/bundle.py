@@ -178,6 +178,11 @@ def deploy(model: Path, r: Request, *, port: int, host: str, quantize: Callable[
         for key, value, why in placement.reasons:
             if key not in ("n_ctx",):
                 reasons[key] = f"{value}: {why}"
+        # Threads: the service's machine as it is when it starts, not this one now.
+        load.pop("threads", None)
+        load.pop("max_threads", None)
+        reasons["threads"] = ("chosen when the service starts, from the cores idle then, "
+                              "and re-chosen while it serves (engine/threads.py)")
         reasons["n_parallel"] = (f"{par}: requests decoded together in one batch "
                                  + ("(given)" if n_parallel else
                                     "(a GPU keeps gaining past 16 sequences)" if on_gpu else
@@ -193,6 +198,7 @@ def deploy(model: Path, r: Request, *, port: int, host: str, quantize: Callable[
             "load": load,
             "server": {"host": host, "port": port, "max_queue": 2 * par,
                        "request_timeout_s": 300, "max_body_bytes": 1 << 20,
+                       "aliases": ["default"],
                        "default_max_tokens": min(512, per_req),
                        "api_key_env": "WORKBENCH_API_KEY"},
             "reasons": reasons,

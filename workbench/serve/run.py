@@ -31,6 +31,7 @@ def settings_for(folder: Path, host: str | None, port: int | None,
     """The config, the service's settings and where it listens, after the security check:
     an address other than loopback needs an API key."""
     from .app import ServiceSettings
+    from .request import Limits
 
     config = read_config(folder)
     server = config["server"]
@@ -48,7 +49,8 @@ def settings_for(folder: Path, host: str | None, port: int | None,
         model_name=config["model"]["name"], n_ctx_seq=int(load["n_ctx"]) // n_parallel,
         n_parallel=n_parallel, max_queue=int(server.get("max_queue", 16)),
         request_timeout_s=float(server.get("request_timeout_s", 300)),
-        max_body_bytes=int(server.get("max_body_bytes", 1 << 20)),
+        limits=Limits(max_body_bytes=int(server.get("max_body_bytes", 1 << 20))),
+        aliases=tuple(str(a) for a in server.get("aliases", ["default"])),
         default_max_tokens=int(server.get("default_max_tokens", 512)), api_key=key)
     return config, settings, host, port
 

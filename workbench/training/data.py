@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from .._text import check_text
 from ..errors import WorkbenchError
 
 ROLES = ("system", "user", "assistant")
@@ -74,6 +75,14 @@ def _read_jsonl(content: str, name: str) -> list[Record]:
 
 
 def _record(item: Any, where: str) -> Record:
+    r = _shape(item, where)
+    for j, (_, content) in enumerate(r.messages):
+        check_text(content, f"{where}, message {j + 1}")
+    check_text(r.text, where)
+    return r
+
+
+def _shape(item: Any, where: str) -> Record:
     shape = ('Use {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", '
              '"content": "..."}]}, {"prompt": "...", "completion": "..."} or {"text": "..."}.')
     if isinstance(item, str):
