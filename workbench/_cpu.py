@@ -45,16 +45,17 @@ def usable_cores() -> int:
 
 class CpuMeter:
     """Cores kept busy by other processes between two readings: the machine's busy CPU
-    time, less what `own` processes (this one, its parent and children: the workbench
-    itself) used meanwhile."""
+    time, less what this process (and, with `with_parent`, the process that started it:
+    the engine worker's kernel or service) used meanwhile. Other children of ours, such
+    as a fine-tuning run, are other work: they count as busy."""
 
-    def __init__(self, own: str = "family") -> None:
+    def __init__(self, with_parent: bool = False) -> None:
         import psutil
 
         self._psutil = psutil
         me = psutil.Process()
         self._own = [me]
-        if own == "family":  # the kernel or service, and its worker
+        if with_parent:
             try:
                 parent = me.parent()
                 if parent is not None and parent.pid > 1:
@@ -73,12 +74,7 @@ class CpuMeter:
             per = [per[i] for i in self._cpus if i < len(per)]
         busy = sum(sum(t) - t.idle - getattr(t, "iowait", 0.0) for t in per)
         own = 0.0
-        procs = list(self._own)
-        try:
-            procs += self._own[0].children(recursive=True)
-        except ps.Error:
-            pass
-        for p in procs:
+        for p in self._own:
             try:
                 c = p.cpu_times()
                 own += c.user + c.system

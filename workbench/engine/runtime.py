@@ -409,13 +409,13 @@ class Runtime:
         chain = L.llama_sampler_chain_init(params)
         add = L.llama_sampler_chain_add
         # bias and penalties change the logits, so they come first, for greedy too
+        n_vocab = L.llama_vocab_n_tokens(self.vocab)
         if g.logit_bias:
-            n_vocab = L.llama_vocab_n_tokens(self.vocab)
             arr = (L.llama_logit_bias * len(g.logit_bias))(
                 *(L.llama_logit_bias(token=t, bias=b) for t, b in g.logit_bias))
             add(chain, L.llama_sampler_init_logit_bias(n_vocab, len(g.logit_bias), arr))
         if (g.repeat_penalty, g.frequency_penalty, g.presence_penalty) != (1.0, 0.0, 0.0):
-            add(chain, L.llama_sampler_init_penalties(64, g.repeat_penalty,
+            add(chain, L.llama_sampler_init_penalties(n_vocab, 64, g.repeat_penalty,
                                                       g.frequency_penalty, g.presence_penalty))
         if g.temperature == 0:
             add(chain, L.llama_sampler_init_greedy())

@@ -34,7 +34,7 @@ class ThreadGovernor:
         self._set = set_threads
         self.current = start
         self.ceiling = max(1, ceiling)
-        self.meter = meter or CpuMeter()
+        self.meter = meter or CpuMeter(with_parent=True)
         self.best: dict[int, float] = {}  # the best window rate seen at each thread count
         self.changes: list[tuple[float, int, str]] = []  # (time, threads, why), the latest
         self._probe: tuple[int, float] | None = None  # (threads before, their rate)
