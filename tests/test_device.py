@@ -308,26 +308,30 @@ def test_the_thread_governor_moves_with_the_load():
     g = ThreadGovernor(set_to.append, start=4, ceiling=4, meter=load)
     t = 0.0
 
-    def decode(seconds: float, rate: float) -> None:
+    def decode(windows: int, rate: int) -> None:
+        """Tokens at `rate` per second for `windows` checks (rates with exact 1/rate)."""
         nonlocal t
-        for _ in range(int(seconds * rate)):
+        for _ in range(int(windows * CHECK_S * rate)):
             t += 1 / rate
             g.tick(t)
 
-    decode(2 * CHECK_S, 100)
+    decode(2, 128)
     assert g.current == 4 and set_to == []
     load.busy = 2.0  # two cores taken by another process
-    decode(2 * CHECK_S, 30)
+    decode(1, 32)
     assert g.current == 2 and set_to == [2]
+    decode(1, 32)
     load.busy = 0.1
-    decode(2 * CHECK_S, 80)
-    assert g.current == 4
+    decode(1, 64)
+    assert g.current == 4 and set_to == [2, 4]
     # slower with no load to explain it: one thread fewer is tried, kept only if faster
-    decode(2 * CHECK_S, 100)
-    decode(CHECK_S * 1.2, 30)
+    decode(2, 128)
+    decode(1, 16)
     assert g.current == 3
-    decode(CHECK_S * 1.2, 20)  # not faster: back to 4
+    decode(1, 8)  # not faster: back to 4, and no other probe for a while
     assert g.current == 4 and "not faster" in g.changes[-1][2]
+    decode(1, 16)
+    assert g.current == 4
 
 
 def test_autotune_measures_stores_and_is_reused(default_model):

@@ -381,6 +381,8 @@ def test_nesting_sizes_and_fields_are_bounded(service):
          "not supported"),
         (_chat(name, messages=[{"role": "user", "content": "hi", "tool_calls": []}]),
          "messages[0].tool_calls", "not supported"),
+        (_chat(name, messages=[{"role": "user", "content": "hi", "name": "bob"}]),
+         "messages[0].name", "not supported"),
         (_chat(name, presence_penalty=3), "presence_penalty", "between -2 and 2"),
     ]
     for body, param, words in cases:

@@ -211,7 +211,7 @@ def _content(message: Any, i: int) -> tuple[str, str]:
         raise ApiError(400, f"messages[{i}] must be an object with 'role' and 'content'",
                        param=f"messages[{i}]")
     unknown = sorted(k for k, v in message.items()
-                     if k not in ("role", "content", "name") and v is not None)
+                     if k not in ("role", "content") and v is not None)
     if unknown:
         raise ApiError(400, f"messages[{i}].{unknown[0]} is not supported by this service",
                        param=f"messages[{i}].{unknown[0]}")
@@ -228,10 +228,6 @@ def _content(message: Any, i: int) -> tuple[str, str]:
     if not isinstance(content, str):
         raise ApiError(400, f"messages[{i}].content must be a string",
                        param=f"messages[{i}].content")
-    name = message.get("name")
-    if name is not None and not isinstance(name, str):
-        raise ApiError(400, f"messages[{i}].name must be a string",
-                       param=f"messages[{i}].name")
     return role, content
 
 

@@ -69,6 +69,14 @@ def serve(folder: str | os.PathLike, *, host: str | None = None, port: int | Non
 
     folder = Path(folder).expanduser().resolve()
     config, settings, host, port = settings_for(folder, host, port, api_key)
+    import logging
+
+    # the service's own log (a request's `user`, failures with their tracebacks) on stderr
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("workbench %(asctime)s %(levelname)s %(message)s"))
+    service_log = logging.getLogger("workbench.serve")
+    service_log.addHandler(handler)
+    service_log.setLevel(logging.INFO)
     model = folder / config["model"]["file"]
     fields = {f.name for f in dataclasses.fields(LoadConfig)}
     load: LoadConfig = build(LoadConfig, {k: v for k, v in config["load"].items()
