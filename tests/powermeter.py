@@ -1,9 +1,13 @@
 """A stand-in RAPL meter for a machine whose powercap interface is absent or unreadable.
 
 It lays out a folder like /sys/class/powercap (one `intel-rapl:0` package zone) and a
-thread advances its `energy_uj` counter from the CPU time this machine really spends:
+thread advances its `energy_uj` counter from the CPU time the tests really spend:
 `idle_w` plus `per_core_w` for each core kept busy. The telemetry reads it through
 WORKBENCH_POWERCAP exactly as it reads the kernel's files, so more threads draw more.
+
+Only this process and its children count (the test, its engine workers and services):
+on a shared machine a real meter would also count other users' work, which would make
+the draw of a configuration depend on who else is busy.
 """
 
 from __future__ import annotations
@@ -38,13 +42,21 @@ class StandInMeter:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _busy_s(self) -> float:
-        t = psutil.cpu_times()
-        return t.user + t.system + getattr(t, "nice", 0.0)
+        me = psutil.Process()
+        total = 0.0
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+            except psutil.Error:  # a child that just ended
+                continue
+            total += t.user + t.system
+        return total
 
     def _run(self) -> None:
         last_t, last_busy = time.monotonic(), self._busy_s()
         while not self._stop.wait(0.02):
             now, busy = time.monotonic(), self._busy_s()
+            # a child that ended takes its CPU time along: that interval counts none
             joules = self.idle_w * (now - last_t) + self.per_core_w * max(0.0, busy - last_busy)
             last_t, last_busy = now, busy
             self.uj = (self.uj + int(joules * 1e6)) % WRAP_UJ

@@ -248,8 +248,10 @@ def test_power_capped_autotune_and_plan_choose_the_fastest_under_the_cap(
                               n_gen=16, repeats=1, progress=False, n_ctx=1024)
     one, two = free.rows
     assert one["power_p95_w"] < two["power_p95_w"]  # two busy cores draw more
-    assert free.best is two and all(r["joules_per_token"] > 0 for r in free.rows)
-    assert two.get("confirmed")  # the choice was run again before it was taken
+    # the faster (two threads on an idle machine; one where a core is busy elsewhere)
+    assert free.best is max(free.rows, key=lambda r: r["tg_tps"])
+    assert all(r["joules_per_token"] > 0 for r in free.rows)
+    assert free.best.get("confirmed")  # the choice was run again before it was taken
     cap = one["power_p95_w"] + 0.4 * (two["power_p95_w"] - one["power_p95_w"])
     seen = len(workbench.metrics())
     capped = workbench.autotune(default_model, threads=[1, 2], power_cap=cap, n_prompt=32,

@@ -681,7 +681,7 @@ def finetune(base: Any = None, data: Any = None, *, out: str | os.PathLike | Non
     `settings`: fields of `FinetuneConfig` (method, rank, lr, epochs, batch_size, ...).
     """
     from .config import FinetuneConfig
-    from .device.profile import usable_cores
+    from ._cpu import idle_cores
     from .training.checkpoint import CheckpointStore
     from .training.data import read_data, split
     from .training.job import FinetuneJob
@@ -718,7 +718,7 @@ def finetune(base: Any = None, data: Any = None, *, out: str | os.PathLike | Non
     _paths.check_writable(out_dir, "Choose a writable folder with out=.", create=True)
     spec = {**dataclasses.asdict(config), "base": str(path), "train": train, "val": val,
             "out_dir": str(out_dir), "resume": resume,
-            "threads": config.threads or usable_cores()}
+            "threads": config.threads or idle_cores().idle}
     return FinetuneJob(spec)
 
 

@@ -162,7 +162,8 @@ class FinetuneConfig:
     ckpt_every: int = setting(20, "steps between checkpoints", lo=1)
     keep: int = setting(3, "checkpoints kept (the newest)", lo=1, hi=1000)
     seed: int = setting(0, "seed of the data split, the order and the initialization", lo=0)
-    threads: int | None = setting(None, "CPU threads (default: physical cores)", lo=1, hi=1024)
+    threads: int | None = setting(None, "CPU threads (default: the usable cores idle at the "
+                                  "start)", lo=1, hi=1024)
     device: str = setting("auto", "where training runs: auto (a CUDA GPU if PyTorch sees one), "
                           "cpu or cuda")
     async_checkpoints: bool = setting(True, "write checkpoints from a background thread",

@@ -90,7 +90,9 @@ class LoadedModel(_KeyValue):
                 ("offloaded layers", f"{min(i.n_gpu_layers, i.n_layers)}"
                  f"{' + output' if i.n_gpu_layers > i.n_layers else ''} to "
                  f"{len(i.rpc_servers)} RPC node(s)")
-                if i.rpc_servers else ("GPU layers", i.n_gpu_layers), ("threads", i.threads),
+                if i.rpc_servers else ("GPU layers", i.n_gpu_layers),
+                ("threads", f"{i.threads}, re-chosen while decoding from the cores idle"
+                 if i.adapt_threads else i.threads),
                 ("KV cache", f"K {i.type_k}, V {i.type_v}: {i.kv_bytes_per_token:,} bytes/token, "
                              f"{i.kv_bytes_per_token * i.n_ctx / 2**20:,.0f} MiB at full context"),
                 ("load time", f"{i.load_seconds:.2f} s"), ("path", i.path)] + (

@@ -57,7 +57,7 @@ def distill(student: str | os.PathLike, teacher: str | os.PathLike, *,
     `train_from`: the first layer trained. Layers before it, and the (tied) embeddings,
     stay frozen; after removing layers i.., the layers before i see exactly the
     teacher's inputs, so training from i spends the budget where the gap is."""
-    from ..device.profile import usable_cores
+    from .._cpu import idle_cores
     from . import _child
     from .quantize import default_output, quantize
     from .text import calibration_text
@@ -88,7 +88,7 @@ def distill(student: str | os.PathLike, teacher: str | os.PathLike, *,
     try:
         losses = _child.run(_distill_child, (str(s), str(t), str(f16), steps, seq_len, lr,
                                              train_from, text or calibration_text(),
-                                             threads or usable_cores()),
+                                             threads or idle_cores().idle),
                             f"distilling {s.name} from {t.name}", progress)
         if quant == "F16":
             os.replace(f16, dst)

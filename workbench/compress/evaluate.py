@@ -130,7 +130,7 @@ def evaluate(models: Sequence[str | os.PathLike], reference: str | os.PathLike |
              progress: Callable[[float], None] | None = None) -> Evaluation:
     """Perplexity of each model on `text` (default: Python standard library docstrings),
     and, with a `reference`, KL divergence and top-1 agreement against it."""
-    from ..device.profile import usable_cores
+    from .._cpu import idle_cores
     from . import _child
     from .text import stdlib_text, text_sha256
 
@@ -154,7 +154,7 @@ def evaluate(models: Sequence[str | os.PathLike], reference: str | os.PathLike |
     text = text if text is not None else stdlib_text()
     rows, scored, chunks = _child.run(
         _evaluate_child, ([str(p) for p in everything], text, n_ctx, max_chunks,
-                          threads or usable_cores(), ref is not None),
+                          threads or idle_cores().idle, ref is not None),
         "evaluating " + ", ".join(p.name for p in everything), progress)
     out = [ModelQuality(path=Path(r["path"]), quantization=read_header(r["path"]).quantization,
                         bytes=Path(r["path"]).stat().st_size, **{k: v for k, v in r.items()

@@ -48,14 +48,14 @@ def rank_layers(model: str | os.PathLike, text: str | None = None, *, n_tokens: 
                 threads: int | None = None,
                 progress: Callable[[float], None] | None = None) -> LayerRanking:
     """Each layer's mean angular distance between its input and output on `text`."""
-    from ..device.profile import usable_cores
+    from .._cpu import idle_cores
     from . import _child
     from .text import calibration_text
 
     path = Path(model).expanduser()
     read_header(path)
     dist, n = _child.run(_rank_child, (str(path), text or calibration_text(20000), n_tokens,
-                                       threads or usable_cores()),
+                                       threads or idle_cores().idle),
                          f"ranking the layers of {path.name}", progress)
     return LayerRanking(path, tuple(dist), n)
 

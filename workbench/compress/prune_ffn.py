@@ -28,7 +28,7 @@ def prune_ffn(model: str | os.PathLike, keep: float = 0.75, *,
     `text`, and write the smaller model."""
     import time
 
-    from ..device.profile import usable_cores
+    from .._cpu import idle_cores
     from . import _child
     from .text import calibration_text
 
@@ -52,7 +52,7 @@ def prune_ffn(model: str | os.PathLike, keep: float = 0.75, *,
     t0 = time.monotonic()
     try:
         _child.run(_prune_ffn_child, (str(src), str(tmp), k, text or calibration_text(20000),
-                                      n_tokens, threads or usable_cores()),
+                                      n_tokens, threads or idle_cores().idle),
                    f"pruning the FFN channels of {src.name}", progress)
         os.replace(tmp, dst)
     finally:

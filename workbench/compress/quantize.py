@@ -161,13 +161,13 @@ def quantize(model: str | os.PathLike, to: str = "int8", out: str | os.PathLike 
     t0 = time.monotonic()
     importance = None
     if imatrix:
-        from ..device.profile import usable_cores
+        from .._cpu import idle_cores
         from .imatrix import importance_child
         from .text import calibration_text
 
         text = imatrix if isinstance(imatrix, str) else calibration_text(20000)
         importance = _child.run(importance_child, (str(src), text, 1024,
-                                                   threads or usable_cores()),
+                                                   threads or idle_cores().idle),
                                 f"measuring the importance matrix of {src.name}")
     try:
         _child.run(_quantize_child, (str(src), str(tmp), QUANT_TYPES.get(quant, 0), pruned,
