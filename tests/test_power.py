@@ -260,17 +260,24 @@ def test_power_capped_autotune_and_plan_choose_the_fastest_under_the_cap(
     # than the 16 tokens of the speed runs), not over short requests with idle gaps
     generated = workbench.metrics().column("generated_tokens")[seen:]
     assert generated.count(16) >= 2 and max(generated) > 16 * 2
-    assert capped.best["threads"] == 1 and capped.best["power_p95_w"] <= cap
-    assert workbench.engine().model.threads == 1
+    # the fastest of those measured under the cap: one thread on an idle machine (two
+    # draw more); where a core is busy elsewhere, two threads get less of the CPU and
+    # may draw less than the cap taken from the first run
+    under = [r for r in capped.rows if r["power_p95_w"] <= cap]
+    assert capped.best["power_p95_w"] <= cap
+    assert capped.best["threads"] == max(under, key=lambda r: r["tg_tps"])["threads"]
+    chosen = capped.best["threads"]
+    assert workbench.engine().model.threads == chosen
     text = repr(capped)
-    assert "over the cap" in text and "best under the cap" in text and "J/token" in text
+    assert "best under the cap" in text and "J/token" in text
+    assert "over the cap" in text or len(under) == len(capped.rows)
     assert f"{cap:,.0f} W cap" in text
     p = workbench.plan(default_model, power_cap=cap, n_ctx=1024)
-    assert p.settings["threads"] == 1
+    assert p.settings["threads"] == chosen
     rows = {k: (v, why) for k, v, why in p.reasons}
     assert "under the cap" in rows["power cap"][1] and rows["threads"][1].startswith("chosen")
     loaded = workbench.load_model(default_model, power_cap=cap, n_ctx=1024, progress=False)
-    assert loaded.info.threads == 1 and "power cap" in repr(loaded.placement)
+    assert loaded.info.threads == chosen and "power cap" in repr(loaded.placement)
     with pytest.raises(WorkbenchError, match="draws more than"):
         workbench.plan(default_model, power_cap=one["power_p95_w"] * 0.5 + 3.5)
 
