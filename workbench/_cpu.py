@@ -2,7 +2,8 @@
 
 A lab machine is shared. llama.cpp's decode threads wait for each other at every step
 of the graph, and a thread that has no core of its own holds all the others up: on 2
-cores with one busy elsewhere, 2 threads decoded at about a tenth of 1 thread's speed.
+cores with one busy elsewhere, 2 threads decoded at 0.23x of 1 thread's speed
+(benchmarks/contention.py).
 So threads are chosen from the cores idle now, not from the cores the machine has.
 """
 
