@@ -126,7 +126,8 @@ _ROLES = ("system", "user", "assistant")
 # Fields accepted only with a value that asks for nothing: (value, or values) -> accepted.
 _ONLY_OFF: dict[str, tuple[Any, ...]] = {
     "n": (1,), "logprobs": (False,), "top_logprobs": (0,), "echo": (False,), "best_of": (1,),
-    "store": (False,), "tools": ([],), "tool_choice": ("none",), "parallel_tool_calls": (),
+    "store": (False,), "tools": ([],), "tool_choice": ("none",),
+    "parallel_tool_calls": (True, False),  # with no tools, either asks for nothing
     "response_format": ({"type": "text"},), "suffix": ("",),
 }
 _HONORED = {
