@@ -244,6 +244,13 @@ def test_setting_the_gpu_power_limit_needs_a_gpu():
 
 def test_power_capped_autotune_and_plan_choose_the_fastest_under_the_cap(
         meter, default_model):
+    from workbench._cpu import idle_cores
+
+    # This compares the draw of one thread with two, each on a core of its own. Where
+    # another process holds a core, two threads share one, draw no more than one
+    # (measured: 41.8 W against 43.4 W), and there is nothing to compare.
+    if idle_cores(window_s=1.0).idle < 2:
+        pytest.skip("needs two idle cores: another process keeps one busy")
     free = workbench.autotune(default_model, threads=[1, 2], power_cap=1000, n_prompt=32,
                               n_gen=16, repeats=1, progress=False, n_ctx=1024)
     one, two = free.rows
