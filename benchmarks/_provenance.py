@@ -29,10 +29,10 @@ def machine() -> dict[str, Any]:
     """The machine, and (from this first call on) a thermal watch over the run: its
     verdict goes into every result this process writes."""
     global _watch
-    from workbench.provenance import machine as _machine
+    from workbench.device.provenance import machine as _machine
 
     if _watch is None:
-        from workbench.device.telemetry import Sampler
+        from workbench.power.meter import Sampler
 
         _watch = Sampler(period_s=0.5).start()
     return _machine(system_info=True)
@@ -48,7 +48,8 @@ def thermal() -> dict[str, Any] | None:
     from workbench import api
 
     # the energy of each request this process ran through the engine, where metered
-    recs = [r for r in (api._engine.records if api._engine is not None else [])
+    engine = api.session().started_engine
+    recs = [r for r in (engine.records if engine is not None else [])
             if r.energy_j is not None]
     tokens = sum(r.generated_tokens for r in recs)
     if tokens:

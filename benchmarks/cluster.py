@@ -46,7 +46,7 @@ def measure(prompt: str) -> dict[str, float]:
 
 def cpu_run(args: argparse.Namespace, model: Path) -> dict:
     import workbench
-    from workbench.cluster.manager import NodeLost
+    from workbench.cluster.cluster import NodeLost
 
     c = workbench.rpc_cluster()
     nodes = c.start_local(3, threads=args.threads)

@@ -12,7 +12,7 @@ With --gpu (a CUDA build; see ../shared/gpu/README.md), also:
 5. A forced split: another process holds GPU memory until the model no longer fits;
    the planner's choice, a naive split (layers in proportion to the memory left, f16
    KV cache) and llama.cpp's fitter each load and run, or fail to load.
-Host peaks count from the end of the load (see engine/worker.py `_reset_peak_rss`);
+Host peaks count from the end of the load (see worker/main.py `_reset_peak_rss`);
 the load's own peak, which maps every weight once, is recorded beside them.
 
 Usage: python benchmarks/placement.py [--quick] [--gpu --synthetic llama-2-7b --vocab V]
@@ -116,7 +116,7 @@ def measure_memory(model: Path, settings: dict[str, Any], gpu: GpuMemory | None,
     base_gpu = gpu.used() if gpu else 0
     loaded = workbench.load_model(model, progress=False, kv_cache="off", **settings)
     p = loaded.placement
-    c = fill_context(p.settings["n_ctx"], n_vocab)
+    c = fill_context(workbench.api.session(), p.settings["n_ctx"], n_vocab)
     row = {"settings": settings, "chosen": {k: p.settings[k] for k in
                                             ("n_gpu_layers", "n_ctx", "type_k", "flash_attn")},
            "host_predicted": p.predicted("CPU"), "host_measured": c.metrics.peak_rss_bytes,
@@ -280,7 +280,7 @@ def main() -> None:
                 continue
             chosen = {k: p.settings[k] for k in ("n_ctx", "type_k", "type_v", "flash_attn",
                                                  "n_ubatch")}
-            c = fill_context(chosen["n_ctx"], m.n_vocab)
+            c = fill_context(workbench.api.session(), chosen["n_ctx"], m.n_vocab)
             row = {"cap_mib": cap_mib, "chosen": chosen, "predicted": p.predicted("CPU"),
                    "measured": c.metrics.peak_rss_bytes,
                    "within_cap": c.metrics.peak_rss_bytes <= cap_mib * MiB}
@@ -392,7 +392,7 @@ def peer_row(model: Path, m: Any, gpu: GpuMemory, fit_exe: Path, cap: int | None
         fresh()
         base = gpu.used()
         workbench.load_model(model, progress=False, kv_cache="off", **settings)
-        fill_context(settings["n_ctx"], m.n_vocab)
+        fill_context(workbench.api.session(), settings["n_ctx"], m.n_vocab)
         used = gpu.used() - base
         sp = speed(model, settings, n_prompt, n_gen, m.n_vocab, load=False)
         row[f"{who}_measured"] = used
@@ -449,10 +449,11 @@ def forced_split(model: Path, m: Any, gpu: GpuMemory, fit_exe: Path, cap: int,
 
                     workbench.engine().load(model, LoadConfig(
                         n_gpu_layers=settings["n_gpu_layers"], n_ctx=settings["n_ctx"],
-                        threads=usable_cores_(), flash_attn="on", kv_cache="off"))
+                        threads=usable_cores_(), max_threads=0, flash_attn="on",
+                        backend_sampling="on", kv_cache="off"))
                 else:
                     workbench.load_model(model, progress=False, kv_cache="off", **settings)
-                fill_context(settings["n_ctx"], m.n_vocab)
+                fill_context(workbench.api.session(), settings["n_ctx"], m.n_vocab)
                 used = gpu.used() - base
                 sp = speed(model, settings, n_prompt, n_gen, m.n_vocab, load=False)
                 split[who] = {"settings": settings, "loaded": True, "gpu_measured": used, **sp}

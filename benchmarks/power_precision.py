@@ -89,7 +89,7 @@ def mixed_speed(shape: str, vocab: str | None, gpu_mem_mib: int | None, rounds: 
     variants = [{"name": q, "kind": "uniform", "path": p} for q, p in paths.items()]
     for gpu, cpu in PAIRS:
         t = time.monotonic()
-        mix = build_mix(f16, gpu, cpu, out=CACHE / f"synthetic-{shape}.{gpu}-gpu.{cpu}-cpu.gguf",
+        mix = build_mix(workbench.api.session(), f16, gpu, cpu, out=CACHE / f"synthetic-{shape}.{gpu}-gpu.{cpu}-cpu.gguf",
                         overwrite=True, settings=settings)
         variants.append({"name": f"{gpu} GPU / {cpu} CPU", "kind": "mixed", "path": mix.path,
                          "gpu_type": gpu, "cpu_type": cpu, "cpu_layers": mix.cpu_layers,
@@ -99,7 +99,7 @@ def mixed_speed(shape: str, vocab: str | None, gpu_mem_mib: int | None, rounds: 
         v["tg"] = []
     for _ in range(rounds):  # alternating, so the machine's slow moments spread out
         for v in variants:
-            tps, ngl = decode_speed(v["path"], settings, n_gen=128)
+            tps, ngl = decode_speed(workbench.api.session(), v["path"], settings, n_gen=128)
             v["tg"].append(round(tps, 2))
             v["n_gpu_layers"] = ngl
     for v in variants:
@@ -151,7 +151,7 @@ def mixed_quality(gpu_run: dict[str, Any], quick: bool) -> dict[str, Any]:
         else:
             # the same share of layers on the CPU as in the GPU run's split
             k = round(v["cpu_layers"] / gpu_layers * n)
-            mix = build_mix(src, v["gpu_type"], v["cpu_type"], n_gpu_layers=n - k,
+            mix = build_mix(workbench.api.session(), src, v["gpu_type"], v["cpu_type"], n_gpu_layers=n - k,
                             out=folder / f"{src.stem}.{v['gpu_type']}-gpu.{v['cpu_type']}-cpu.k{k}"
                                          ".gguf", overwrite=True)
             rows.append({"name": v["name"], "kind": "mixed", "path": mix.path, "cpu_layers": k})
@@ -182,7 +182,7 @@ def _run_sampled(path: Path, settings: dict[str, Any], n_gen: int, seconds: floa
     one-second mean), W from the energy counter over the last 250 ms, GPU °C, SM MHz,
     tokens generated so far])."""
     import workbench
-    from workbench.device.telemetry import Sampler
+    from workbench.power.meter import Sampler
 
     workbench.load_model(path, progress=False, kv_cache="off", **settings)
     prompt = [1000 + (i * 7919) % 30000 for i in range(n_prompt)]
@@ -210,7 +210,7 @@ def _run_sampled(path: Path, settings: dict[str, Any], n_gen: int, seconds: floa
 
 def power_cap(shape: str, vocab: str | None, quick: bool, save: Any) -> dict[str, Any]:
     import workbench
-    from workbench.device import telemetry
+    from workbench.power import cap, meter
     from workbench.models.inspect import inspect_model
     from workbench.models.synthetic import synthetic
 
@@ -219,11 +219,11 @@ def power_cap(shape: str, vocab: str | None, quick: bool, save: Any) -> dict[str
     if not model.exists():
         synthetic(shape, "q4_0", model, tokenizer_from=vocab)
     out: dict[str, Any] = {"model": model.name, "model_sha256": _provenance.sha256(model)}
-    tel = telemetry.Telemetry()
+    tel = meter.Telemetry()
     out["sources"], out["missing"] = tel.power_sources(), tel.missing
     tel.close()
     try:
-        out["idle_w"] = round(telemetry.idle_power(seconds=3.0), 1)
+        out["idle_w"] = round(cap.idle_power(seconds=3.0), 1)
     except workbench.WorkbenchError as e:
         out["error"] = str(e)
         save(out)

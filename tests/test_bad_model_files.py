@@ -98,16 +98,16 @@ def test_tensor_type_table_matches_the_gguf_package():
 
 def test_the_worker_loads_llama_cpp_before_numpy(default_model):
     # A CUDA build of llama.cpp crashed loading a model in a process that had loaded
-    # numpy's (or torch's) native libraries first (see engine/worker.py). The spawned
+    # numpy's (or torch's) native libraries first (see worker/main.py). The spawned
     # worker imports the package, then the worker module, then reads the header.
     import subprocess
     import sys
 
-    code = ("import sys, workbench, workbench.engine.worker, workbench.engine.probe; "
+    code = ("import sys, workbench, workbench.worker.main, workbench.worker.probe; "
             "from workbench.models.inspect import inspect_model; "
             f"inspect_model({str(default_model)!r}); "
             "before = sorted(m for m in ('numpy', 'gguf', 'sentencepiece', 'torch') "
-            "if m in sys.modules); import workbench.engine.runtime; "
+            "if m in sys.modules); import workbench.worker.runtime; "
             "print(before, list(sys.modules).index('llama_cpp.llama_cpp') "
             "< list(sys.modules).index('numpy'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

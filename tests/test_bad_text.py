@@ -58,7 +58,7 @@ def test_magics_show_one_line_for_lone_surrogates(loaded, capsys):
 
 
 def test_finetune_data_names_the_line(tmp_path):
-    from workbench.training.data import read_data
+    from workbench.finetune.data import read_data
 
     data = tmp_path / "data.jsonl"
     good = {"prompt": "q", "completion": "a"}

@@ -325,7 +325,7 @@ def test_a_full_disk_mid_download_leaves_no_partial_file(hub, tmp_path):
 
 def test_models_table_shows_what_fits(places, default_model):
     from workbench.device.profile import fingerprint
-    from workbench.device.tune import TuningDB
+    from workbench.device.tuning_db import TuningDB
     from workbench.models.hashing import file_sha256
 
     tuned = workbench.autotune(threads=[2], n_prompt=16, n_gen=4, repeats=1, progress=False,

@@ -17,7 +17,8 @@ from IPython.core.interactiveshell import InteractiveShell
 import workbench
 from workbench import _paths
 from workbench.cluster import probe as P
-from workbench.cluster.manager import NodeLost, _ready_line
+from workbench.cluster.cluster import NodeLost
+from workbench.cluster.local import _ready_line
 from workbench.errors import WorkbenchError
 from workbench.serve.check import free_port
 
@@ -228,8 +229,8 @@ def test_split_across_three_workers_is_greedy_identical(cluster, reference):
     assert "30 + output to 3 RPC node(s)" in repr(m)
     from workbench import api
 
-    if api._publisher is not None:  # what the JupyterLab panel shows
-        placement = api._publisher.snapshot()["placement"]
+    if api.session().publisher is not None:  # what the JupyterLab panel shows
+        placement = api.session().publisher.snapshot()["placement"]
         assert placement["device"] == "cluster" and placement["nodes"] == list(endpoints)
 
 

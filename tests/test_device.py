@@ -15,7 +15,7 @@ from IPython.core.interactiveshell import InteractiveShell
 import workbench
 from workbench.device.plan import PARTIAL_KV_GAIN, GiB, MiB, Budget, Overheads, place
 from workbench.device.profile import DeviceProfile, usable_cores
-from workbench.device.tune import TuningDB
+from workbench.device.tuning_db import TuningDB
 from workbench.errors import ModelFileError, WorkbenchError
 from workbench.models import synthetic
 from workbench.models.synthetic import LlamaShape
@@ -46,8 +46,8 @@ def test_inspector_matches_what_llama_cpp_allocates(default_model):
 def test_dry_run_measures_the_compute_buffer_of_a_real_load(default_model):
     from workbench.config import LoadConfig
 
-    cfg = LoadConfig(n_ctx=2048, n_ubatch=256, threads=2, n_gpu_layers=0, flash_attn="off",
-                     kv_cache="off")
+    cfg = LoadConfig(n_ctx=2048, n_ubatch=256, threads=2, max_threads=0, n_gpu_layers=0,
+                     flash_attn="off", backend_sampling="off", kv_cache="off")
     dry = workbench.engine().measure_buffers(default_model, cfg)
     real = workbench.engine().load(default_model, cfg).buffers
     compute = [b.bytes for b in dry if b.kind == "compute"]
@@ -302,7 +302,7 @@ def test_threads_follow_the_idle_cores_while_decoding(default_model, request):
 
 def test_the_thread_governor_moves_with_the_load():
     """Its CPU readings come from a stand-in for the operating system's counters."""
-    from workbench.engine.threads import CHECK_S, ThreadGovernor
+    from workbench.worker.threads import CHECK_S, ThreadGovernor
 
     class Load:
         busy = 0.0
@@ -455,3 +455,12 @@ def test_quantized_synthetic_model_runs(tmp_path):
     assert "vocab-only" in e.value.hint
     assert not (tmp_path / "x.gguf").exists()
     workbench.load_model(progress=False, n_ctx=2048)
+
+
+def test_the_engine_loads_only_a_resolved_configuration(default_model):
+    """No default is decided below the planner: an open setting is a bug, named."""
+    from workbench.config import LoadConfig
+    from workbench.engine.client import Engine
+
+    with pytest.raises(ValueError, match="threads, max_threads, flash_attn, backend_sampling"):
+        Engine().load(default_model, LoadConfig(n_gpu_layers=0))

@@ -42,7 +42,7 @@ def test_the_process_engine_publishes_its_model(loaded):
     from workbench import api
 
     workbench.chat("Hi", max_tokens=4, temperature=0)
-    pub = api._publisher
+    pub = api.session().publisher
 
     def current():
         entry = status.read_entry(pub.id, pub.folder) or {}

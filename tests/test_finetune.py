@@ -17,8 +17,8 @@ import pytest
 
 import workbench
 from workbench.errors import WorkbenchError
-from workbench.training.checkpoint import AsyncCheckpointer, CheckpointStore
-from workbench.training.data import read_data, split
+from workbench.finetune.checkpoint import AsyncCheckpointer, CheckpointStore
+from workbench.finetune.data import read_data, split
 
 SYSTEM = "You are the Workbench help desk. Answer in one sentence."
 DATA = Path(__file__).resolve().parent.parent / "notebooks" / "data" / "workbench-help.jsonl"
@@ -66,7 +66,7 @@ def test_data_formats_and_bad_data(tmp_path):
 
 
 def test_tokenization_trains_on_replies_and_says_what_it_truncated(default_model):
-    from workbench.training.data import tokenize
+    from workbench.finetune.data import tokenize
     from workbench.models.gguf_file import read_header
     from workbench.models.hf import load_tokenizer
 
@@ -405,7 +405,7 @@ def test_more_bad_data(tmp_path, default_model):
     with pytest.raises(WorkbenchError, match="device='cuda' needs a CUDA GPU"):
         workbench.finetune(None, data, device="cuda", out=tmp_path / "c")
 
-    from workbench.training.data import tokenize
+    from workbench.finetune.data import tokenize
     from workbench.models.hf import load_tokenizer
 
     tok = load_tokenizer(default_model)

@@ -16,7 +16,7 @@ import pytest
 
 import workbench
 from workbench.engine.client import Engine
-from workbench.config import LoadConfig
+from workbench.session import Session
 from workbench.errors import WorkbenchError
 from workbench.kvcache.cache import PrefixCache
 from workbench.kvcache.store import read_entry, read_info, write_entry
@@ -110,7 +110,7 @@ def test_bad_cache_files_are_discarded_and_recomputed(kv_dir, mutate):
 def test_two_engines_share_one_folder(kv_dir, default_model):
     other = Engine()
     try:
-        other.load(default_model, LoadConfig(n_ctx=2048, kv_dir=str(kv_dir)))
+        Session(other).load(default_model, progress=False, n_ctx=2048, kv_dir=str(kv_dir))
         from workbench.config import GenerationConfig
         gen = GenerationConfig(temperature=0, max_tokens=6)
         errors = []

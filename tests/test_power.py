@@ -18,9 +18,9 @@ from IPython.core.interactiveshell import InteractiveShell
 
 import workbench
 from workbench import WorkbenchError
-from workbench.device import telemetry
-from workbench.device.telemetry import GpuReading, Reading, Sampler, Telemetry
-from workbench.device.tune import TuningDB
+from workbench.power import cap, meter as power_meter
+from workbench.power.meter import GpuReading, Reading, Sampler, Telemetry
+from workbench.device.tuning_db import TuningDB
 from workbench.models.gguf_file import ggml_type_name, read_header
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -31,7 +31,7 @@ from powermeter import WRAP_UJ, StandInMeter  # noqa: E402
 def no_power(tmp_path, monkeypatch):
     """A machine with no power reading: an empty powercap folder, and no GPU here."""
     monkeypatch.setenv("WORKBENCH_POWERCAP", str(tmp_path / "powercap-absent"))
-    monkeypatch.setattr(telemetry, "_idle", None)
+    monkeypatch.setattr(cap, "_idle", None)
 
 
 @pytest.fixture()
@@ -39,7 +39,7 @@ def meter(tmp_path, monkeypatch):
     """A stand-in RAPL meter: 6 W idle, 30 W for each busy core."""
     root = tmp_path / "powercap"
     monkeypatch.setenv("WORKBENCH_POWERCAP", str(root))
-    monkeypatch.setattr(telemetry, "_idle", None)
+    monkeypatch.setattr(cap, "_idle", None)
     with StandInMeter(root, idle_w=6.0, per_core_w=30.0) as m:
         yield m
 
@@ -76,7 +76,7 @@ def test_profile_names_every_reading_it_lacks(no_power, default_model):
 
 
 def test_rapl_reader_counts_packages_once_and_across_a_wrap(meter):
-    zones, why = telemetry.rapl_zones()
+    zones, why = power_meter.rapl_zones()
     assert [z.name for z in zones] == ["package-0"] and why == ""  # not the core subzone
     import time
 
@@ -99,7 +99,7 @@ def test_unreadable_rapl_counters_are_named(tmp_path, monkeypatch):
     (zone / "energy_uj").chmod(0)
     monkeypatch.setenv("WORKBENCH_POWERCAP", str(tmp_path))
     try:
-        zones, why = telemetry.rapl_zones()
+        zones, why = power_meter.rapl_zones()
     finally:
         (zone / "energy_uj").chmod(0o644)
     import os
@@ -118,19 +118,19 @@ def _reading(t: float, clock: float, util: float, throttle: tuple[str, ...] = ()
 
 def test_thermal_watch_flags_throttle_reasons_and_falling_clocks():
     steady = [_reading(i, 1980, 95) for i in range(10)]
-    assert telemetry._throttle_verdict(steady)[0] == []
+    assert power_meter._throttle_verdict(steady)[0] == []
     reasons = steady[:5] + [_reading(5 + i, 1980, 95, ("hardware thermal slowdown",))
                             for i in range(5)]
-    why, _ = telemetry._throttle_verdict(reasons)
+    why, _ = power_meter._throttle_verdict(reasons)
     assert why == ["GPU 0 reported hardware thermal slowdown"]
     falling = [_reading(i, 1980 if i < 5 else 1400, 95) for i in range(10)]
-    why, clocks = telemetry._throttle_verdict(falling)
+    why, clocks = power_meter._throttle_verdict(falling)
     assert "fell from 1,980 to 1,400 MHz" in why[0] and clocks["gpu0_sm_mhz"] == [1980, 1400,
                                                                                  1400]
     idle_low = [_reading(i, 1980 if i < 5 else 300, 0) for i in range(10)]  # idle, not busy
-    assert telemetry._throttle_verdict(idle_low)[0] == []
+    assert power_meter._throttle_verdict(idle_low)[0] == []
     cpu = [_reading(i, 1980, 95, cpu_mhz=3000 if i < 5 else 2000) for i in range(10)]
-    assert any("CPU clock fell" in w for w in telemetry._throttle_verdict(cpu)[0])
+    assert any("CPU clock fell" in w for w in power_meter._throttle_verdict(cpu)[0])
 
 
 def test_gpu_power_samples_start_after_nvmls_one_second_mean():
@@ -220,7 +220,7 @@ def test_a_cap_below_idle_gives_the_measured_idle_draw(meter, default_model, cap
     sh = _shell()
     text = _fails_cleanly(sh, capsys, "%plan --power-cap 2", "below this machine's idle draw",
                           "measured just now", "RAPL")
-    idle = telemetry.idle_power()
+    idle = cap.idle_power()
     assert f"{idle:,.1f} W" in text and 4 < idle < 20
     with pytest.raises(WorkbenchError, match="idle draw"):
         workbench.autotune(default_model, threads=[1], power_cap=2, progress=False)
@@ -237,7 +237,7 @@ def test_a_cap_with_nothing_measured_says_to_autotune(meter, tmp_path):
 
 def test_setting_the_gpu_power_limit_needs_a_gpu():
     with pytest.raises(WorkbenchError, match="NVML sees no NVIDIA GPU"):
-        telemetry.set_gpu_power_limit(200)
+        cap.set_gpu_power_limit(200)
 
 
 # ---- the power cap: choosing ----------------------------------------------------------
@@ -337,7 +337,7 @@ def test_a_mix_puts_fewer_bits_on_the_cpu_layers_and_runs(default_model, tmp_pat
     from workbench.compress.mixed import build_mix
     from workbench.models.inspect import inspect_model
 
-    mix = build_mix(default_model, "Q8_0", "Q4_0", n_gpu_layers=12, out=tmp_path / "m.gguf")
+    mix = build_mix(workbench.api.session(), default_model, "Q8_0", "Q4_0", n_gpu_layers=12, out=tmp_path / "m.gguf")
     assert mix.cpu_layers == 18 and mix.n_gpu_layers == 12
     types = {t.name: ggml_type_name(t.ggml_type) for t in read_header(mix.path).tensors}
     assert types["blk.0.ffn_down.weight"] == "Q4_0" and types["blk.17.attn_q.weight"] == "Q4_0"
@@ -355,7 +355,7 @@ def test_a_mix_puts_fewer_bits_on_the_cpu_layers_and_runs(default_model, tmp_pat
     assert c.metrics.generated_tokens == 8
     # on this machine the planner runs everything on the CPU: no cheap side for a mix
     with pytest.raises(WorkbenchError, match="every layer .* on the CPU here") as e:
-        build_mix(default_model, "Q8_0", "Q4_0", out=tmp_path / "n.gguf")
+        build_mix(workbench.api.session(), default_model, "Q8_0", "Q4_0", out=tmp_path / "n.gguf")
     assert "n_gpu_layers" in e.value.hint and not (tmp_path / "n.gguf").exists()
 
 
@@ -397,7 +397,7 @@ def test_each_request_reports_the_energy_it_used(meter, default_model, monkeypat
 
 def test_more_bad_requests_for_caps_and_mixes(meter, default_model, tmp_path):
     # every configuration tried draws more than a cap just above idle
-    idle = telemetry.idle_power()
+    idle = cap.idle_power()
     with pytest.raises(WorkbenchError, match="no measured configuration .* stays under") as e:
         workbench.autotune(default_model, threads=[2], power_cap=idle + 1, n_prompt=32,
                            n_gen=8, repeats=1, progress=False, n_ctx=1024)
@@ -407,13 +407,13 @@ def test_more_bad_requests_for_caps_and_mixes(meter, default_model, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(WorkbenchError, match="no layer of .* stays on the CPU"):
-        build_mix(default_model, "Q8_0", "Q4_0", n_gpu_layers=31, out=out / "all.gguf")
+        build_mix(workbench.api.session(), default_model, "Q8_0", "Q4_0", n_gpu_layers=31, out=out / "all.gguf")
     with pytest.raises(WorkbenchError, match="no mix to try"):
         workbench.mixed_precision(default_model, pairs=[], progress=False)
     with pytest.raises(WorkbenchError, match="max_kl_ratio=0.5 is below 1"):
         workbench.mixed_precision(default_model, max_kl_ratio=0.5, progress=False)
     (out / "taken.gguf").write_bytes(b"x")
     with pytest.raises(WorkbenchError, match="exists") as e:
-        build_mix(default_model, "Q8_0", "Q4_0", n_gpu_layers=15, out=out / "taken.gguf")
+        build_mix(workbench.api.session(), default_model, "Q8_0", "Q4_0", n_gpu_layers=15, out=out / "taken.gguf")
     assert "overwrite" in e.value.hint and (out / "taken.gguf").read_bytes() == b"x"
     assert sorted(p.name for p in out.iterdir()) == ["taken.gguf"]  # nothing half-written

@@ -8,6 +8,9 @@ compare, finetune,
 merge_lora, deploy, start_service, rpc_cluster.
 """
 
+# The fine-tuning package shares its name with the function: imported first, so that the
+# function bound below is never replaced when a submodule of the package loads later.
+from . import finetune as _finetune_package  # noqa: F401
 from .api import (autotune, calibrate, chat, check_updates, compare, dashboard, deploy, distill,
                   engine, evaluate, finetune, generate, generate_many, inspect_model, kv_evict,
                   kv_list, kv_load, kv_remove, kv_save, kv_stats, list_models, load_model,

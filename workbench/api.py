@@ -3,74 +3,67 @@ which work the same in a script without IPython."""
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import json
 import os
 import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from . import _paths
-from .config import GenerationConfig, LoadConfig, build
-from .engine.client import Engine, TokenStream
-from .errors import GenerationError
-from .models.default import default_model_path
+from .config import LoadConfig, build
+from .engine.client import Engine
+from .engine.stream import TokenStream
 from .errors import WorkbenchError
 from .progress import progress_bar
 from .results import Completion, EngineStatus, KVReport, LoadedModel, MetricsTable
+from .session import Session, check_lora
 
-_engine: Engine | None = None
-_publisher: Any = None  # the engine's StatusPublisher, when it publishes
-_engine_lock = threading.Lock()
+if TYPE_CHECKING:
+    from .cluster.cluster import Cluster
+    from .compress.distill import Distilled
+    from .compress.evaluate import Evaluation
+    from .compress.mixed import MixStudy
+    from .compress.quantize import Quantized
+    from .dashboards import Dashboard
+    from .dashboards.device import DeviceMonitor
+    from .device.calibrate import CalibrationReport
+    from .device.plan import Placement
+    from .device.profile import DeviceProfile
+    from .device.tune import TuneResult
+    from .finetune.job import FinetuneJob
+    from .models.inspect import ModelInspection
+    from .models.listing import ModelTable, UpdateTable
+    from .serve.check import RunningService
+    from .serve.deploy import Deployment
+
+_session: Session | None = None
+_session_lock = threading.Lock()
+
+
+def session() -> Session:
+    """This process's session (created on first use). Its engine publishes its state for
+    the JupyterLab panel (`engine/status.py`); WORKBENCH_PUBLISH=0 keeps it from doing so."""
+    global _session
+    with _session_lock:
+        if _session is None:
+            _session = Session(publish=os.environ.get("WORKBENCH_PUBLISH", "1") != "0")
+        return _session
 
 
 def engine() -> Engine:
-    """The workbench's engine in this process (created on first use). It publishes its
-    state for the JupyterLab panel (`engine/status.py`); WORKBENCH_PUBLISH=0 keeps it
-    from doing so."""
-    global _engine, _publisher
-    with _engine_lock:
-        if _engine is None:
-            _engine = Engine()
-            atexit.register(_engine.close)
-            if os.environ.get("WORKBENCH_PUBLISH", "1") != "0":
-                from .engine.status import StatusPublisher
-
-                # registered after close, so it runs first: the entry goes before the worker
-                _publisher = StatusPublisher(_engine)
-                atexit.register(_publisher.close)
-        return _engine
+    """The workbench's engine in this process (created on first use)."""
+    return session().engine
 
 
-def resolve_model(model: str | os.PathLike | None, progress: bool = False) -> Path:
+def resolve_model(model: str | os.PathLike[str] | None, progress: bool = False) -> Path:
     """The file `model` names: the default model, a catalog id (fetched if needed), a
     model found on this machine, or a path, in that order (see models/resolve.py). The
     result of quantize, prune or distill stands for the file it wrote."""
-    from .models.resolve import resolve
-
-    model = getattr(model, "path", model)
-    if model is None or str(model) in ("", "default"):
-        return default_model_path()
-    bars: list[Any] = []
-
-    def fetching(fraction: float) -> None:  # a bar only once a download starts
-        if not bars:
-            bars.append(progress_bar(f"Fetching {model}", enabled=progress))
-        bars[0](fraction)
-
-    try:
-        return resolve(model, progress=fetching)
-    finally:
-        for bar in bars:
-            bar.close()
+    return session().resolve_model(model, progress)
 
 
-PLACEMENT_SETTINGS = ("n_ctx", "n_gpu_layers", "threads", "n_batch", "n_ubatch", "flash_attn",
-                      "type_k", "type_v", "tensor_split", "backend_sampling", "n_parallel", "max_threads")
-
-
-def load_model(model: str | os.PathLike | None = None, *, progress: bool = True,
+def load_model(model: str | os.PathLike[str] | None = None, *, progress: bool = True,
                **settings: Any) -> LoadedModel:
     """Load a GGUF model into the background worker (replacing the current one).
 
@@ -78,67 +71,16 @@ def load_model(model: str | os.PathLike | None = None, *, progress: bool = True,
     `settings`: fields of `LoadConfig` (device, n_ctx, n_gpu_layers, threads, ...). The
     planner fills in what is not given, from this machine's measured memory (`plan`).
     """
-    config: LoadConfig = build(LoadConfig, settings)
-    if config.lora:
-        config = dataclasses.replace(config, lora=str(_check_lora(config.lora)))
-    path = resolve_model(model, progress=progress)
-    if config.cluster and config.power_cap is not None:
-        raise WorkbenchError("--power-cap chooses among configurations measured on this "
-                             "machine; a model split across RPC nodes draws power on each",
-                             "Leave out --power-cap with --cluster.")
-    if config.cluster:
-        bar = progress_bar(f"Loading {path.name} across the cluster", enabled=progress)
-        info, cluster_plan = rpc_cluster().load(path, config, settings, on_progress=bar)
-        bar.close(f"{info.load_seconds:.1f} s")
-        return LoadedModel(info, cluster_plan)
-    _leave_cluster()
-    if config.set_gpu_power_limit and config.power_cap is None:
-        raise WorkbenchError("--set-gpu-power-limit needs --power-cap",
-                             "Give the cap in watts, for example --power-cap 250.")
-    placement = _plan(path, config, settings)
-    config = dataclasses.replace(config, **placement.settings).validate()
-    if config.set_gpu_power_limit:
-        from .device.telemetry import set_gpu_power_limit
-
-        placement = dataclasses.replace(placement, reasons=placement.reasons + (
-            set_gpu_power_limit(config.power_cap),))
-    bar = progress_bar(f"Loading {path.name}", enabled=progress)
-    info = engine().load(path, config, on_progress=bar)
-    bar.close(f"{info.load_seconds:.1f} s")
-    return LoadedModel(info, placement)
+    return session().load(model, progress=progress, **settings)
 
 
-def rpc_cluster() -> Any:
-    """This kernel's cluster of llama.cpp RPC nodes (`cluster/manager.py`): `.add(...)`,
+def rpc_cluster() -> Cluster:
+    """This kernel's cluster of llama.cpp RPC nodes (`cluster/cluster.py`): `.add(...)`,
     `.remove(...)`, `.status()`, `.rebalance()`, `.start_local(n)`, `.topology()`."""
-    from .cluster.manager import cluster
-
-    return cluster()
+    return session().cluster
 
 
-def _leave_cluster() -> None:
-    """A model loaded on this machine alone: the cluster stops watching for it."""
-    from .cluster import manager
-
-    if manager._cluster is not None:
-        manager._cluster.detach()
-
-
-def _check_lora(path: str | os.PathLike) -> Path:
-    from .models.gguf_file import read_header
-
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise WorkbenchError(f"no LoRA adapter at {p}",
-                             "Give the adapter.gguf that %finetune wrote (its result names it).")
-    kind = read_header(p).metadata.get("general.type")
-    if kind != "adapter":
-        raise WorkbenchError(f"{p.name} is a model, not a LoRA adapter",
-                             "Load it as the model, or give an adapter GGUF to --lora.")
-    return p.resolve()
-
-
-def inspect_model(model: str | os.PathLike | None = None) -> Any:
+def inspect_model(model: str | os.PathLike[str] | None = None) -> ModelInspection:
     """A GGUF model's shape and memory costs (weights per layer, KV bytes per token for
     each KV type), read from the file without loading it."""
     from .models.inspect import inspect_model as _inspect
@@ -146,62 +88,15 @@ def inspect_model(model: str | os.PathLike | None = None) -> Any:
     return _inspect(resolve_model(model))
 
 
-def plan(model: str | os.PathLike | None = None, **settings: Any) -> Any:
+def plan(model: str | os.PathLike[str] | None = None, **settings: Any) -> Placement:
     """How `model` would be placed on this machine, with the reasons (a `Placement`).
     `settings`: LoadConfig fields to keep fixed (device, n_ctx, n_gpu_layers, gpu_mem_mib,
     ram_mib, ...). Nothing is loaded: the compute buffers come from a dry run."""
-    config: LoadConfig = build(LoadConfig, settings)
-    return _plan(resolve_model(model), config, settings)
-
-
-def _plan(path: Path, config: LoadConfig, given: dict[str, Any]) -> Any:
-    from .device import budget
-    from .device.plan import place
-    from .models.inspect import inspect_model as _inspect
-
-    inspection = _inspect(path)
-    e = engine()
-    budgets = budget.budgets(e, config)
-    fixed = {k: config_value for k in PLACEMENT_SETTINGS
-             if (config_value := getattr(config, k)) is not None and given.get(k) is not None}
-
-    def measure(chosen: dict[str, Any]) -> Any:
-        return e.measure_buffers(path, dataclasses.replace(config, **chosen))
-
-    from ._cpu import idle_cores
-    from .device.profile import fingerprint
-    from .device.tune import TuningDB
-    from .models.hashing import file_sha256
-
-    db = TuningDB()  # this machine's calibration and autotune runs
-    try:
-        machine = fingerprint()
-        over = budget.overheads(e, db, machine)
-        tuned = None if "threads" in fixed else db.best(machine, file_sha256(path),
-                                                         e.worker.llama_cpp_version)
-        capped, fixed_why = None, {}
-        if config.power_cap is not None:
-            from .device.tune import under_cap
-
-            capped = under_cap(db, machine, file_sha256(path), e.worker.llama_cpp_version,
-                               path.name, config.power_cap, fixed)
-            fixed_why = {k: "chosen under the power cap (below)" for k in capped.settings
-                         if k not in fixed}
-            fixed.update(capped.settings)
-            tuned = None
-    finally:
-        db.close()
-    idle = idle_cores()
-    placement = place(inspection, budgets, device=config.device, fixed=fixed,
-                      cores=idle.idle, overheads=over, measure=measure, tuned=tuned,
-                      fixed_why=fixed_why, idle=idle)
-    if capped is not None:
-        placement = dataclasses.replace(placement, reasons=placement.reasons + capped.reasons)
-    return placement
+    return session().plan(model, **settings)
 
 
 def list_models(*, fits: bool = False, family: str | None = None,
-                local: bool = False) -> Any:
+                local: bool = False) -> ModelTable:
     """The catalog's models and the GGUF models found on this machine, one row per file
     (a `ModelTable`). `fits`: ask the planner where each would run here (this starts
     the worker); `family`: only that family; `local`: only files on this machine."""
@@ -217,49 +112,16 @@ def list_models(*, fits: bool = False, family: str | None = None,
 
     rows = build_rows(entries, discover(), family=family, local_only=local, cached=on_disk)
     if fits:
-        place, speed, room = _fit_tools()
+        from .device.planner import fit_tools
+
+        place, speed, room = fit_tools(engine())
         rows = with_fits(rows, entries, place, speed, room)
     where = f" ({family})" if family else ""
     return ModelTable(rows, f"Models{where}: {sum(r.where != 'catalog' for r in rows)} on "
                             f"this machine, {sum(r.where == 'catalog' for r in rows)} to fetch")
 
 
-def _fit_tools() -> tuple[Any, Any, int]:
-    """The planner with this machine's budgets (no dry runs), autotune's best decode
-    speed of a file measured here, and the most bytes any one device may use."""
-    from .device import budget
-    from .device.plan import place
-    from .device.profile import fingerprint, usable_cores
-    from .device.tune import TuningDB
-    from .models.hashing import file_sha256
-
-    e = engine()
-    budgets = budget.budgets(e, LoadConfig())
-    machine = fingerprint()
-    cores = usable_cores()
-    version = e.worker.llama_cpp_version
-    db = TuningDB()
-    try:  # the calibration here, and autotune's best decode speed of each model measured
-        over = budget.overheads(e, db, machine)
-        fastest = {sha: db.best(machine, sha, version)["tg_tps"]
-                   for sha in db.measured_models(machine, version)}
-    finally:
-        db.close()
-
-    def planned(m: Any) -> Any:
-        return place(m, budgets, cores=cores, overheads=over)
-
-    def speed(path: Path) -> float | None:
-        if not fastest:  # nothing measured here: no file needs hashing
-            return None
-        from .models.fetch import _blob_sha
-
-        return fastest.get(_blob_sha(path) or file_sha256(path))  # Hub files: named by it
-
-    return planned, speed, max(b.usable for b in budgets)
-
-
-def check_updates() -> Any:
+def check_updates() -> UpdateTable:
     """Models in the Hugging Face cache whose repository has a newer revision on the Hub
     (one HEAD request each), with what changed."""
     from .models.discover import discover
@@ -292,7 +154,7 @@ def update_model(name: str, *, progress: bool = True) -> Path:
 def quantize(model: str | os.PathLike | None = None, to: str = "int8",
              out: str | os.PathLike | None = None, *, overwrite: bool = False,
              imatrix: bool | str = False, overrides: Any = None,
-             progress: bool = True) -> Any:
+             progress: bool = True) -> Quantized:
     """Quantize a model with llama.cpp's quantizer, in a child process. `to`: int8
     (= Q8_0), int4 (= Q4_K_M), Q6_K, Q5_K_M, Q4_0, Q2_K or F16. The file goes next to
     the source as `<name>.<QUANT>.gguf` (the bundled model's: ~/.workbench/models).
@@ -317,7 +179,7 @@ def mixed_precision(model: str | os.PathLike | None = None, reference: Any = Non
                     uniform: Sequence[str] | None = None, baseline: str = "Q5_K_M",
                     max_kl_ratio: float = 1.1, n_gpu_layers: int | None = None,
                     measure_speed: bool = True, progress: bool = True,
-                    **settings: Any) -> Any:
+                    **settings: Any) -> MixStudy:
     """Placement-aware mixed precision. For each (gpu_type, cpu_type) pair, quantize the
     layers the planner leaves on the CPU to cpu_type and the rest to gpu_type (llama.cpp's
     per-tensor overrides), re-planning until the split and the file agree; quantize the
@@ -333,7 +195,7 @@ def mixed_precision(model: str | os.PathLike | None = None, reference: Any = Non
     bar = progress_bar(f"Mixed precision for {path.name}", enabled=progress)
     try:
         return mixed.mixed_precision(
-            path, ref, pairs=mixed.DEFAULT_PAIRS if pairs is None else pairs,
+            session(), path, ref, pairs=mixed.DEFAULT_PAIRS if pairs is None else pairs,
             uniform=mixed.DEFAULT_UNIFORM if uniform is None else uniform, baseline=baseline,
             max_kl_ratio=max_kl_ratio, n_gpu_layers=n_gpu_layers, measure_speed=measure_speed,
             progress=lambda _what, fraction: bar(fraction),
@@ -344,7 +206,7 @@ def mixed_precision(model: str | os.PathLike | None = None, reference: Any = Non
 
 def prune(model: str | os.PathLike | None = None, layers: Any = None, *,
           ffn_keep: float | None = None, out: str | os.PathLike | None = None,
-          overwrite: bool = False, progress: bool = True) -> Any:
+          overwrite: bool = False, progress: bool = True) -> Quantized:
     """Structured pruning, in one of two forms:
     - `layers`: remove whole layers, as a count (those that change their input least,
       measured on calibration text) or as indices;
@@ -370,7 +232,7 @@ def prune(model: str | os.PathLike | None = None, layers: Any = None, *,
 def distill(student: Any, teacher: Any = None, *, steps: int = 40, seq_len: int = 256,
             lr: float = 5e-4, train_from: int | str = "auto", to: str | None = None,
             out: str | os.PathLike | None = None, overwrite: bool = False,
-            progress: bool = True) -> Any:
+            progress: bool = True) -> Distilled:
     """Train a pruned `student` toward `teacher` (default: the default model) by minimizing
     the KL divergence from the teacher's next-token distributions on calibration text
     (PyTorch, CPU, in a child process); write it back as GGUF, in the student's type or
@@ -394,7 +256,7 @@ def distill(student: Any, teacher: Any = None, *, steps: int = 40, seq_len: int 
 
 
 def evaluate(models: Sequence[Any], reference: Any = None, *, text: str | None = None,
-             n_ctx: int = 512, max_chunks: int = 8, progress: bool = True) -> Any:
+             n_ctx: int = 512, max_chunks: int = 8, progress: bool = True) -> Evaluation:
     """Perplexity, KL divergence and top-1 agreement against `reference` (all on the same
     tokens), load time and speed of each model; `.figure()` plots quality against size."""
     from .compress.evaluate import evaluate as _evaluate
@@ -419,24 +281,24 @@ def evaluate(models: Sequence[Any], reference: Any = None, *, text: str | None =
         bar.close()
 
 
-def compare(models: Sequence[Any], reference: Any = None, **kwargs: Any) -> Any:
+def compare(models: Sequence[Any], reference: Any = None, **kwargs: Any) -> Evaluation:
     """`evaluate`, for a comparison: its result shows the table; `.figure()` the chart of
     quality against size with the Pareto front."""
     return evaluate(models, reference, **kwargs)
 
 
 def calibrate(model: str | os.PathLike | None = None, *, progress: bool = True,
-              **settings: Any) -> Any:
+              **settings: Any) -> CalibrationReport:
     """Measure how far the planner's predicted peak memory is from this machine's: load
     `model` (planned with `settings`) in a fresh worker, fill its whole context, and keep
     measured minus predicted for later plans. The model stays loaded (prefix cache off)."""
     from .device.calibrate import calibrate as _calibrate
 
-    return _calibrate(resolve_model(model), settings, progress)
+    return _calibrate(session(), resolve_model(model), settings, progress)
 
 
 def profile_device(model: str | os.PathLike | None = None, *, measure: bool = True,
-                   live: bool = False, save: str | os.PathLike | None = None) -> Any:
+                   live: bool = False, save: str | os.PathLike | None = None) -> DeviceProfile | DeviceMonitor:
     """This machine: CPU, RAM, measured memory bandwidth and disk read speed (of the
     model's folder), GPUs through NVML, and the devices llama.cpp sees. With `live=True`,
     a widget of CPU/GPU utilization and memory, updated every second while it runs.
@@ -461,7 +323,7 @@ def autotune(model: str | os.PathLike | None = None, *, threads: Sequence[int] |
              n_gpu_layers: Sequence[int] | None = None,
              batch_sizes: Sequence[int] | None = None, power_cap: float | None = None,
              n_prompt: int = 128, n_gen: int = 32, repeats: int = 2, progress: bool = True,
-             **settings: Any) -> Any:
+             **settings: Any) -> TuneResult:
     """Measure prompt and decode speed (tokens/s) of candidate (n_gpu_layers, threads,
     micro-batch) configurations, with their power draw and joules per token where this
     machine reports power; store every run in the tuning database, and load the fastest.
@@ -473,7 +335,7 @@ def autotune(model: str | os.PathLike | None = None, *, threads: Sequence[int] |
 
     if power_cap is not None:
         build(LoadConfig, {"power_cap": power_cap})  # the same bounds as --power-cap
-    return _autotune(resolve_model(model), threads=threads, n_gpu_layers=n_gpu_layers,
+    return _autotune(session(), resolve_model(model), threads=threads, n_gpu_layers=n_gpu_layers,
                      n_prompt=n_prompt, n_gen=n_gen,
                      repeats=repeats, progress=progress, settings=settings,
                      n_ubatch=batch_sizes, power_cap=power_cap)
@@ -481,27 +343,7 @@ def autotune(model: str | os.PathLike | None = None, *, threads: Sequence[int] |
 
 def unload() -> None:
     """Free the loaded model (the worker process stays up)."""
-    _leave_cluster()
-    engine().unload()
-
-
-def _messages(message: str | Sequence[Any], system: str | None) -> tuple[tuple[str, str], ...]:
-    if isinstance(message, str):
-        msgs: list[tuple[str, str]] = [("user", message)]
-    else:
-        msgs = []
-        for m in message:
-            if isinstance(m, dict):
-                msgs.append((str(m["role"]), str(m["content"])))
-            else:
-                role, content = m
-                msgs.append((str(role), str(content)))
-    if not msgs:
-        raise GenerationError("no messages to answer", "Pass a string or a list of "
-                              "{'role': ..., 'content': ...} messages.")
-    if system is not None:
-        msgs = [("system", system)] + [m for m in msgs if m[0] != "system"]
-    return tuple(msgs)
+    session().unload()
 
 
 def generate(prompt: str | Sequence[int], *, stream: bool = False,
@@ -510,19 +352,14 @@ def generate(prompt: str | Sequence[int], *, stream: bool = False,
     `GenerationConfig` fields (max_tokens, temperature, top_p, top_k, min_p,
     repeat_penalty, seed, stop). With `stream=True`, returns a `TokenStream` to iterate
     (sync or async) instead of the finished `Completion`."""
-    config: GenerationConfig = build(GenerationConfig, params)
-    payload = str(prompt) if isinstance(prompt, str) else tuple(int(t) for t in prompt)
-    s = engine().stream("generate", payload, config)
-    return s if stream else _finish(s)
+    return session().generate(prompt, stream=stream, **params)
 
 
 def chat(message: str | Sequence[Any], *, system: str | None = None, stream: bool = False,
          **params: Any) -> Completion | TokenStream:
     """Answer a message (or a list of {role, content} messages) with the model's own chat
     template. Parameters as for `generate`."""
-    config: GenerationConfig = build(GenerationConfig, params)
-    s = engine().stream("chat", _messages(message, system), config)
-    return s if stream else _finish(s)
+    return session().chat(message, system=system, stream=stream, **params)
 
 
 def generate_many(prompts: Sequence[Any], *, chat: bool = False, system: str | None = None,
@@ -531,38 +368,18 @@ def generate_many(prompts: Sequence[Any], *, chat: bool = False, system: str | N
     loaded with `n_parallel` > 1 they decode together (continuous batching: one
     llama_decode per step for all of them), else one after another. With `chat=True` each
     prompt is a message (or a list of messages) answered with the chat template."""
-    config: GenerationConfig = build(GenerationConfig, params)
-    if isinstance(prompts, (str, bytes)):
-        raise GenerationError("generate_many takes a list of prompts",
-                              "Pass a list, e.g. generate_many(['a', 'b']); for one prompt "
-                              "use generate().")
-    if not prompts:
-        return []
-    e = engine()
-    streams: list[TokenStream] = []
-    try:
-        for p in prompts:
-            if chat:
-                streams.append(e.stream("chat", _messages(p, system), config))
-            else:
-                payload = str(p) if isinstance(p, str) else tuple(int(t) for t in p)
-                streams.append(e.stream("generate", payload, config))
-        return [_finish(s) for s in streams]
-    except BaseException:  # an interrupt or an error: stop the others too
-        for s in streams:
-            s.cancel()
-        raise
+    return session().generate_many(prompts, chat=chat, system=system, **params)
 
 
 def deploy(model: Any = None, *, device: str = "auto", quantization: str = "none",
            output: str | os.PathLike = "ai-service", force: bool = False, port: int = 8000,
            host: str = "127.0.0.1", n_parallel: int | None = None,
-           n_ctx_per_request: int | None = None) -> Any:
+           n_ctx_per_request: int | None = None) -> Deployment:
     """Write a self-contained, OpenAI-compatible service folder for `model`: quantized
     (int8 = Q8_0, int4 = Q4_K_M, or none), placed for `device` (auto, cpu, gpu, or a
     profile saved with `profile_device(save=...)`), with continuous batching of
     `n_parallel` requests. `workbench serve FOLDER` runs it."""
-    from .serve.bundle import check_arguments, deploy as _deploy
+    from .serve.deploy import check_arguments, deploy as _deploy
 
     request = check_arguments(device=device, quantization=quantization, output=output,
                               force=force, n_parallel=n_parallel,
@@ -575,17 +392,12 @@ def deploy(model: Any = None, *, device: str = "auto", quantization: str = "none
     return _deploy(path, request, port=port, host=host, quantize=quantize_to, plan=plan)
 
 
-def start_service(folder: str | os.PathLike, *, port: int | None = None) -> Any:
+def start_service(folder: str | os.PathLike, *, port: int | None = None) -> RunningService:
     """Start the service in `folder` (written by `deploy`) in a background process on
     127.0.0.1; returns it once healthy, with its `url` and a `stop()`."""
     from .serve.check import RunningService
 
     return RunningService(Path(folder), port)
-
-
-def _finish(s: TokenStream) -> Completion:
-    s.result()
-    return Completion(s.text, s.metrics)
 
 
 def metrics(all_sessions: bool = False) -> MetricsTable:
@@ -600,7 +412,7 @@ def metrics(all_sessions: bool = False) -> MetricsTable:
         return MetricsTable(json.loads(line) for line in f if line.strip())
 
 
-def dashboard() -> Any:
+def dashboard() -> Dashboard:
     """The live dashboard widget of this engine: throughput, TTFT and worker memory."""
     from .dashboards import Dashboard
 
@@ -609,29 +421,12 @@ def dashboard() -> Any:
 
 def status() -> EngineStatus:
     """The engine's state: worker process, model, restarts."""
-    e = engine()
-    w, m, st = e.worker, e.model, e.last_stats
-    return EngineStatus(
-        state="ready" if e.alive and m else "no model" if e.alive else
-        "stopped from the Workbench panel" if _publisher and _publisher.stopped_from_panel
-        else "crashed (restarts on next call)" if e.last_crash else "not started",
-        worker_pid=e.pid if e.alive else None,
-        model=m.name if m else None,
-        context=f"{m.n_ctx:,} tokens" if m else None,
-        threads=m.threads if m else None,
-        gpu_layers=m.n_gpu_layers if m else None,
-        worker_memory=f"{st.rss_bytes / 2**20:,.0f} MiB" if st and e.alive else None,
-        requests=len(e.records),
-        restarts=e.restarts,
-        last_crash=e.last_crash,
-        llama_cpp_python=w.llama_cpp_version if w else None,
-        gpu_offload=w.supports_gpu_offload if w else None,
-    )
+    return session().status()
 
 
 # ---- the prefix cache and named KV sessions ------------------------------------------
 
-def _session(name: str) -> str:
+def _kv_name(name: str) -> str:
     from .kvcache.cache import check_session_name
 
     return check_session_name(name)
@@ -639,18 +434,18 @@ def _session(name: str) -> str:
 
 def kv_save(name: str) -> KVReport:
     """Save the KV state of the last request as a named session (survives restarts)."""
-    return KVReport(f"saved session {name!r}", engine().kv("save", _session(name)))
+    return KVReport(f"saved session {name!r}", engine().kv("save", _kv_name(name)))
 
 
 def kv_load(name: str) -> KVReport:
     """Load a named session into the RAM tier: requests that start with its tokens
     restore it instead of computing them."""
-    return KVReport(f"loaded session {name!r}", engine().kv("load", _session(name)))
+    return KVReport(f"loaded session {name!r}", engine().kv("load", _kv_name(name)))
 
 
 def kv_remove(name: str) -> KVReport:
     """Delete a named session."""
-    return KVReport(f"removed session {name!r}", engine().kv("rm", _session(name)))
+    return KVReport(f"removed session {name!r}", engine().kv("rm", _kv_name(name)))
 
 
 def kv_list() -> KVReport:
@@ -669,7 +464,7 @@ def kv_evict() -> KVReport:
 
 
 def finetune(base: Any = None, data: Any = None, *, out: str | os.PathLike | None = None,
-             resume: bool = False, overwrite: bool = False, **settings: Any) -> Any:
+             resume: bool = False, overwrite: bool = False, **settings: Any) -> FinetuneJob:
     """Fine-tune `base` (a GGUF model; default: the default model) on `data` with LoRA or
     QLoRA, in a background process. Returns the running job at once: it shows a live
     widget (loss curves, tokens/s, ETA, memory, cancel); `.wait()` gives the result.
@@ -682,16 +477,16 @@ def finetune(base: Any = None, data: Any = None, *, out: str | os.PathLike | Non
     """
     from .config import FinetuneConfig
     from ._cpu import idle_cores
-    from .training.checkpoint import CheckpointStore
-    from .training.data import read_data, split
-    from .training.job import FinetuneJob
+    from .finetune.checkpoint import CheckpointStore
+    from .finetune.data import read_data, split
+    from .finetune.job import FinetuneJob
 
     config: FinetuneConfig = build(FinetuneConfig, settings)
     if data is None:
         raise WorkbenchError("no data to fine-tune on",
                              "Pass data='examples.jsonl' (or a list of examples).")
     if config.method == "qlora" or config.device == "cuda":
-        from .device.nvml import open_nvml
+        from .power.nvml import open_nvml
 
         gpus = Path("/proc/driver/nvidia/gpus")
         if not open_nvml()[1] and not (gpus.is_dir() and any(gpus.iterdir())):
@@ -724,16 +519,16 @@ def finetune(base: Any = None, data: Any = None, *, out: str | os.PathLike | Non
 
 def merge_lora(base: Any, adapter: str | os.PathLike, *, out: str | os.PathLike | None = None,
                to: str | None = None, scale: float = 1.0, overwrite: bool = False,
-               progress: bool = True) -> Any:
+               progress: bool = True) -> Path:
     """Fold a GGUF LoRA into its base model: a full GGUF (F16, or quantized `to` a type
     `quantize` takes), which loads without --lora and which the compression tools take."""
-    from .compress import _child
+    from . import _child
     from .compress.quantize import default_output, quant_name, temporary_output
     from .compress.quantize import quantize as _quantize
-    from .training.export import merge_child
+    from .finetune.export import merge_child
 
     path = resolve_model(base)
-    lora = _check_lora(getattr(adapter, "adapter", adapter))
+    lora = check_lora(getattr(adapter, "adapter", adapter))
     quant = quant_name(to) if to else "F16"
     dst = Path(out).expanduser() if out else default_output(path, quant, "-lora")
     # the merged F16, before any quantizing: not the quantizer's own temporary name

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from .config import DeployConfig, add_flags
 from .errors import WorkbenchError
 
 
@@ -97,25 +98,6 @@ def _outputs(notebook: "os.PathLike[str] | str") -> list[str]:
     return lines
 
 
-def deploy_arguments(d: argparse.ArgumentParser) -> None:
-    """The options of `workbench deploy`, shared with the %deploy magic."""
-    d.add_argument("--model", default=None, help="a GGUF path, a model name, or default")
-    d.add_argument("--device", default="auto",
-                   help="auto, cpu, gpu, or a profile saved with %%profile_device --save")
-    d.add_argument("--quantization", default="none",
-                   help="int8 (Q8_0), int4 (Q4_K_M), none, or a llama.cpp type (Q6_K, ...)")
-    d.add_argument("--output", default=None, help="the service folder to write")
-    d.add_argument("--force", action="store_true", help="replace a non-empty --output")
-    d.add_argument("--host", default="127.0.0.1", help="where the service listens")
-    d.add_argument("--port", type=int, default=8000)
-    d.add_argument("--n-parallel", type=int, default=None,
-                   help="requests decoded together (default: 8 on a CPU, 16 on a GPU)")
-    d.add_argument("--n-ctx-per-request", type=int, default=None,
-                   help="context of each request, tokens (default: 2048)")
-    d.add_argument("--check", default=None, metavar="FOLDER",
-                   help="start the service in FOLDER, run a smoke test, stop it")
-
-
 def _deploy(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -126,15 +108,10 @@ def _deploy(args: argparse.Namespace) -> None:
         return
     if not args.output:
         raise WorkbenchError("--output is required", "For example: --output ./ai-service")
-    print(repr(deploy_from(args)))
-
-
-def deploy_from(args: argparse.Namespace) -> object:
     from . import api
+    from .config import build, given
 
-    return api.deploy(args.model, device=args.device, quantization=args.quantization,
-                      output=args.output, force=args.force, port=args.port, host=args.host,
-                      n_parallel=args.n_parallel, n_ctx_per_request=args.n_ctx_per_request)
+    print(repr(api.deploy(**build(DeployConfig, given(args, DeployConfig)).deploy_arguments())))
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -182,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="a catalog JSON (default: $WORKBENCH_CATALOG, else the packaged one)")
     v.set_defaults(func=_catalog_validate)
     d = sub.add_parser("deploy", help="write a tuned, OpenAI-compatible service folder")
-    deploy_arguments(d)
+    add_flags(d, DeployConfig)
     d.set_defaults(func=_deploy)
     sv = sub.add_parser("serve", help="run a service folder written by deploy")
     sv.add_argument("folder")

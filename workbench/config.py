@@ -90,6 +90,40 @@ class LoadConfig:
                                      f"Use --{name.replace('_', '-')} {' or '.join(allowed)}.")
         return self
 
+    def unresolved(self) -> list[str]:
+        """The settings still left for the planner (`device/planner.py`) to decide; a
+        configuration the engine loads has none."""
+        return [name for name, open_ in (
+            ("n_gpu_layers", self.n_gpu_layers is None), ("threads", not self.threads),
+            ("max_threads", self.max_threads is None), ("flash_attn", self.flash_attn == "auto"),
+            ("backend_sampling", self.backend_sampling == "auto")) if open_]
+
+
+@dataclass(frozen=True)
+class DeployConfig:
+    """A service folder to write (`workbench deploy`, `%deploy`), or one to check."""
+
+    model: str | None = setting(None, "a GGUF path, a model name, or default")
+    device: str = setting("auto", "auto, cpu, gpu, or a profile saved with "
+                          "%profile_device --save")
+    quantization: str = setting("none", "int8 (Q8_0), int4 (Q4_K_M), none, or a llama.cpp "
+                                "type (Q6_K, ...)")
+    output: str | None = setting(None, "the service folder to write")
+    force: bool = setting(False, "replace a non-empty --output")
+    host: str = setting("127.0.0.1", "where the service listens")
+    port: int = setting(8000, "the port it listens on")
+    n_parallel: int | None = setting(None, "requests decoded together (default: 8 on a CPU, "
+                                     "16 on a GPU)")
+    n_ctx_per_request: int | None = setting(None, "context of each request, tokens "
+                                            "(default: 2048)")
+    check: str | None = setting(None, "start the service in this folder, run a smoke test, "
+                                "stop it")
+
+    def deploy_arguments(self) -> dict[str, Any]:
+        """The keyword arguments of `workbench.deploy`."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "check"}
+
 
 @dataclass(frozen=True)
 class GenerationConfig:
@@ -222,6 +256,25 @@ def flag_fields(cls: type) -> list[tuple[str, type, dataclasses.Field]]:
     hints = typing.get_type_hints(cls)
     return [("--" + f.name.replace("_", "-"), _base_type(hints[f.name]), f)
             for f in dataclasses.fields(cls) if f.metadata.get("flag", True)]
+
+
+def add_flags(parser: Any, cls: type) -> None:
+    """Add `cls`'s fields to an argparse parser as --flags, each defaulting to None (unset),
+    so that `given(namespace, cls)` holds only what was typed."""
+    for flag, typ, f in flag_fields(cls):
+        text = f.metadata["help"].replace("%", "%%")  # argparse formats help with %
+        if typ is bool:
+            parser.add_argument(flag, dest=f.name, action="store_true", default=None, help=text)
+            continue
+        parser.add_argument(flag, dest=f.name, type=typ, default=None, metavar=f.name.upper(),
+                            help=text + (f" (default: {f.default})"
+                                         if f.default is not None else ""))
+
+
+def given(namespace: Any, cls: type) -> dict[str, Any]:
+    """The fields of `cls` set on an argparse namespace that `add_flags` filled."""
+    return {f.name: getattr(namespace, f.name) for _, _, f in flag_fields(cls)
+            if getattr(namespace, f.name) is not None}
 
 
 def build(cls: type, values: dict[str, Any]) -> Any:

@@ -12,7 +12,8 @@ from typing import Any
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
 from . import api
-from .config import FinetuneConfig, GenerationConfig, LoadConfig, flag_fields
+from .config import (DeployConfig, FinetuneConfig, GenerationConfig, LoadConfig, add_flags,
+                     build, given)
 from .errors import WorkbenchError
 from .results import Completion
 
@@ -36,20 +37,11 @@ class _Parser(argparse.ArgumentParser):
 def _parser(prog: str, description: str, *configs: type) -> _Parser:
     p = _Parser(prog=prog, description=description, add_help=True)
     for cls in configs:
-        for flag, typ, f in flag_fields(cls):
-            text = f.metadata["help"].replace("%", "%%")  # argparse formats help with %
-            if typ is bool:
-                p.add_argument(flag, dest=f.name, action="store_true", default=None, help=text)
-                continue
-            p.add_argument(flag, dest=f.name, type=typ, default=None, metavar=f.name.upper(),
-                           help=text + (f" (default: {f.default})"
-                                        if f.default is not None else ""))
+        add_flags(p, cls)
     return p
 
 
-def _settings(ns: argparse.Namespace, cls: type) -> dict[str, Any]:
-    return {f.name: getattr(ns, f.name) for _, _, f in flag_fields(cls)
-            if getattr(ns, f.name) is not None}
+_settings = given
 
 
 def _load_parser() -> _Parser:
@@ -172,12 +164,8 @@ def _plan_parser() -> _Parser:
 
 
 def _deploy_parser() -> _Parser:
-    from .cli import deploy_arguments
-
-    p = _Parser(prog="%deploy", description="Write a tuned, OpenAI-compatible service folder "
-                "(or, with --check FOLDER, smoke-test one).")
-    deploy_arguments(p)
-    return p
+    return _parser("%deploy", "Write a tuned, OpenAI-compatible service folder (or, with "
+                   "--check FOLDER, smoke-test one).", DeployConfig)
 
 
 def _cluster_parser() -> _Parser:
@@ -302,9 +290,7 @@ class WorkbenchMagics(Magics):
         if not ns.output:
             raise WorkbenchError("%deploy: --output is required",
                                  "For example: %deploy --quantization int8 --output ai-service")
-        from .cli import deploy_from
-
-        return deploy_from(ns)
+        return api.deploy(**build(DeployConfig, _settings(ns, DeployConfig)).deploy_arguments())
 
     @line_magic
     def plan(self, line: str) -> Any:

@@ -127,7 +127,7 @@ def provenance(model: str | os.PathLike | None = None) -> dict[str, Any]:
     """The machine, the versions that matter, and the model file's sha256."""
     from .models.default import default_model_path
     from .models.hashing import file_sha256
-    from .provenance import machine, package_version
+    from .device.provenance import machine, package_version
 
     path = Path(model) if model else default_model_path()
     info = machine()

@@ -4,40 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import html
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
+from ._tables import KeyValue, mib
 from .engine.protocol import ModelInfo, RequestMetrics
 
 
-def _mib(n: int | None) -> str:
-    return "—" if n is None else f"{n / 2**20:,.0f} MiB"
-
-
-def _table_html(rows: Sequence[tuple[str, Any]]) -> str:
-    body = "".join(f"<tr><th style='text-align:left'>{html.escape(str(k))}</th>"
-                   f"<td style='text-align:left'>{html.escape(str(v))}</td></tr>" for k, v in rows)
-    return f"<table>{body}</table>"
-
-
-def _table_text(rows: Sequence[tuple[str, Any]]) -> str:
-    width = max((len(k) for k, _ in rows), default=0)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
-
-
-class _KeyValue:
-    title = ""
-
-    def rows(self) -> list[tuple[str, Any]]:
-        raise NotImplementedError
-
-    def _repr_html_(self) -> str:
-        return f"<b>{html.escape(self.title)}</b>{_table_html(self.rows())}"
-
-    def __repr__(self) -> str:
-        return f"{self.title}\n{_table_text(self.rows())}"
-
-
-class KVReport(_KeyValue):
+class KVReport(KeyValue):
     """What a `%kv` command did, with the cache's state."""
 
     def __init__(self, title: str, data: dict[str, Any]) -> None:
@@ -53,15 +26,15 @@ class KVReport(_KeyValue):
         for s in d.get("sessions", []):
             note = "" if s.get("this_model", True) else " (another model or settings)"
             rows.append((f"session {s['name']}", f"{s['tokens']:,} tokens, "
-                         f"{_mib(s['file_bytes'])}{note}"))
+                         f"{mib(s['file_bytes'])}{note}"))
         if "tokens" in d and "name" in d:
-            rows.append((d["name"], f"{d['tokens']:,} tokens, {_mib(d['file_bytes'])}"))
+            rows.append((d["name"], f"{d['tokens']:,} tokens, {mib(d['file_bytes'])}"))
         if "ram_bytes" in d:
             rows += [
-                ("RAM tier", f"{d['ram_entries']} entries, {_mib(d['ram_bytes'])} of "
-                             f"{_mib(d['ram_budget'])}"),
-                ("disk tier", f"{d['disk_entries']} entries, {_mib(d['disk_bytes'])} of "
-                              f"{_mib(d['disk_budget'])}" if d["disk_on"] else "off"),
+                ("RAM tier", f"{d['ram_entries']} entries, {mib(d['ram_bytes'])} of "
+                             f"{mib(d['ram_budget'])}"),
+                ("disk tier", f"{d['disk_entries']} entries, {mib(d['disk_bytes'])} of "
+                              f"{mib(d['disk_budget'])}" if d["disk_on"] else "off"),
                 ("hits", f"{d['hits_ram']} from RAM, {d['hits_disk']} from disk, "
                          f"{d['misses']} misses"),
                 ("prompt tokens not recomputed", f"{d['tokens_saved']:,}"),
@@ -69,7 +42,7 @@ class KVReport(_KeyValue):
         return rows
 
 
-class LoadedModel(_KeyValue):
+class LoadedModel(KeyValue):
     """What `load_model` returns: the model and how it was placed."""
 
     title = "Model loaded"
@@ -172,7 +145,7 @@ class MetricsTable:
         if v is None:
             return "—"
         if name.endswith("_bytes"):
-            return _mib(v)
+            return mib(v)
         if name == "ttft_s":
             return f"{v * 1000:,.0f} ms"
         if isinstance(v, float):
@@ -194,7 +167,7 @@ class MetricsTable:
         return "\n".join("  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows)
 
 
-class EngineStatus(_KeyValue):
+class EngineStatus(KeyValue):
     title = "Workbench engine"
 
     def __init__(self, **fields: Any) -> None:

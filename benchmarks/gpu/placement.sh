@@ -20,9 +20,9 @@ t=$(date +%s)
 [ -f $M ] || python3 -c "from workbench.models import synthetic; synthetic('llama-2-7b','q4_0','$M',tokenizer_from='$V')"
 echo "synthetic model: $(( $(date +%s) - t )) s, $(stat -c %s $M) bytes"
 probe() { timeout 90 python3 -c "$1" "$M" > /tmp/p.log 2>&1; echo "$2: rc=$? $(tail -1 /tmp/p.log)"; }
-# What the gguf package pulls in here (see engine/worker.py on import order).
+# What the gguf package pulls in here (see worker/main.py on import order).
 python3 -c "import sys, gguf; print('gguf imports:', sorted(m for m in ('sentencepiece', 'mistral_common', 'torch', 'transformers') if m in sys.modules))"
-probe "import sys; from workbench.engine.runtime import Runtime; from workbench.config import LoadConfig
+probe "import sys; from workbench.worker.runtime import Runtime; from workbench.config import LoadConfig
 print(Runtime().measure_buffers(sys.argv[1], LoadConfig(n_gpu_layers=33, flash_attn='on')))" "workbench runtime, n_gpu_layers 33"
 left=$(( ${DEADLINE_S:-585} - ($(date +%s) - T0) ))
 echo "benchmark: $left s left"

@@ -18,7 +18,7 @@ V=$(find /tmp/llama-src -name ggml-vocab-gpt-2.gguf | head -1)
 nvidia-smi --query-gpu=name,power.draw,power.limit,temperature.gpu,clocks.sm,clocks.max.sm \
     --format=csv
 ls /sys/class/powercap/ 2>&1 | head -5
-python3 -c "from workbench.device.telemetry import Telemetry as T; t=T(); print('power:', t.power_sources(), t.missing)"
+python3 -c "from workbench.power.meter import Telemetry as T; t=T(); print('power:', t.power_sources(), t.missing)"
 left=$(( ${DEADLINE_S:-585} - ($(date +%s) - T0) ))
 echo "benchmark: $left s left"
 timeout "$left" python3 benchmarks/power_precision.py --gpu --quick --parts "${PARTS:-mixed,power}" \

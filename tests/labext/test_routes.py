@@ -123,10 +123,10 @@ async def test_a_real_engine_is_listed_and_stopped(jp_fetch, loaded, monkeypatch
     import workbench
     from workbench import api
 
-    monkeypatch.setenv("WORKBENCH_STATUS_DIR", str(api._publisher.folder))
+    monkeypatch.setenv("WORKBENCH_STATUS_DIR", str(api.session().publisher.folder))
     workbench.chat("Say hello.", max_tokens=8, temperature=0)
-    engine_id = api._publisher.id
-    api._publisher.publish()
+    engine_id = api.session().publisher.id
+    api.session().publisher.publish()
     code, body = await _get(jp_fetch, "engines")
     assert code == 200
     mine = [e for e in body["engines"] if e["id"] == engine_id]

@@ -54,7 +54,7 @@ def _check_port_free(host: str, port: int, what: str) -> None:
 
 
 def _pick_device(kind: str) -> Any:
-    from ._ggml import DEV_CPU, DEV_GPU, DEV_IGPU, local_devices
+    from ..worker.libs import DEV_CPU, DEV_GPU, DEV_IGPU, local_devices
 
     wanted = (DEV_CPU,) if kind == "cpu" else (DEV_GPU, DEV_IGPU)
     found = [d for d in local_devices() if d.kind in wanted]
@@ -193,7 +193,7 @@ def run(host: str = "127.0.0.1", port: int = 50052, device: str = "cpu",
         limit_memory(limit, threads)
     cache = cache_dir or str(_paths.home() / "rpc-cache")
     os.makedirs(cache, exist_ok=True)
-    from ._ggml import device_array, lib
+    from ..worker.libs import device_array, lib
 
     devices = device_array([dev.handle])
     server_thread = threading.Thread(

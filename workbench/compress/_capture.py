@@ -4,7 +4,6 @@ over as each named node is computed ("l_out-5", "ffn_swiglu-3", ...). Child proc
 
 from __future__ import annotations
 
-import ctypes
 from typing import Any, Callable
 
 from ..errors import WorkbenchError
@@ -74,14 +73,10 @@ def capture(path: str, text: str, n_tokens: int, threads: int,
     import llama_cpp as L
     import numpy as np
 
-    from ..engine.devices import _load_ggml
+    from ..worker.libs import lib
 
     keep = init_llama()
-    g = _load_ggml()
-    g.ggml_get_name.argtypes, g.ggml_get_name.restype = [ctypes.c_void_p], ctypes.c_char_p
-    g.ggml_nbytes.argtypes, g.ggml_nbytes.restype = [ctypes.c_void_p], ctypes.c_size_t
-    g.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
-                                          ctypes.c_size_t]
+    g = lib().ggml
     got: dict[str, Any] = {}
     n_rows = [0]
 

@@ -58,7 +58,7 @@ def distill(student: str | os.PathLike, teacher: str | os.PathLike, *,
     stay frozen; after removing layers i.., the layers before i see exactly the
     teacher's inputs, so training from i spends the budget where the gap is."""
     from .._cpu import idle_cores
-    from . import _child
+    from .. import _child
     from .quantize import default_output, quantize
     from .text import calibration_text
 

@@ -131,7 +131,7 @@ def evaluate(models: Sequence[str | os.PathLike], reference: str | os.PathLike |
     """Perplexity of each model on `text` (default: Python standard library docstrings),
     and, with a `reference`, KL divergence and top-1 agreement against it."""
     from .._cpu import idle_cores
-    from . import _child
+    from .. import _child
     from .text import stdlib_text, text_sha256
 
     paths = [Path(m).expanduser() for m in models]

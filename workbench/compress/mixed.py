@@ -19,10 +19,13 @@ import html
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ..errors import WorkbenchError
 from .quantize import quant_name, tensor_type
+
+if TYPE_CHECKING:
+    from ..session import Session
 
 DEFAULT_PAIRS = (("Q8_0", "Q4_0"), ("Q8_0", "Q3_K"), ("Q6_K", "Q4_0"), ("Q5_K_M", "Q3_K"))
 DEFAULT_UNIFORM = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_0")
@@ -57,14 +60,13 @@ def _check_types(gpu_type: str, cpu_type: str) -> tuple[str, str]:
     return quant_name(gpu_type), tensor_type(cpu_type, "for the CPU layers")
 
 
-def build_mix(model: str | os.PathLike, gpu_type: str = "Q8_0", cpu_type: str = "Q4_0", *,
+def build_mix(session: Session, model: str | os.PathLike, gpu_type: str = "Q8_0", cpu_type: str = "Q4_0", *,
               n_gpu_layers: int | None = None, out: str | os.PathLike | None = None,
               overwrite: bool = False, settings: dict[str, Any] | None = None,
               progress: Callable[[float], None] | None = None) -> Mix:
     """Quantize `model` with its CPU layers at `cpu_type` and the rest at `gpu_type`.
     `n_gpu_layers`: the split to build for; by default the planner's for the result,
     with `settings` (gpu_mem_mib, n_ctx, ...), found by planning it in turn."""
-    from .. import api
     from ..models.gguf_file import read_header
     from .quantize import default_output, quantize, temporary_output
 
@@ -76,7 +78,7 @@ def build_mix(model: str | os.PathLike, gpu_type: str = "Q8_0", cpu_type: str = 
     settings = {k: v for k, v in (settings or {}).items() if k != "n_gpu_layers"}
     ngl = n_gpu_layers
     if ngl is None:
-        ngl = api.plan(src, **settings).settings["n_gpu_layers"]
+        ngl = session.plan(src, **settings).settings["n_gpu_layers"]
         if ngl == 0:
             raise WorkbenchError(
                 f"the planner runs every layer of {src.name} on the CPU here, so no layer "
@@ -96,7 +98,7 @@ def build_mix(model: str | os.PathLike, gpu_type: str = "Q8_0", cpu_type: str = 
             if n_gpu_layers is not None:
                 break
             seen.append(ngl)
-            again = api.plan(tmp, **settings).settings["n_gpu_layers"]
+            again = session.plan(tmp, **settings).settings["n_gpu_layers"]
             if again == ngl or again in seen:  # settled (or alternating: keep this one)
                 break
             ngl = again
@@ -175,23 +177,22 @@ def cpu_bytes(path: Path, n_gpu_layers: int) -> int:
     return sum(m.layer_bytes[:k]) + (m.output_bytes if n_gpu_layers <= m.n_layers else 0)
 
 
-def decode_speed(path: Path, settings: dict[str, Any], n_gen: int = 64) -> tuple[float, int]:
+def decode_speed(session: Session, path: Path, settings: dict[str, Any], n_gen: int = 64) -> tuple[float, int]:
     """(decode tokens/s, GPU layers) of `path` as the planner places it, after a short
     prompt; the better of two runs."""
-    from .. import api
     from ..device.calibrate import probe_tokens
     from ..models.inspect import inspect_model
 
-    loaded = api.load_model(path, progress=False, kv_cache="off", **settings)
+    loaded = session.load(path, progress=False, kv_cache="off", **settings)
     prompt = probe_tokens(inspect_model(path).n_vocab, 64)
     best = 0.0
     for _ in range(2):
-        c = api.generate(prompt, max_tokens=n_gen, temperature=0.0, ignore_eos=True)
+        c = session.complete(prompt, max_tokens=n_gen, temperature=0.0, ignore_eos=True)
         best = max(best, c.metrics.decode_tps)
     return best, loaded.info.n_gpu_layers
 
 
-def mixed_precision(model: str | os.PathLike, reference: str | os.PathLike | None = None, *,
+def mixed_precision(session: Session, model: str | os.PathLike, reference: str | os.PathLike | None = None, *,
                     pairs: Sequence[tuple[str, str]] = DEFAULT_PAIRS,
                     uniform: Sequence[str] = DEFAULT_UNIFORM, baseline: str = "Q5_K_M",
                     max_kl_ratio: float = 1.1, n_gpu_layers: int | None = None,
@@ -233,7 +234,7 @@ def mixed_precision(model: str | os.PathLike, reference: str | os.PathLike | Non
         cands.append(Candidate(q, path, "uniform", path.stat().st_size, -1, 0))
     for gpu, cpu in checked:
         say(f"building {gpu} on the GPU, {cpu} on the CPU")
-        mix = build_mix(src, gpu, cpu, n_gpu_layers=n_gpu_layers,
+        mix = build_mix(session, src, gpu, cpu, n_gpu_layers=n_gpu_layers,
                         out=out_dir / f"{stem}.{gpu}-gpu.{cpu}-cpu.gguf", overwrite=True,
                         settings=settings)
         cands.append(Candidate(f"{gpu} GPU / {cpu} CPU", mix.path, "mixed", mix.bytes,
@@ -249,7 +250,7 @@ def mixed_precision(model: str | os.PathLike, reference: str | os.PathLike | Non
             fixed = dict(settings)
             if n_gpu_layers is not None:
                 fixed["n_gpu_layers"] = n_gpu_layers
-            c.tg_tps, c.n_gpu_layers = decode_speed(c.path, fixed)
+            c.tg_tps, c.n_gpu_layers = decode_speed(session, c.path, fixed)
         elif c.n_gpu_layers < 0:
             c.n_gpu_layers = n_gpu_layers if n_gpu_layers is not None else 0
         c.cpu_bytes = cpu_bytes(c.path, c.n_gpu_layers)

@@ -49,7 +49,7 @@ def rank_layers(model: str | os.PathLike, text: str | None = None, *, n_tokens: 
                 progress: Callable[[float], None] | None = None) -> LayerRanking:
     """Each layer's mean angular distance between its input and output on `text`."""
     from .._cpu import idle_cores
-    from . import _child
+    from .. import _child
     from .text import calibration_text
 
     path = Path(model).expanduser()

@@ -29,7 +29,7 @@ def prune_ffn(model: str | os.PathLike, keep: float = 0.75, *,
     import time
 
     from .._cpu import idle_cores
-    from . import _child
+    from .. import _child
     from .text import calibration_text
 
     src = Path(model).expanduser()

@@ -135,7 +135,7 @@ def quantize(model: str | os.PathLike, to: str = "int8", out: str | os.PathLike 
     calibration text) or a text: measure an importance matrix on it and quantize with it.
     `overrides`: per-tensor types, {regex on the tensor name: type}, e.g.
     {r"blk\.([0-9]|1[0-4])\.": "Q4_0"} (llama.cpp's --tensor-type)."""
-    from . import _child
+    from .. import _child
 
     src = Path(model).expanduser()
     tt = tensor_overrides(overrides)

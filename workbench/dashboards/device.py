@@ -116,8 +116,8 @@ class DeviceMonitor(widgets.VBox):
         super().__init__([widgets.HBox([self.header, self.stop_button]),
                           widgets.HBox([self.util.figure, self.memory.figure]),
                           self.power.figure])
-        from ..device.nvml import open_nvml
-        from ..device.telemetry import Telemetry
+        from ..power.nvml import open_nvml
+        from ..power.meter import Telemetry
 
         nvml = open_nvml()  # one NVML session: utilization and memory here, power in _tel
         self._nvml = _Nvml(nvml)
@@ -187,7 +187,7 @@ class DeviceMonitor(widgets.VBox):
         return s
 
     def _power(self) -> dict[str, Any]:
-        from ..device.telemetry import cpu_power_w
+        from ..power.meter import cpu_power_w
 
         r = self._tel.read()
         last, self._last = self._last, r

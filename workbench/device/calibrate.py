@@ -11,7 +11,11 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..results import Completion
+    from ..session import Session
 
 MiB = 2 ** 20
 
@@ -29,14 +33,14 @@ class CalibrationReport:
         return out + [("note", n) for n in self.notes]
 
     def _repr_html_(self) -> str:
-        from ..results import _table_html
+        from .._tables import table_html
 
-        return f"<b>Calibration with {html.escape(self.model)}</b>{_table_html(self._lines())}"
+        return f"<b>Calibration with {html.escape(self.model)}</b>{table_html(self._lines())}"
 
     def __repr__(self) -> str:
-        from ..results import _table_text
+        from .._tables import table_text
 
-        return f"Calibration with {self.model}\n{_table_text(self._lines())}"
+        return f"Calibration with {self.model}\n{table_text(self._lines())}"
 
 
 def probe_tokens(n_vocab: int, n: int) -> list[int]:
@@ -46,25 +50,23 @@ def probe_tokens(n_vocab: int, n: int) -> list[int]:
     return [first + (i * 7919) % max(1, n_vocab - first) for i in range(n)]
 
 
-def fill_context(n_ctx: int, n_vocab: int) -> Any:
+def fill_context(session: Session, n_ctx: int, n_vocab: int) -> Completion:
     """Fill the loaded model's context (all but 8 tokens, then 4 generated): the peak
     memory a plan must allow for. Returns the `Completion`."""
-    from .. import api
-
-    return api.generate(probe_tokens(n_vocab, n_ctx - 8), max_tokens=4, temperature=0.0,
+    return session.complete(probe_tokens(n_vocab, n_ctx - 8), max_tokens=4, temperature=0.0,
                         ignore_eos=True)
 
 
-def calibrate(path: Path, settings: dict[str, Any], progress: bool) -> CalibrationReport:
-    from .. import api
+def calibrate(session: Session, path: Path, settings: dict[str, Any],
+              progress: bool) -> CalibrationReport:
     from ..models.inspect import inspect_model
     from .profile import fingerprint
-    from .tune import TuningDB
+    from .tuning_db import TuningDB
 
-    e = api.engine()
+    e = session.engine
     e.close()  # a fresh worker: its peak is this configuration's alone
-    plan = api.load_model(path, progress=progress, **settings, kv_cache="off").placement
-    c = fill_context(plan.settings["n_ctx"], inspect_model(path).n_vocab)
+    plan = session.load(path, progress=progress, **settings, kv_cache="off").placement
+    c = fill_context(session, plan.settings["n_ctx"], inspect_model(path).n_vocab)
     over = plan.overheads
     rows, notes = [], []
     host_pred = plan.predicted("CPU") - over.host_correction

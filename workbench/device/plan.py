@@ -355,7 +355,7 @@ def place(m: ModelInspection, budgets: Sequence[Budget], *, device: str = "auto"
             break  # host pages count when written: the dry run's reserve says too much
         c = found[0]
         try:
-            buffers = measure(_settings(c, fixed, cores))
+            buffers = measure(_settings(c, fixed, cores, tuned, idle))
         except WorkbenchError as e:
             notes.append(f"compute buffers estimated: {e.message}")
             break
@@ -375,14 +375,7 @@ def place(m: ModelInspection, budgets: Sequence[Budget], *, device: str = "auto"
     c, why = found
 
     memory = mem(c)
-    settings = _settings(c, fixed, cores)
-    if tuned and "threads" not in fixed:  # autotune's best, within the cores idle now
-        settings["threads"] = min(tuned["threads"], cores) if idle else tuned["threads"]
-    if "threads" in fixed:
-        settings.setdefault("max_threads", 0)  # given: kept as given
-    else:
-        settings.setdefault("max_threads", tuned["threads"] if tuned else
-                            idle.usable if idle else cores)
+    settings = _settings(c, fixed, cores, tuned, idle)
     if gpus and c.ngl > 0 and len(gpus) > 1 and "tensor_split" not in fixed:
         total = sum(b.usable for b in gpus)
         settings["tensor_split"] = tuple(round(b.usable / total, 3) for b in gpus)
@@ -392,6 +385,20 @@ def place(m: ModelInspection, budgets: Sequence[Budget], *, device: str = "auto"
     return Placement(model=m.path, settings=settings, memory=tuple(memory),
                      budgets=tuple(use_budgets), reasons=tuple(reasons), compute_measured=measured,
                      overheads=overheads)
+
+
+def choose_threads(fixed: dict[str, Any], cores: int, tuned: dict[str, Any] | None = None,
+                   idle: Any = None) -> dict[str, int]:
+    """`threads` and `max_threads`: as given; else autotune's best (within the `cores` idle
+    now), else those idle cores, re-chosen while decoding (worker/threads.py) from 1 up to
+    autotune's best or the usable cores. `max_threads` 0: kept as chosen."""
+    if "threads" in fixed:
+        return {"threads": fixed["threads"], "max_threads": fixed.get("max_threads", 0)}
+    threads = (min(tuned["threads"], cores) if idle else tuned["threads"]) if tuned else cores
+    most = fixed.get("max_threads")
+    if most is None:
+        most = tuned["threads"] if tuned else idle.usable if idle else cores
+    return {"threads": threads, "max_threads": most}
 
 
 # With layers left on the CPU, a quantized KV cache slows their attention. On an H200
@@ -427,11 +434,12 @@ def _pinned_layers_do_not_fit(m: ModelInspection, budgets: Sequence[Budget], c: 
         "a smaller number.")
 
 
-def _settings(c: _Choice, fixed: dict[str, Any], cores: int) -> dict[str, Any]:
+def _settings(c: _Choice, fixed: dict[str, Any], cores: int, tuned: dict[str, Any] | None,
+              idle: Any) -> dict[str, Any]:
     s = dict(fixed)
+    s.update(choose_threads(fixed, cores, tuned, idle))
     s.update(n_gpu_layers=c.ngl, n_ctx=c.n_ctx, type_k=c.type_k, type_v=c.type_v,
              flash_attn=c.flash_attn, n_ubatch=c.n_ubatch)
-    s.setdefault("threads", cores)
     s.setdefault("n_batch", max(512, c.n_ubatch))
     s.setdefault("backend_sampling", "on" if c.ngl > 0 else "off")
     s.pop("device", None)

@@ -53,7 +53,7 @@ class DeviceProfile:
     gpus: tuple[GPU, ...]
     llama_devices: tuple[Any, ...] = ()  # engine.protocol.Device
     notes: tuple[str, ...] = field(default=())
-    # temperature, power and clocks (device/telemetry.py), and what is not readable here
+    # temperature, power and clocks (device/power.py), and what is not readable here
     telemetry: tuple[tuple[str, str], ...] = field(default=())
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -109,14 +109,14 @@ class DeviceProfile:
         return rows
 
     def _repr_html_(self) -> str:
-        from ..results import _table_html
+        from .._tables import table_html
 
-        return f"<b>Device profile</b>{_table_html(self.rows())}"
+        return f"<b>Device profile</b>{table_html(self.rows())}"
 
     def __repr__(self) -> str:
-        from ..results import _table_text
+        from .._tables import table_text
 
-        return f"Device profile\n{_table_text(self.rows())}"
+        return f"Device profile\n{table_text(self.rows())}"
 
 
 def _fingerprint(cpu: str, cores: int, ram: int, found: tuple[GPU, ...]) -> str:
@@ -145,7 +145,7 @@ def cpu_model() -> str:
 
 def gpus() -> tuple[GPU, ...]:
     """NVIDIA GPUs through NVML; () where there are none or no driver."""
-    from .nvml import open_nvml, optional as _optional
+    from ..power.nvml import open_nvml, optional as _optional
 
     pynvml, handles = open_nvml()
     if pynvml is None:
@@ -235,7 +235,7 @@ def profile_device(model_dir: str | os.PathLike | None = None, *, measure: bool 
         notes.append("NVML sees a GPU but this llama.cpp build has no GPU backend: "
                      "reinstall with WORKBENCH_CUDA=1 (make lab) to offload layers.")
     folder = Path(model_dir) if model_dir else None
-    from .telemetry import profile_rows
+    from ..power.cap import profile_rows
 
     return DeviceProfile(
         cpu_model=cpu_model(), physical_cores=psutil.cpu_count(logical=False) or 1,

@@ -1,169 +1,24 @@
-"""Autotune: measure candidate configurations, keep every measurement.
-
-Each run is stored in a SQLite database ($WORKBENCH_HOME/tuning.sqlite) keyed by
-the machine's fingerprint, the model's sha256, the llama.cpp version and the
-configuration, so a later load on the same machine reuses what was measured.
-A database that cannot be read is moved aside and rebuilt, never a crash.
-"""
+"""Autotune: measure candidate configurations and keep every measurement in the tuning
+database (`tuning_db.py`), which later plans on this machine read; and the power cap's
+choice among what was measured."""
 
 from __future__ import annotations
 
 import html
 import json
-import os
-import sqlite3
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
-from .. import _paths
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
-    id INTEGER PRIMARY KEY,
-    created REAL NOT NULL,
-    device TEXT NOT NULL,
-    model_sha256 TEXT NOT NULL,
-    llama_cpp TEXT NOT NULL,
-    config TEXT NOT NULL,
-    n_gpu_layers INTEGER NOT NULL,
-    threads INTEGER NOT NULL,
-    pp_tps REAL NOT NULL,
-    tg_tps REAL NOT NULL,
-    rss_bytes INTEGER,
-    gpu_bytes INTEGER,
-    power_w REAL,
-    power_p95_w REAL,
-    joules_per_token REAL,
-    throttled INTEGER
-);
-CREATE INDEX IF NOT EXISTS runs_key ON runs (device, model_sha256, llama_cpp);
-CREATE TABLE IF NOT EXISTS calibration (
-    id INTEGER PRIMARY KEY,
-    created REAL NOT NULL,
-    device TEXT NOT NULL,
-    llama_cpp TEXT NOT NULL,
-    target TEXT NOT NULL,
-    predicted_bytes INTEGER NOT NULL,
-    residual_bytes INTEGER NOT NULL
-);
-"""
-# Columns added after the first release: an older database gets them on open.
-_ADDED = (("power_w", "REAL"), ("power_p95_w", "REAL"), ("joules_per_token", "REAL"),
-          ("throttled", "INTEGER"))
+from .tuning_db import KEY_SETTINGS, TuningDB
+
+if TYPE_CHECKING:
+    from ..session import Session
+
 POWER_WINDOW_S = 2.0  # each candidate runs at least this long when its power is measured
 SUSTAIN_S = 1.0       # ... in generations of about this long each
-# Settings that make two runs comparable (the rest do not change speed).
-KEY_SETTINGS = ("n_gpu_layers", "threads", "n_ctx", "n_batch", "n_ubatch", "flash_attn",
-                "type_k", "type_v", "tensor_split")
-
-
-class TuningDB:
-    """The measurements of autotune runs on this machine."""
-
-    def __init__(self, path: str | os.PathLike | None = None) -> None:
-        self.path = Path(path) if path else _paths.home() / "tuning.sqlite"
-        self.rebuilt_from: Path | None = None
-        try:
-            self._conn = self._open()
-        except sqlite3.DatabaseError as e:
-            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
-            os.replace(self.path, aside)
-            self.rebuilt_from = aside
-            warnings.warn(f"the tuning database {self.path} could not be read ({e}); it was "
-                          f"moved to {aside.name} and a new one started. Earlier autotune "
-                          "measurements are not used.", RuntimeWarning, stacklevel=2)
-            self._conn = self._open()
-
-    def _open(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=10)
-        try:
-            conn.executescript(_SCHEMA)
-            have = {row[1] for row in conn.execute("PRAGMA table_info(runs)")}
-            for name, kind in _ADDED:
-                if name not in have:
-                    conn.execute(f"ALTER TABLE runs ADD COLUMN {name} {kind}")
-            conn.execute("SELECT count(*) FROM runs").fetchone()
-            ok = conn.execute("PRAGMA quick_check").fetchone()[0]
-            if ok != "ok":
-                raise sqlite3.DatabaseError(ok)
-        except sqlite3.DatabaseError:
-            conn.close()
-            raise
-        return conn
-
-    def close(self) -> None:
-        self._conn.close()
-
-    def add(self, device: str, model_sha256: str, llama_cpp: str, config: dict[str, Any],
-            pp_tps: float, tg_tps: float, rss_bytes: int | None = None,
-            gpu_bytes: int | None = None, power: dict[str, Any] | None = None) -> None:
-        """`power`: power_w, power_p95_w, joules_per_token, throttled, where measured."""
-        key = {k: config.get(k) for k in KEY_SETTINGS}
-        pw = power or {}
-        with self._conn:
-            self._conn.execute(
-                "INSERT INTO runs (created, device, model_sha256, llama_cpp, config, n_gpu_layers,"
-                " threads, pp_tps, tg_tps, rss_bytes, gpu_bytes, power_w, power_p95_w,"
-                " joules_per_token, throttled) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (time.time(), device, model_sha256, llama_cpp, json.dumps(key, sort_keys=True),
-                 int(config.get("n_gpu_layers") or 0), int(config.get("threads") or 0),
-                 pp_tps, tg_tps, rss_bytes, gpu_bytes, pw.get("power_w"), pw.get("power_p95_w"),
-                 pw.get("joules_per_token"),
-                 None if pw.get("throttled") is None else int(pw["throttled"])))
-
-    def runs(self, device: str, model_sha256: str, llama_cpp: str) -> list[dict[str, Any]]:
-        cur = self._conn.execute(
-            "SELECT created, config, n_gpu_layers, threads, pp_tps, tg_tps, rss_bytes, gpu_bytes, "
-            "power_w, power_p95_w, joules_per_token, throttled FROM runs "
-            "WHERE device=? AND model_sha256=? AND llama_cpp=? ORDER BY id",
-            (device, model_sha256, llama_cpp))
-        cols = [c[0] for c in cur.description]
-        return [dict(zip(cols, row, strict=True)) | {"config": json.loads(row[1])}
-                for row in cur]
-
-    def measured_models(self, device: str, llama_cpp: str) -> set[str]:
-        """The sha256 of every model with runs on this machine and llama.cpp version."""
-        cur = self._conn.execute("SELECT DISTINCT model_sha256 FROM runs WHERE device=? AND "
-                                 "llama_cpp=?", (device, llama_cpp))
-        return {row[0] for row in cur}
-
-    def add_calibration(self, device: str, llama_cpp: str, target: str, predicted: int,
-                        residual: int) -> None:
-        """Record how far an uncorrected prediction (bytes) was from the measured peak."""
-        with self._conn:
-            self._conn.execute(
-                "INSERT INTO calibration (created, device, llama_cpp, target, predicted_bytes,"
-                " residual_bytes) VALUES (?,?,?,?,?,?)",
-                (time.time(), device, llama_cpp, target, int(predicted), int(residual)))
-
-    def correction(self, device: str, llama_cpp: str, target: str, last: int = 5) -> int:
-        """Median residual (measured - predicted, bytes) of the last calibrations; 0 if none."""
-        rows = [r[0] for r in self._conn.execute(
-            "SELECT residual_bytes FROM calibration WHERE device=? AND llama_cpp=? AND target=?"
-            " ORDER BY id DESC LIMIT ?", (device, llama_cpp, target, last))]
-        if not rows:
-            return 0
-        rows.sort()
-        return rows[len(rows) // 2]
-
-    def best(self, device: str, model_sha256: str, llama_cpp: str,
-             n_ctx: int | None = None) -> dict[str, Any] | None:
-        """The configuration that decodes fastest, if any, judging each configuration by
-        its latest run: the machine as it was last measured, not at its quietest (a run
-        on a busy machine replaces an earlier, quieter one of the same configuration). A
-        run the thermal watch flagged as throttled is not the machine's speed: left out."""
-        latest: dict[str, dict[str, Any]] = {}
-        for r in self.runs(device, model_sha256, llama_cpp):  # oldest first
-            if n_ctx is not None and r["config"].get("n_ctx") not in (None, n_ctx):
-                continue
-            if r["throttled"]:
-                continue
-            latest[json.dumps(r["config"], sort_keys=True)] = r
-        return max(latest.values(), key=lambda r: r["tg_tps"], default=None)
-
 
 @dataclass
 class TuneResult:
@@ -271,18 +126,17 @@ def _check_lists(**lists: Iterable[int] | None) -> None:
                                  f"For example {name}=[1, 2].")
 
 
-def autotune(path: Path, *, threads: Iterable[int] | None, n_gpu_layers: Iterable[int] | None,
+def autotune(session: Session, path: Path, *, threads: Iterable[int] | None, n_gpu_layers: Iterable[int] | None,
              n_prompt: int, n_gen: int, repeats: int, progress: bool,
              settings: dict[str, Any], n_ubatch: Iterable[int] | None = None,
              power_cap: float | None = None) -> TuneResult:
     """See `workbench.autotune`."""
     import psutil
 
-    from .. import api
     from ..errors import WorkbenchError
     from ..models.hashing import file_sha256
     from ..progress import progress_bar
-    from . import telemetry
+    from ..power import cap, meter
     from .calibrate import probe_tokens
     from .profile import fingerprint, usable_cores
 
@@ -296,12 +150,12 @@ def autotune(path: Path, *, threads: Iterable[int] | None, n_gpu_layers: Iterabl
         final["power_cap"] = power_cap  # the GPU's limit is set to the cap
     settings = {k: v for k, v in settings.items()
                 if k not in ("power_cap", "set_gpu_power_limit")}
-    tel = telemetry.Telemetry()
+    tel = meter.Telemetry()
     idle = None
     try:
         if power_cap is not None:
-            idle = telemetry.check_cap(float(power_cap), tel)
-        base = api.plan(path, **settings)
+            idle = cap.check_cap(float(power_cap), tel)
+        base = session.plan(path, **settings)
         max_ngl = base.settings["n_gpu_layers"]
         from ..models.inspect import inspect_model
 
@@ -317,7 +171,7 @@ def autotune(path: Path, *, threads: Iterable[int] | None, n_gpu_layers: Iterabl
         fixed["kv_cache"] = "off"  # every run computes its whole prompt
         prompt = probe_tokens(m.n_vocab, n_prompt)
         device, sha = fingerprint(), file_sha256(path)
-        version = api.engine().worker.llama_cpp_version
+        version = session.engine.worker.llama_cpp_version
         db = TuningDB()
         best_of: dict[tuple[int, int, int | None], dict[str, Any]] = {}
         bar = progress_bar(f"Autotune {path.name}", enabled=progress)
@@ -325,12 +179,12 @@ def autotune(path: Path, *, threads: Iterable[int] | None, n_gpu_layers: Iterabl
 
         def measure(ngl: int, t: int, ub: int | None, window: float = POWER_WINDOW_S) -> None:
             extra = {} if ub is None else {"n_ubatch": ub, "n_batch": max(ub, 512)}
-            loaded = api.load_model(path, progress=False, n_gpu_layers=ngl, threads=t,
+            loaded = session.load(path, progress=False, n_gpu_layers=ngl, threads=t,
                                     **{**fixed, **extra})
-            sampler = telemetry.Sampler(0.05, tel)
+            sampler = meter.Sampler(0.05, tel)
             if power_cap is None:
                 sampler.start()  # the speed run is the whole measurement
-            runs = [api.generate(prompt, max_tokens=n_gen, temperature=0.0,
+            runs = [session.complete(prompt, max_tokens=n_gen, temperature=0.0,
                                  ignore_eos=True).metrics]
             generated = runs[0].generated_tokens
             if power_cap is not None:
@@ -342,8 +196,8 @@ def autotune(path: Path, *, threads: Iterable[int] | None, n_gpu_layers: Iterabl
                                            int(fixed["n_ctx"]) - len(prompt) - 8))
                 sampler.start()
                 t0, generated = time.monotonic(), 0
-                while not generated or time.monotonic() - t0 < window + telemetry.NVML_MEAN_S:
-                    runs.append(api.generate(prompt, max_tokens=sustained, temperature=0.0,
+                while not generated or time.monotonic() - t0 < window + meter.NVML_MEAN_S:
+                    runs.append(session.complete(prompt, max_tokens=sustained, temperature=0.0,
                                              ignore_eos=True).metrics)
                     generated += runs[-1].generated_tokens
             pw = sampler.stop()
@@ -351,14 +205,14 @@ def autotune(path: Path, *, threads: Iterable[int] | None, n_gpu_layers: Iterabl
             config = {k: getattr(loaded.info, k, None) for k in KEY_SETTINGS}
             config.update(n_gpu_layers=ngl, threads=t, n_ubatch=loaded.info.n_ubatch,
                           flash_attn=loaded.info.flash_attn)
-            power = {"power_w": pw.mean_w, "power_p95_w": pw.p95_w,
+            drawn = {"power_w": pw.mean_w, "power_p95_w": pw.p95_w,
                      "joules_per_token": pw.joules_per_token(generated),
                      "throttled": pw.throttled}
             db.add(device, sha, version, config, met.prompt_tps, met.decode_tps,
-                   met.peak_rss_bytes or met.rss_bytes, met.gpu_bytes, power)
+                   met.peak_rss_bytes or met.rss_bytes, met.gpu_bytes, drawn)
             row = {"n_gpu_layers": ngl, "threads": t, "n_ubatch": loaded.info.n_ubatch,
                    "pp_tps": met.prompt_tps, "tg_tps": met.decode_tps,
-                   "rss_bytes": met.rss_bytes, **power, "throttle_why": pw.why}
+                   "rss_bytes": met.rss_bytes, **drawn, "throttle_why": pw.why}
             key = (ngl, t, ub)
             best_of[key] = _combine(best_of.get(key), row)
 
@@ -406,7 +260,7 @@ def autotune(path: Path, *, threads: Iterable[int] | None, n_gpu_layers: Iterabl
     keep = {k: v for k, v in final.items() if k not in ("n_gpu_layers", "threads")}
     if best.get("n_ubatch") and n_ubatch is not None:
         keep.update(n_ubatch=best["n_ubatch"], n_batch=max(best["n_ubatch"], 512))
-    api.load_model(path, progress=False, n_gpu_layers=best["n_gpu_layers"],
+    session.load(path, progress=False, n_gpu_layers=best["n_gpu_layers"],
                    threads=best["threads"], **keep)
     return TuneResult(model=path.name, rows=rows, best=best, power_cap=power_cap, idle_w=idle,
                       notes=notes)
@@ -474,9 +328,9 @@ def under_cap(db: TuningDB, device: str, model_sha256: str, llama_cpp: str, mode
     """The fastest configuration measured on this machine whose draw (95th percentile)
     stays under `cap_w`, among those that agree with the settings the user fixed."""
     from ..errors import WorkbenchError
-    from . import telemetry
+    from ..power import cap
 
-    idle = telemetry.check_cap(cap_w)
+    idle = cap.check_cap(cap_w)
     # one entry per configuration: its fastest run, and the highest draw any run of it saw
     by_config: dict[str, dict[str, Any]] = {}
     for r in db.runs(device, model_sha256, llama_cpp):

@@ -1,1 +1,2 @@
-"""The inference engine: a worker process that owns llama.cpp, and its kernel-side client."""
+"""The engine, kernel side: the client that supervises the worker, token streams, the
+protocol both sides speak, and the status file the JupyterLab panel reads."""

@@ -9,13 +9,10 @@ next call starts a new worker and reloads the last model.
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import dataclasses
 import itertools
 import json
 import logging
-import multiprocessing as mp
 import multiprocessing.connection as mp_connection
 import os
 import queue
@@ -24,106 +21,28 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any, Callable
 
-from .. import _paths
+from .. import _child, _paths
 from ..config import GenerationConfig, LoadConfig
-from .._cpu import idle_cores, usable_cores
 from .._text import check_text
-from ..errors import (EngineCrashed, EngineFault, GenerationError, ModelFileError,
-                      PromptTooLong, WorkbenchError, no_model)
+from ..errors import EngineCrashed, WorkbenchError, no_model
 from ..models.gguf_file import read_header
 from . import protocol as P
+from .stream import Call, Crash, TokenStream, to_error
 
 log = logging.getLogger(__name__)
 
 _START_TIMEOUT_S = 120.0
-_CANCEL_WAIT_S = 30.0
 _STOPPED = ("the engine worker was stopped", "The next call starts it again.")
-_ERRORS: dict[str, type[WorkbenchError]] = {
-    c.__name__: c for c in (WorkbenchError, ModelFileError, GenerationError, EngineCrashed,
-                          PromptTooLong, EngineFault)}
-
-
-@dataclasses.dataclass(frozen=True)
-class _Crash:
-    error: EngineCrashed
-
-
-class _Call:
-    """One request in flight: its replies arrive on `q` (or on an asyncio queue)."""
-
-    def __init__(self, request: P.Message, description: str) -> None:
-        self.request = request
-        self.description = description
-        self.q: queue.Queue[Any] = queue.Queue()
-        self.submitted = time.monotonic()
-        self.first_token_at: float | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._aq: asyncio.Queue[Any] | None = None
-        self._lock = threading.Lock()
-
-    def deliver(self, msg: Any) -> None:
-        with self._lock:
-            if self._loop is not None:
-                aq = self._aq
-                try:
-                    self._loop.call_soon_threadsafe(self._put_async, aq, msg)
-                    return
-                except RuntimeError:  # the event loop has closed: fall back to the queue
-                    self._loop = self._aq = None
-            self.q.put(msg)
-
-    def _put_async(self, aq: asyncio.Queue[Any], msg: Any) -> None:
-        """On the event loop: deliver, unless the consumer went back to the plain queue
-        since this was scheduled (then the message must not be lost in `aq`)."""
-        with self._lock:
-            if self._aq is aq:
-                aq.put_nowait(msg)
-            else:
-                self.q.put(msg)
-
-    def to_sync(self) -> None:
-        """Deliver to the plain queue again (after an async consumer went away)."""
-        with self._lock:
-            if self._aq is not None:
-                while not self._aq.empty():
-                    self.q.put(self._aq.get_nowait())
-            self._loop = self._aq = None
-
-    def to_asyncio(self) -> asyncio.Queue[Any]:
-        with self._lock:
-            if self._aq is None:
-                self._loop = asyncio.get_running_loop()
-                self._aq = asyncio.Queue()
-                while not self.q.empty():
-                    self._aq.put_nowait(self.q.get_nowait())
-            return self._aq
-
-
-def _describe_exit(code: int | None) -> str:
-    if code is None:
-        return "stopped answering"
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        extra = " (the system sends this when memory runs out, or someone killed it)" \
-            if -code == signal.SIGKILL else ""
-        return f"was killed by {name}{extra}"
-    return f"exited with code {code}"
-
-
 class Engine:
     """A supervised worker process running one model."""
 
     def __init__(self) -> None:
-        self._mp = mp.get_context("spawn")
         self._lock = threading.RLock()
         self._proc: Any = None
         self._requests: Any = None
-        self._calls: dict[str, _Call] = {}
+        self._calls: dict[str, Call] = {}
         self._ids = itertools.count(1)
         self._listeners: list[Callable[[str, Any], None]] = []
         self._last_load: P.LoadModel | None = None
@@ -170,13 +89,10 @@ class Engine:
         return f"{prefix}-{next(self._ids)}"
 
     def _start(self) -> None:
-        from . import worker
-
-        requests = self._mp.Queue()
-        replies, replies_writer = self._mp.Pipe(duplex=False)
-        proc = self._mp.Process(target=worker.main, args=(requests, replies_writer),
-                                name="workbench-engine", daemon=True)
-        proc.start()
+        requests = _child.CONTEXT.Queue()
+        replies, replies_writer = _child.CONTEXT.Pipe(duplex=False)
+        proc = _child.start("workbench.worker.main:main", (requests, replies_writer),
+                            name="workbench-engine")
         replies_writer.close()  # only the worker writes: its death then reads as EOF
         ready: queue.Queue[Any] = queue.Queue()
         self._proc, self._requests = proc, requests
@@ -188,11 +104,11 @@ class Engine:
             self._kill()
             raise EngineCrashed("the engine worker did not start within "
                                 f"{_START_TIMEOUT_S:.0f} s", "Check the kernel's log.") from None
-        if isinstance(msg, _Crash):
+        if isinstance(msg, Crash):
             raise msg.error
         if isinstance(msg, P.Failed):
             self._kill()
-            raise _to_error(msg)
+            raise to_error(msg)
         self.worker = msg
 
     def _ensure(self) -> None:
@@ -314,12 +230,12 @@ class Engine:
         proc.join(1)
         if self._closing is proc:  # stopped on purpose: not a crash
             stopped = EngineCrashed(*self._stop_reason)
-            ready.put(_Crash(stopped))
+            ready.put(Crash(stopped))
             for c in list(self._calls.values()):
                 self._calls.pop(c.request.id, None)
-                c.deliver(_Crash(stopped))
+                c.deliver(Crash(stopped))
             return
-        how = _describe_exit(proc.exitcode)
+        how = _child.describe_exit(proc.exitcode)
         calls = [c for c in list(self._calls.values())]
         self._calls.clear()
         serving = ", ".join(f"{c.request.id} ({c.description})" for c in calls)
@@ -341,28 +257,28 @@ class Engine:
             make = lambda: EngineCrashed(message, hint)  # noqa: E731
         self.last_crash = message
         self.model = None
-        ready.put(_Crash(make()))
+        ready.put(Crash(make()))
         for c in calls:
-            c.deliver(_Crash(make()))
+            c.deliver(Crash(make()))
         self._emit("crashed", message)
 
     # ---- requests ------------------------------------------------------------------
 
-    def _submit(self, request: P.Message, description: str) -> _Call:
-        call = _Call(request, description)
+    def _submit(self, request: P.Message, description: str) -> Call:
+        call = Call(request, description)
         self._calls[request.id] = call
         self._requests.put(request)
         self._emit("submitted", request)
         return call
 
     @staticmethod
-    def _wait(call: _Call, on_progress: Callable[[float], None] | None = None) -> Any:
+    def _wait(call: Call, on_progress: Callable[[float], None] | None = None) -> Any:
         while True:
             msg = call.q.get()
-            if isinstance(msg, _Crash):
+            if isinstance(msg, Crash):
                 raise msg.error
             if isinstance(msg, P.Failed):
-                raise _to_error(msg)
+                raise to_error(msg)
             if isinstance(msg, P.LoadProgress):
                 if on_progress:
                     on_progress(msg.fraction)
@@ -371,39 +287,18 @@ class Engine:
 
     def load(self, path: str | os.PathLike, config: LoadConfig,
              on_progress: Callable[[float], None] | None = None) -> P.ModelInfo:
-        """Load a GGUF model in the worker (replacing any loaded one)."""
+        """Load a GGUF model in the worker (replacing any loaded one), with a configuration
+        the planner resolved (`device/planner.resolve`): the engine decides nothing."""
+        open_ = config.unresolved()
+        if open_:
+            raise ValueError(f"Engine.load takes a resolved configuration; {', '.join(open_)} "
+                             "left open (resolve it with workbench.device.planner.resolve)")
         header = read_header(path)  # bad files fail here, before any worker sees them
         with self._lock:
             self._ensure()
             assert self.worker is not None
-            resolved = self._resolve(config)
-            req = P.LoadModel(id=self._new_id("load"), path=str(header.path), config=resolved)
+            req = P.LoadModel(id=self._new_id("load"), path=str(header.path), config=config)
             return self._load(req, on_progress)
-
-    def _resolve(self, config: LoadConfig) -> LoadConfig:
-        """What the worker runs with: the settings left to the engine filled in."""
-        gpu = self.worker.supports_gpu_offload if self.worker is not None else False
-        ngl = config.n_gpu_layers if config.n_gpu_layers is not None else (-1 if gpu else 0)
-        # Flash attention "auto" is on where layers run on a GPU and off on the CPU,
-        # where it decoded 30% slower at depth 512 (benchmarks/engine_overhead.py,
-        # --flash-attn on vs off).
-        fa = config.flash_attn if config.flash_attn != "auto" else ("on" if ngl else "off")
-        if config.type_v != "f16":  # llama.cpp quantizes V only with flash attention
-            if config.flash_attn == "off":
-                raise WorkbenchError(
-                    f"a {config.type_v} V cache needs flash attention, which is off",
-                    "Drop --flash-attn off, or keep --type-v f16.")
-            fa = "on"
-        # Backend sampling pays where the logits live on a GPU; on the CPU the sampler
-        # chain on the host was as fast or faster.
-        bs = config.backend_sampling if config.backend_sampling != "auto" \
-            else ("on" if ngl else "off")
-        # Threads left open: the cores idle now, re-chosen while decoding (engine/threads.py).
-        threads = config.threads or idle_cores().idle
-        max_threads = config.max_threads if config.max_threads is not None else \
-            (0 if config.threads else usable_cores())
-        return dataclasses.replace(config, threads=threads, max_threads=max_threads,
-                                   n_gpu_layers=ngl, flash_attn=fa, backend_sampling=bs)
 
     def _load(self, req: P.LoadModel, on_progress: Callable[[float], None] | None) -> P.ModelInfo:
         call = self._submit(req, f"load {Path(req.path).name}")
@@ -424,12 +319,13 @@ class Engine:
         return msg.info
 
     def replace_load(self, config: LoadConfig) -> None:
-        """Load the last model with `config` when the worker next starts (a re-plan)."""
+        """Load the last model with `config` (resolved) when the worker next starts (a
+        re-plan)."""
         if self._last_load is not None:
-            self._last_load = dataclasses.replace(self._last_load, config=self._resolve(config),
+            self._last_load = dataclasses.replace(self._last_load, config=config,
                                                   id=self._new_id("load"))
 
-    def resend(self, call: _Call) -> _Call:
+    def resend(self, call: Call) -> Call:
         """Send a call's request again, starting the worker if needed."""
         with self._lock:
             self._ensure()
@@ -450,7 +346,7 @@ class Engine:
                 self._wait(self._submit(P.Unload(id=self._new_id("unload")), "unload"))
             self.model = None
 
-    def stream(self, request_kind: str, payload: Any, config: GenerationConfig) -> "TokenStream":
+    def stream(self, request_kind: str, payload: Any, config: GenerationConfig) -> TokenStream:
         """Start a generation; returns a stream of its tokens."""
         with self._lock:
             if self._last_load is None:
@@ -486,12 +382,9 @@ class Engine:
                         timeout_s: float = 300.0) -> tuple[P.Buffer, ...]:
         """The buffers llama.cpp would allocate to load `path` with `config`: a dry run
         that allocates nothing, in a short-lived process of its own."""
-        from . import probe
-
-        reply, child = self._mp.Pipe(duplex=False)
-        proc = self._mp.Process(target=probe.main, args=(str(path), config, child),
-                                name="workbench-probe", daemon=True)
-        proc.start()
+        reply, child = _child.CONTEXT.Pipe(duplex=False)
+        proc = _child.start("workbench.worker.probe:main", (str(path), config, child),
+                            name="workbench-probe")
         child.close()
         msg = None
         try:
@@ -507,29 +400,18 @@ class Engine:
             reply.close()
         if msg is None:
             raise EngineCrashed(f"the dry run of {Path(path).name} "
-                                f"{_describe_exit(proc.exitcode)}",
+                                f"{_child.describe_exit(proc.exitcode)}",
                                 "The plan falls back to estimated compute buffers.")
         if isinstance(msg, P.Failed):
-            raise _to_error(msg)
+            raise to_error(msg)
         return msg.buffers
 
-    def cancel(self, call: _Call) -> None:
+    def cancel(self, call: Call) -> None:
         if self.alive and call.request.id in self._calls:
             try:
                 self._requests.put(P.Cancel(id=self._new_id("cancel"), target=call.request.id))
             except Exception:
                 pass
-
-
-def _to_error(msg: P.Failed) -> Exception:
-    if msg.kind == "bug":  # the worker's traceback, kept on the error
-        log.debug("the engine worker failed on a request:\n%s", msg.message)
-        last = msg.message.strip().splitlines()[-1] if msg.message.strip() else "unknown"
-        return EngineFault(f"the engine failed on this request ({last})",
-                           "The worker is still running and other requests are not "
-                           "affected. This is a bug in the workbench: please report it with "
-                           "the traceback in the error's `details`.", details=msg.message)
-    return _ERRORS.get(msg.kind, WorkbenchError)(msg.message, msg.hint)
 
 
 def _check_payload(kind: str, payload: Any) -> None:
@@ -540,122 +422,3 @@ def _check_payload(kind: str, payload: Any) -> None:
             check_text(content, f"messages[{i}].content")
     elif isinstance(payload, str):
         check_text(payload, "the prompt")
-
-
-class TokenStream:
-    """The tokens of one request as they are produced.
-
-    Iterate it (`for text in stream`: one decoded piece per token) or iterate it
-    asynchronously (`async for`). Interrupting the iteration (KeyboardInterrupt, or
-    cancelling the task) cancels the request in the worker, which stops before its
-    next token. When the stream ends, `text` and `metrics` hold the result.
-    """
-
-    def __init__(self, engine: Engine, call: _Call) -> None:
-        self._engine = engine
-        self._call = call
-        self.id = call.request.id
-        self.text = ""
-        self.metrics: P.RequestMetrics | None = None
-        self.finish_reason: str | None = None
-        self.token_ids: list[int] = []
-        self._done = False
-        self._parts: list[str] = []
-        self._ready: collections.deque[str] = collections.deque()
-        self._retried = False
-        self._cancelling = False
-        self._async = False
-
-    def _handle(self, msg: Any) -> None:
-        if isinstance(msg, P.Tokens):
-            self._parts.extend(msg.pieces)
-            self.token_ids.extend(msg.token_ids)
-            self._ready.extend(msg.pieces)
-            return
-        self._done = True
-        if isinstance(msg, P.Finished):
-            self.text, self.metrics = msg.text, msg.metrics
-            self.finish_reason = msg.metrics.finish_reason
-            return
-        self.text = "".join(self._parts)
-        if isinstance(msg, _Crash) and self._retry(msg.error):
-            return
-        if isinstance(msg, _Crash):
-            raise msg.error
-        if isinstance(msg, P.Failed):
-            raise _to_error(msg)
-        raise TypeError(f"unexpected reply {msg!r}")
-
-    def _retry(self, error: Exception) -> bool:
-        """After a lost cluster node, send a request that had produced nothing again, once
-        the model is re-planned and loaded (a request that streamed text fails)."""
-        retry = getattr(error, "retry", None)
-        # Not while cancelling, and not on an event loop, which must not wait for a reload.
-        if retry is None or self._parts or self._retried or self._cancelling or self._async \
-                or not retry():
-            return False
-        self._retried = True
-        self._call, self._done = self._engine.resend(self._call), False
-        return True
-
-    def __iter__(self) -> Iterator[str]:
-        return self
-
-    def __next__(self) -> str:
-        while not self._ready:
-            if self._done:
-                raise StopIteration
-            try:
-                msg = self._call.q.get()
-            except KeyboardInterrupt:
-                self.cancel()
-                raise
-            self._handle(msg)
-        return self._ready.popleft()
-
-    def __aiter__(self) -> AsyncIterator[str]:
-        return self
-
-    async def __anext__(self) -> str:
-        while not self._ready:
-            if self._done:
-                raise StopAsyncIteration
-            self._async = True
-            aq = self._call.to_asyncio()
-            try:
-                msg = await aq.get()
-            except asyncio.CancelledError:
-                self._engine.cancel(self._call)
-                self._call.to_sync()
-                raise
-            self._handle(msg)
-        return self._ready.popleft()
-
-    def cancel_nowait(self) -> None:
-        """Ask the worker to stop the request, without waiting (for an event loop)."""
-        if not self._done:
-            self._engine.cancel(self._call)
-
-    def cancel(self) -> None:
-        """Stop the request and wait until the worker has stopped it."""
-        if self._done:
-            return
-        self._cancelling = True
-        self._engine.cancel(self._call)
-        deadline = time.monotonic() + _CANCEL_WAIT_S
-        while not self._done and time.monotonic() < deadline:
-            try:
-                msg = self._call.q.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            try:
-                self._handle(msg)
-            except WorkbenchError:
-                break
-        self._ready.clear()
-
-    def result(self) -> "TokenStream":
-        """Consume the rest of the stream; returns self with `text` and `metrics` set."""
-        for _ in self:
-            pass
-        return self

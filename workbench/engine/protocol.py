@@ -98,7 +98,7 @@ class DeviceList(Message):
 
 @dataclass(frozen=True, kw_only=True)
 class Buffers(Message):
-    """What a dry run (engine/probe.py) found: the buffers a configuration needs."""
+    """What a dry run (worker/probe.py) found: the buffers a configuration needs."""
     buffers: tuple[Buffer, ...]
 
 

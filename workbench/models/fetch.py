@@ -54,7 +54,7 @@ class Update:
         out = []
         if self.remote.commit and self.remote.commit != self.model.revision:
             out.append(f"revision {str(self.model.revision)[:10]} → {self.remote.commit[:10]}")
-        local_sha = _blob_sha(self.model.path)
+        local_sha = blob_sha(self.model.path)
         if self.remote.sha256 and local_sha and self.remote.sha256 != local_sha:
             out.append("file contents changed")
         if self.remote.size is not None and self.remote.size != self.model.size:
@@ -86,7 +86,7 @@ def _blob_link(path: Path) -> Path | None:
         return None
 
 
-def _blob_sha(path: Path) -> str | None:
+def blob_sha(path: Path) -> str | None:
     """A cache file's sha256 from its `blobs/<etag>` name: the etag of an LFS file."""
     link = _blob_link(path)
     name = link.name if link is not None else ""
@@ -226,7 +226,7 @@ def download(v: Variant, revision: str | None = None,
 def verify(path: Path, v: Variant, remote: Remote | None = None) -> None:
     """Check the file's sha256 against the catalog's (else the Hub's); remove it from
     the cache when it differs."""
-    want = v.sha256 or (remote.sha256 if remote else None) or _blob_sha(path)
+    want = v.sha256 or (remote.sha256 if remote else None) or blob_sha(path)
     if want is None:
         return  # neither the catalog nor the Hub gives a sha256 for this file
     got = _sha256(path)

@@ -112,14 +112,14 @@ class ModelInspection:
              for t in KV_TYPE_BYTES]
 
     def _repr_html_(self) -> str:
-        from ..results import _table_html
+        from .._tables import table_html
 
-        return f"<b>{html.escape(self.name)}</b>{_table_html(self.rows())}"
+        return f"<b>{html.escape(self.name)}</b>{table_html(self.rows())}"
 
     def __repr__(self) -> str:
-        from ..results import _table_text
+        from .._tables import table_text
 
-        return f"{self.name}\n{_table_text(self.rows())}"
+        return f"{self.name}\n{table_text(self.rows())}"
 
 
 def _swa_layers(arch: str, n_layers: int, window: int, meta: dict) -> tuple[bool, ...]:

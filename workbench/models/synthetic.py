@@ -57,7 +57,7 @@ def synthetic(shape: str | LlamaShape, quant: str = "q4_0", path: str | os.PathL
     default model's. The file is written under a temporary name and renamed when whole.
     """
     import gguf
-    import numpy as np  # here, not at import: see engine/worker.py on import order
+    import numpy as np  # here, not at import: see worker/main.py on import order
 
     from .default import default_model_path
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from .._net import is_loopback
 from ..errors import WorkbenchError
-from .bundle import CONFIG
+from .deploy import CONFIG
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -64,6 +64,7 @@ def serve(folder: str | os.PathLike, *, host: str | None = None, port: int | Non
     import uvicorn
 
     from ..config import LoadConfig, build
+    from ..device.planner import resolve
     from ..engine.client import Engine
     from .app import create_app
 
@@ -79,10 +80,10 @@ def serve(folder: str | os.PathLike, *, host: str | None = None, port: int | Non
     service_log.setLevel(logging.INFO)
     model = folder / config["model"]["file"]
     fields = {f.name for f in dataclasses.fields(LoadConfig)}
-    load: LoadConfig = build(LoadConfig, {k: v for k, v in config["load"].items()
-                                          if k in fields and v is not None})
+    given = {k: v for k, v in config["load"].items() if k in fields and v is not None}
     engine = Engine()
-    try:
+    try:  # what the folder fixes is kept; threads are chosen here, from the cores idle now
+        load, _ = resolve(engine, model, build(LoadConfig, given), given)
         info = engine.load(model, load)
         print(f"workbench: serving {settings.model_name} ({info.quantization}, "
               f"{info.n_parallel} parallel, {info.threads} threads, "

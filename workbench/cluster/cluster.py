@@ -1,4 +1,4 @@
-"""The kernel's view of the cluster: its nodes, the placement of the loaded model,
+"""The cluster, as the kernel sees it: its nodes, the placement of the loaded model,
 health watching, and re-planning when a node is lost or joins.
 
 A model split across nodes lives in the engine worker as usual; llama.cpp's RPC
@@ -10,14 +10,10 @@ onto the nodes that remain, and the model is loaded again in the background.
 from __future__ import annotations
 
 import atexit
-import collections
 import dataclasses
-import html
 import json
 import logging
-import os
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -25,16 +21,17 @@ from typing import Any, Callable, Sequence
 
 from .. import _paths
 from .._net import is_loopback
+from ..device.planner import resolve
 from ..errors import WorkbenchError
 from . import probe as P
+from .local import LocalWorkers
 from .plan import GiB, MiB, ClusterPlan, Member, place
+from .status import ClusterStatus, Event, Node
 
 log = logging.getLogger("workbench.cluster")
 
 WATCH_PERIOD_S = 1.0
 MISSES_TO_LOSE = 3          # status pages that must go unanswered in a row
-PLAN_FIELDS = ("rpc_servers", "tensor_split", "n_gpu_layers", "device", "flash_attn",
-               "backend_sampling")
 
 
 class NodeLost(P.NodeError):
@@ -43,34 +40,6 @@ class NodeLost(P.NodeError):
 
     retry: Callable[[], bool] | None = None
     replanned = False
-
-
-@dataclasses.dataclass
-class Node:
-    info: P.NodeInfo
-    state: str = "ready"                      # ready | lost
-    misses: int = 0
-    traffic: collections.deque = dataclasses.field(
-        default_factory=lambda: collections.deque(maxlen=120))   # (t, bytes_in, bytes_out)
-
-    @property
-    def endpoint(self) -> str:
-        return self.info.endpoint
-
-    def rate(self) -> tuple[float, float]:
-        """Bytes/s in and out over the last two samples."""
-        if len(self.traffic) < 2:
-            return 0.0, 0.0
-        (t0, i0, o0), (t1, i1, o1) = self.traffic[-2], self.traffic[-1]
-        dt = max(t1 - t0, 1e-3)
-        return max(0.0, (i1 - i0) / dt), max(0.0, (o1 - o0) / dt)
-
-
-@dataclasses.dataclass(frozen=True)
-class Event:
-    time: float
-    kind: str          # joined | removed | lost | replanned | rebalanced | failed
-    text: str
 
 
 class Cluster:
@@ -90,7 +59,7 @@ class Cluster:
         self._recovered = threading.Event()
         self._recovered.set()
         self._watcher: threading.Thread | None = None
-        self._local: list[subprocess.Popen] = []
+        self._local = LocalWorkers()
         self._bandwidth: float | None = None
         self._listeners: list[Callable[[], None]] = []
         engine.crash_hook = self.on_crash
@@ -227,11 +196,7 @@ class Cluster:
         for n in self.nodes.values():  # fresh memory figures; a node may have left
             if n.state != "lost" and n.endpoint not in held:  # held ones cannot answer
                 n.info = P.probe(n.endpoint)
-        base = dataclasses.replace(config, **{k: getattr(type(config)(), k) for k in PLAN_FIELDS
-                                              if given.get(k) is None})
-        plan = self.place(path, base)
-        chosen = dataclasses.replace(base, **{k: v for k, v in plan.settings.items()
-                                              if given.get(k) is None}).validate()
+        chosen, plan = resolve(self.engine, Path(path), config, given, cluster=self)
         with self._lock:
             self._generation += 1
             self.plan, self._load, self._loading = None, None, plan
@@ -243,7 +208,7 @@ class Cluster:
         finally:
             self._loading = None
         with self._lock:
-            self.plan, self._load = plan, (Path(path), base, dict(given))
+            self.plan, self._load = plan, (Path(path), config, dict(given))
         self._event("replanned", f"loaded {Path(path).name} across {len(plan.nodes)} node(s): "
                     + "; ".join(f"{r[0]} layers {r[2]}" for r in plan.rows()))
         self._start_watch()
@@ -326,7 +291,7 @@ class Cluster:
             generation = self._generation
         path, config, given = self._load  # type: ignore[misc]
         try:
-            new = self.place(path, config)
+            chosen, new = resolve(self.engine, path, config, given, cluster=self)
         except WorkbenchError as e:
             self.engine.forget_load()
             self._event("failed", f"cannot re-plan without {names}: {e.message}")
@@ -334,8 +299,6 @@ class Cluster:
                            f"no longer fits on what remains: {e.message}",
                            "Add nodes (`%cluster add`) and load the model again.")
             return err
-        chosen = dataclasses.replace(config, **{k: v for k, v in new.settings.items()
-                                                if given.get(k) is None}).validate()
         self.engine.replace_load(chosen)
         self._recovered.clear()
         threading.Thread(target=self._recover, args=(new, t_lost, names, generation), daemon=True,
@@ -417,32 +380,7 @@ class Cluster:
     def start_local(self, n: int, threads: int | None = None,
                     mem_limit_gib: float | None = None) -> list[str]:
         """Start `n` rpc-workers on this machine, on free loopback ports, and add them."""
-        from .._net import free_port
-
-        if not 1 <= n <= 8:
-            raise WorkbenchError(f"start 1 to 8 local workers (got {n})",
-                                 "Each holds a share of the model; 2 or 3 show the idea.")
-        endpoints = []
-        for _ in range(n):
-            port = _free_pair(free_port)
-            cmd = [sys.executable, "-m", "workbench.cli", "rpc-worker", "--port", str(port)]
-            if threads:
-                cmd += ["--threads", str(threads)]
-            if mem_limit_gib:
-                cmd += ["--mem-limit", str(mem_limit_gib)]
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                    text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            timer = threading.Timer(60, proc.kill)  # a worker that never says it is ready
-            timer.start()
-            line = _ready_line(proc)
-            timer.cancel()
-            if not line.startswith("rpc-worker ready"):
-                proc.kill()
-                raise WorkbenchError(f"a local rpc-worker did not start: {line.strip() or 'no output'}",
-                                     "Run `workbench rpc-worker` in a terminal to see why.")
-            threading.Thread(target=_drain, args=(proc,), daemon=True).start()
-            self._local.append(proc)
-            endpoints.append(f"127.0.0.1:{port}")
+        endpoints = self._local.start(n, threads, mem_limit_gib)
         if not self._atexit:
             atexit.register(self.stop_local)
             self._atexit = True
@@ -450,7 +388,7 @@ class Cluster:
         return endpoints
 
     def local_workers(self) -> dict[str, subprocess.Popen]:
-        return {f"127.0.0.1:{_port_of(p)}": p for p in self._local}
+        return self._local.by_endpoint()
 
     def stop_local(self) -> None:
         """Stop the workers start_local started (the engine first, if it uses them: a
@@ -460,15 +398,7 @@ class Cluster:
             self.engine.stop("the cluster's local workers were stopped")
             self.detach()
         self._stop_watch()
-        for p in self._local:
-            if p.poll() is None:
-                p.terminate()
-        for p in self._local:
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        self._local.clear()
+        self._local.stop()
         for e in mine:
             if self.nodes.pop(e, None) is not None:
                 self._event("removed", f"node {e} stopped (a local worker)")
@@ -505,7 +435,7 @@ class Cluster:
 def gpu_bandwidth(index: int) -> float | None:
     """A GPU's peak memory bandwidth in GB/s from NVML (memory clock x bus width, double
     data rate): the spec figure, since no copy can be timed from the kernel."""
-    from ..device.nvml import open_nvml
+    from ..power.nvml import open_nvml
 
     pynvml, handles = open_nvml()
     if pynvml is None or index >= len(handles):
@@ -519,93 +449,3 @@ def gpu_bandwidth(index: int) -> float | None:
         return None
     finally:
         pynvml.nvmlShutdown()
-
-
-def _free_pair(free_port: Callable[[], int]) -> int:
-    """A free port whose status port (+1000) is free too."""
-    import socket
-
-    for _ in range(50):
-        port = free_port()
-        if port + P.STATUS_OFFSET >= 65536:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", P.status_port(port)))
-            except OSError:
-                continue
-        return port
-    raise WorkbenchError("no free pair of loopback ports", "Close some servers and retry.")
-
-
-def _ready_line(proc: subprocess.Popen) -> str:
-    """The worker's "rpc-worker ready" line (llama.cpp's server prints its own lines
-    around it), or its last line if it exits first."""
-    line = ""
-    for line in proc.stdout or ():
-        if line.startswith("rpc-worker ready"):
-            return line
-    return line
-
-
-def _port_of(proc: subprocess.Popen) -> int:
-    args = list(proc.args)  # type: ignore[arg-type]
-    return int(args[args.index("--port") + 1])
-
-
-def _drain(proc: subprocess.Popen) -> None:
-    for _ in proc.stdout or ():  # llama.cpp's server logs each connection
-        pass
-
-
-class ClusterStatus:
-    """What `%cluster status` shows."""
-
-    headers = ("node", "state", "device", "usable", "bandwidth", "layers", "traffic", "RTT")
-
-    def __init__(self, rows: list[tuple[str, ...]], events: list[Event],
-                 plan: ClusterPlan | None, policy: str, replan_s: float | None) -> None:
-        self.rows, self.events, self.plan, self.policy = rows, events, plan, policy
-        self.replan_s = replan_s
-
-    def _lines(self) -> list[str]:
-        out = [f"policy on join: {self.policy}"]
-        if self.plan is not None:
-            out.append(f"model: {self.plan.model.name}, predicted {self.plan.predicted_tps:,.0f} "
-                       f"tokens/s; local layers " + next(r[2] for r in self.plan.rows()))
-        if self.replan_s is not None:
-            out.append(f"last re-plan took {self.replan_s:.1f} s")
-        return out + [time.strftime("%H:%M:%S ", time.localtime(e.time)) + e.text
-                      for e in self.events]
-
-    def _repr_html_(self) -> str:
-        if not self.rows:
-            table = "<p>No node yet: <code>%cluster add HOST:PORT</code>.</p>"
-        else:
-            head = "".join(f"<th>{h}</th>" for h in self.headers)
-            body = "".join("<tr>" + "".join(f"<td style='text-align:left'>{html.escape(c)}</td>"
-                                             for c in r) + "</tr>" for r in self.rows)
-            table = f"<table><tr>{head}</tr>{body}</table>"
-        notes = "".join(f"<li>{html.escape(x)}</li>" for x in self._lines())
-        return f"<b>Cluster</b>{table}<ul>{notes}</ul>"
-
-    def __repr__(self) -> str:
-        if not self.rows:
-            return "Cluster: no node yet (%cluster add HOST:PORT)\n" + "\n".join(self._lines())
-        rows = [self.headers] + self.rows
-        widths = [max(len(r[i]) for r in rows) for i in range(len(self.headers))]
-        return "Cluster\n" + "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
-                                       for r in rows) + "\n" + "\n".join(self._lines())
-
-
-_cluster: Cluster | None = None
-
-
-def cluster() -> Cluster:
-    """This kernel's cluster (created on first use, bound to the engine)."""
-    global _cluster
-    if _cluster is None:
-        from ..api import engine
-
-        _cluster = Cluster(engine())
-    return _cluster

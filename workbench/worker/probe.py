@@ -10,7 +10,7 @@ from typing import Any
 
 from ..config import LoadConfig
 from ..errors import WorkbenchError
-from . import protocol as P
+from ..engine import protocol as P
 
 
 def main(path: str, config: LoadConfig, reply: Any) -> None:

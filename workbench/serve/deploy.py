@@ -90,14 +90,14 @@ class Deployment:
                 *self.config["reasons"].items()]
 
     def _repr_html_(self) -> str:
-        from ..results import _table_html
+        from .._tables import table_html
 
-        return f"<b>Service written</b>{_table_html(self.rows())}"
+        return f"<b>Service written</b>{table_html(self.rows())}"
 
     def __repr__(self) -> str:
-        from ..results import _table_text
+        from .._tables import table_text
 
-        return f"Service written\n{_table_text(self.rows())}"
+        return f"Service written\n{table_text(self.rows())}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,7 +182,7 @@ def deploy(model: Path, r: Request, *, port: int, host: str, quantize: Callable[
         load.pop("threads", None)
         load.pop("max_threads", None)
         reasons["threads"] = ("chosen when the service starts, from the cores idle then, "
-                              "and re-chosen while it serves (engine/threads.py)")
+                              "and re-chosen while it serves (worker/threads.py)")
         reasons["n_parallel"] = (f"{par}: requests decoded together in one batch "
                                  + ("(given)" if n_parallel else
                                     "(a GPU keeps gaining past 16 sequences)" if on_gpu else
@@ -222,7 +222,7 @@ def _served_name(model: Path, quant: str) -> str:
 
 
 def _versions() -> dict[str, str | None]:
-    from ..provenance import package_version
+    from ..device.provenance import package_version
 
     return {p: package_version(p) for p in ("workbench", "llama-cpp-python")}
 
@@ -256,7 +256,7 @@ def _write(path: Path, text: str, mode: int = 0o644) -> None:
 
 
 def _write_files(folder: Path, config: dict[str, Any]) -> None:
-    from ..provenance import package_version
+    from ..device.provenance import package_version
 
     _write(folder / CONFIG, json.dumps(config, indent=2) + "\n")
     import sys

@@ -32,13 +32,13 @@ def gpus() -> list[str]:
 
 def machine(system_info: bool = False) -> dict[str, Any]:
     """CPU, cores, RAM, GPUs, OS, Python and llama-cpp-python's version. With
-    `system_info`, also llama.cpp's own view of the CPU features it was built for (this
-    loads llama.cpp's library into the process)."""
+    `system_info`, also llama.cpp's own view of the CPU features it was built for (read
+    in a child process)."""
     import sys
 
     import psutil
 
-    from .device.profile import cpu_model
+    from .profile import cpu_model
 
     info: dict[str, Any] = {
         "cpu": cpu_model(),
@@ -51,11 +51,12 @@ def machine(system_info: bool = False) -> dict[str, Any]:
         "llama_cpp_python": package_version("llama-cpp-python"),
     }
     if system_info:
-        try:
-            import llama_cpp
+        from .. import _child
+        from ..errors import WorkbenchError
 
-            info["llama_cpp_system_info"] = llama_cpp.llama_print_system_info().decode(
-                errors="replace")
-        except ImportError:  # a training-only run on a machine without the bindings
+        try:  # llama.cpp loads in a child process, never in this one
+            info["llama_cpp_system_info"] = _child.run(
+                "workbench.worker.libs:system_info", (), "reading llama.cpp's system info")
+        except (WorkbenchError, RuntimeError):  # e.g. a training-only machine without it
             info["llama_cpp_system_info"] = None
     return info

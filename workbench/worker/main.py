@@ -28,7 +28,7 @@ import traceback
 from typing import Any
 
 from ..errors import WorkbenchError, no_model
-from . import protocol as P
+from ..engine import protocol as P
 
 _STATS_PERIOD_S = 1.0
 # Tokens produced within _GROUP_S of the last send travel together, unless tokens come
@@ -91,7 +91,7 @@ class Worker:
         import llama_cpp
         import psutil
 
-        from .devices import has_gpu
+        from .libs import has_gpu
         from .runtime import Runtime
 
         self.requests, self.replies = requests, replies
@@ -102,8 +102,8 @@ class Worker:
         self.deferred: collections.deque[P.Message] = collections.deque()
         self.cancelled: set[str] = set()
         self.proc = psutil.Process()
-        from ..device.nvml import open_nvml
-        from ..device.telemetry import Telemetry
+        from ..power.nvml import open_nvml
+        from ..power.meter import Telemetry
 
         nvml = open_nvml()  # one NVML session for memory and energy readings
         self.gpu = _GpuMemory(nvml)
@@ -211,7 +211,7 @@ class Worker:
         elif isinstance(msg, P.KVCommand):
             self.send(P.KVResult(id=msg.id, data=self._kv(msg)))
         elif isinstance(msg, P.ListDevices):
-            from .devices import backend_devices
+            from .libs import backend_devices
 
             self.send(P.DeviceList(id=msg.id, devices=tuple(backend_devices())))
 

@@ -117,7 +117,7 @@ def _commit(w: Any, tmp: Path, out: Path) -> None:
 
 
 def merge_child(base: str, lora: str, out: str, scale: float, report: Any) -> str:
-    """`merge_lora` as a child process's target (compress._child.run)."""
+    """`merge_lora` as a child process's target (`_child.run`)."""
     merge_lora(base, lora, out, scale)
     report.progress(1.0)
     return out

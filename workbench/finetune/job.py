@@ -10,15 +10,14 @@ memory), `.wait()` says so and names the newest whole checkpoint to resume from.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import queue
-import signal
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .. import _child
 from ..errors import WorkbenchError
 
 
@@ -36,7 +35,7 @@ class FinetuneResult:
     checkpoint_stalls_s: list[float] = field(default_factory=list)
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
-    # what the thermal watch saw over the run (device/telemetry.PowerReport.as_dict())
+    # what the thermal watch saw over the run (device/power.PowerReport.as_dict())
     thermal: dict[str, Any] | None = None
 
     @property
@@ -66,8 +65,6 @@ class FinetuneResult:
 
 class FinetuneJob:
     def __init__(self, spec: dict[str, Any]) -> None:
-        from . import train
-
         self.spec = spec
         self.out_dir = Path(spec["out_dir"])
         self.history: dict[str, Any] = {"train": [], "val": [], "steps": []}
@@ -80,12 +77,10 @@ class FinetuneJob:
         self._result: FinetuneResult | None = None
         self._error: BaseException | None = None
         self._done = threading.Event()
-        ctx = mp.get_context("spawn")
-        self._events = ctx.Queue()
-        self._cancel = ctx.Event()
-        self.process = ctx.Process(target=train.main, args=(spec, self._events, self._cancel),
-                                   daemon=True, name="workbench-finetune")
-        self.process.start()
+        self._events = _child.CONTEXT.Queue()
+        self._cancel = _child.CONTEXT.Event()
+        self.process = _child.start("workbench.finetune.train:main",
+                                    (spec, self._events, self._cancel), name="workbench-finetune")
         self._watch = _start_watch()
         self._reader = threading.Thread(target=self._read, name="finetune-events", daemon=True)
         self._reader.start()
@@ -210,9 +205,7 @@ class FinetuneJob:
 
         self._stop_watch()
         self.process.join(timeout=5)
-        code = self.process.exitcode
-        how = (f"was killed by {signal.Signals(-code).name}" if code is not None and code < 0
-               else f"exited with code {code}")
+        how = _child.describe_exit(self.process.exitcode)
         latest = CheckpointStore(self.out_dir / "checkpoints").latest()
         where = (f"The newest whole checkpoint is {latest.name}; run the same call with "
                  "resume=True to continue from it." if latest is not None
@@ -237,7 +230,7 @@ class FinetuneJob:
 def _start_watch() -> Any:
     """The thermal watch over a run: power, temperatures and throttling, read once a
     second in this (the kernel's) process; None where telemetry cannot start."""
-    from ..device.telemetry import Sampler
+    from ..power.meter import Sampler
 
     try:
         return Sampler(period_s=1.0).start()

@@ -23,7 +23,7 @@ from .. import _paths
 from ..config import GenerationConfig, LoadConfig
 from ..errors import GenerationError, ModelFileError, PromptTooLong, no_model
 from ..models.gguf_file import read_header
-from .protocol import Buffer, ModelInfo
+from ..engine.protocol import Buffer, ModelInfo
 from .template import render_chat
 from .threads import ThreadGovernor
 
@@ -38,7 +38,7 @@ _BUFFER_LINE = re.compile(r"(\S+)\s+(model|KV|output|compute) buffer size =\s*([
 
 def _model_params(cfg: LoadConfig):
     mparams = L.llama_model_default_params()
-    mparams.n_gpu_layers = cfg.n_gpu_layers if cfg.n_gpu_layers is not None else 0
+    mparams.n_gpu_layers = cfg.n_gpu_layers  # resolved by the planner
     if cfg.tensor_split:
         split = (ctypes.c_float * L.llama_max_devices())(*cfg.tensor_split)
         mparams.tensor_split = ctypes.cast(split, ctypes.POINTER(ctypes.c_float))
@@ -49,7 +49,7 @@ def _model_params(cfg: LoadConfig):
         # llama.cpp aborts this process when a node is lost: an expected end here, which
         # the kernel explains; a Python stack dump of every thread would only add noise.
         faulthandler.disable()
-        from ..cluster._ggml import DEV_GPU, DEV_IGPU, device_array, local_devices, rpc_devices
+        from .libs import DEV_GPU, DEV_IGPU, device_array, local_devices, rpc_devices
 
         # Only the devices the plan names: local GPUs first when it uses them, then each
         # node's, in tensor_split's order. Layers below n_gpu_layers stay on this CPU.

@@ -146,7 +146,7 @@ class Tokenized:
 def tokenize(records: list[Record], tokenizer: Any, template: str | None, bos: str, eos: str,
              max_len: int, truncate: bool) -> tuple[list[Tokenized], list[str]]:
     """Token ids and labels of each record, and the warnings (truncated, dropped)."""
-    from ..engine.template import render_chat
+    from ..worker.template import render_chat
 
     out: list[Tokenized] = []
     long: list[str] = []
