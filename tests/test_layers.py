@@ -171,6 +171,11 @@ def test_every_import_points_down() -> None:
     assert violations(read_sources()) == []
 
 
+def test_no_module_is_over_600_lines() -> None:
+    long = {m: n for m, (_, text) in read_sources().items() if (n := text.count("\n")) > 600}
+    assert long == {}, "split these by what they hold"
+
+
 def test_every_module_is_on_a_floor() -> None:
     for module in read_sources():
         floor_of(module)

@@ -184,7 +184,7 @@ class _Reader:
 # sentencepiece and mistral_common where they are installed, and their C++ runtimes
 # crashed llama.cpp's model loader in the same process on a CUDA machine. The worker
 # reads every header, so the loader's path imports nothing it does not need.
-# tests/test_bad_model_files.py checks this table against the `gguf` package's.
+# tests/test_models_bad_files.py checks this table against the `gguf` package's.
 GGML_TYPES: dict[int, tuple[str, int, int]] = {
     0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
     6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 40),

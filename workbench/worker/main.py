@@ -11,7 +11,7 @@ Import order matters here: llama.cpp's library is loaded (by `runtime`) before n
 With numpy 2.5's wheel (its OpenBLAS and gfortran libraries) or torch loaded first,
 loading a model in a CUDA build segfaulted inside llama.cpp's loader. So importing the
 `workbench` package and this module imports neither numpy nor the `gguf` package
-(tests/test_bad_model_files.py checks it); `runtime` imports llama_cpp, which loads its
+(tests/test_models_bad_files.py checks it); `runtime` imports llama_cpp, which loads its
 library before it imports numpy.
 """
 

@@ -56,7 +56,7 @@ def _catalog(tmp_path: Path, monkeypatch, variants: list[dict]) -> Path:
     data = {"schema": 1, "models": [{
         "id": "tiny-test", "name": "Tiny test model", "family": "tiny", "params": None,
         "architecture": "llama", "license": None, "context_length": 512, "shape": None,
-        "variants": variants, "source": "tests/test_catalog.py"}]}
+        "variants": variants, "source": "tests/test_models.py"}]}
     path = tmp_path / "catalog.json"
     path.write_text(json.dumps(data))
     monkeypatch.setenv("WORKBENCH_CATALOG", str(path))
