@@ -441,7 +441,8 @@ def _settings(c: _Choice, fixed: dict[str, Any], cores: int, tuned: dict[str, An
     s.update(n_gpu_layers=c.ngl, n_ctx=c.n_ctx, type_k=c.type_k, type_v=c.type_v,
              flash_attn=c.flash_attn, n_ubatch=c.n_ubatch)
     s.setdefault("n_batch", max(512, c.n_ubatch))
-    s.setdefault("backend_sampling", "on" if c.ngl > 0 else "off")
+    if s.get("backend_sampling", "auto") == "auto":
+        s["backend_sampling"] = "on" if c.ngl > 0 else "off"
     s.pop("device", None)
     return s
 

@@ -100,7 +100,7 @@ def _across(engine: Engine, cluster: Cluster, path: Path, config: LoadConfig,
                                           if given.get(k) is None})
     layers = cluster.place(path, base)
     chosen = dataclasses.replace(base, **{k: v for k, v in layers.settings.items()
-                                          if given.get(k) is None})
+                                          if given.get(k) in (None, "auto")})
     fixed = {k: getattr(chosen, k) for k in ("threads", "max_threads")
              if given.get(k) is not None}
     idle = idle_cores()

@@ -71,8 +71,8 @@ def _context_params(cfg: LoadConfig):
     cparams.n_batch = cfg.n_batch
     cparams.n_ubatch = min(cfg.n_ubatch, cfg.n_batch)
     cparams.n_seq_max = cfg.n_parallel
-    cparams.n_threads = cfg.threads or 1
-    cparams.n_threads_batch = cfg.threads or 1
+    cparams.n_threads = cfg.threads  # resolved by the planner
+    cparams.n_threads_batch = cfg.threads
     cparams.flash_attn_type = _FLASH_ATTN[cfg.flash_attn]
     cparams.type_k = _GGML_TYPES[cfg.type_k]
     cparams.type_v = _GGML_TYPES[cfg.type_v]
