@@ -267,6 +267,17 @@ def test_a_run_trains_checkpoints_and_exports_a_lora_llama_cpp_loads(trained, de
     workbench.load_model(progress=False, n_ctx=2048)
 
 
+def test_the_dequantized_base_is_kept_for_the_next_run(trained, default_model):
+    """transformers dequantizes a GGUF file in Python (some 30 s for the default model):
+    the first run keeps the result, and later runs and distillations load it instead."""
+    from workbench.models.hf import KEEP, cache_folder
+
+    folder = cache_folder(default_model)
+    assert (folder / "model-float32" / "complete").exists()
+    assert (folder / "tokenizer" / "complete").exists()
+    assert len(list(folder.parent.iterdir())) <= KEEP
+
+
 def test_bad_lora_paths(default_model, tmp_path):
     with pytest.raises(WorkbenchError, match="no LoRA adapter at"):
         workbench.load_model(lora=str(tmp_path / "nope.gguf"), progress=False)
