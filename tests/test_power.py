@@ -362,8 +362,8 @@ def test_a_mix_puts_fewer_bits_on_the_cpu_layers_and_runs(default_model, tmp_pat
 def test_mixed_precision_measures_and_chooses(default_model, tmp_path):
     study = workbench.mixed_precision(default_model, pairs=[("Q8_0", "Q4_0")],
                                       uniform=["Q8_0", "Q4_0"], baseline="Q8_0",
-                                      max_kl_ratio=1000, n_gpu_layers=15, progress=False,
-                                      n_ctx=1024)
+                                      max_kl_ratio=1000, n_gpu_layers=15, max_chunks=2,
+                                      progress=False, n_ctx=1024)
     names = [c.name for c in study.candidates]
     assert names == ["Q8_0", "Q4_0", "Q8_0 GPU / Q4_0 CPU"]
     by = {c.name: c for c in study.candidates}

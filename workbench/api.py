@@ -178,7 +178,7 @@ def mixed_precision(model: str | os.PathLike | None = None, reference: Any = Non
                     pairs: Sequence[tuple[str, str]] | None = None,
                     uniform: Sequence[str] | None = None, baseline: str = "Q5_K_M",
                     max_kl_ratio: float = 1.1, n_gpu_layers: int | None = None,
-                    measure_speed: bool = True, progress: bool = True,
+                    max_chunks: int = 8, measure_speed: bool = True, progress: bool = True,
                     **settings: Any) -> MixStudy:
     """Placement-aware mixed precision. For each (gpu_type, cpu_type) pair, quantize the
     layers the planner leaves on the CPU to cpu_type and the rest to gpu_type (llama.cpp's
@@ -187,7 +187,9 @@ def mixed_precision(model: str | os.PathLike | None = None, reference: Any = Non
     `reference` (default: `model` itself) and its decode speed as the planner places it
     (`settings`: gpu_mem_mib, n_ctx, ...), and choose the fastest whose KL is at most
     `max_kl_ratio` × the `baseline` quantization's. `n_gpu_layers`: build for that split
-    instead (for another machine). Returns a `MixStudy`; `.chosen.path` is the file."""
+    instead (for another machine). `max_chunks`: the quality is measured on up to that many
+    512-token chunks of calibration text. Returns a `MixStudy`; `.chosen.path` is the
+    file."""
     from .compress import mixed
 
     path = resolve_model(model)
@@ -197,8 +199,8 @@ def mixed_precision(model: str | os.PathLike | None = None, reference: Any = Non
         return mixed.mixed_precision(
             session(), path, ref, pairs=mixed.DEFAULT_PAIRS if pairs is None else pairs,
             uniform=mixed.DEFAULT_UNIFORM if uniform is None else uniform, baseline=baseline,
-            max_kl_ratio=max_kl_ratio, n_gpu_layers=n_gpu_layers, measure_speed=measure_speed,
-            progress=lambda _what, fraction: bar(fraction),
+            max_kl_ratio=max_kl_ratio, n_gpu_layers=n_gpu_layers, max_chunks=max_chunks,
+            measure_speed=measure_speed, progress=lambda _what, fraction: bar(fraction),
             **settings)
     finally:
         bar.close()

@@ -196,7 +196,8 @@ def mixed_precision(session: Session, model: str | os.PathLike, reference: str |
                     pairs: Sequence[tuple[str, str]] = DEFAULT_PAIRS,
                     uniform: Sequence[str] = DEFAULT_UNIFORM, baseline: str = "Q5_K_M",
                     max_kl_ratio: float = 1.1, n_gpu_layers: int | None = None,
-                    text: str | None = None, measure_speed: bool = True,
+                    text: str | None = None, max_chunks: int = 8,
+                    measure_speed: bool = True,
                     folder: str | os.PathLike | None = None,
                     progress: Callable[[str, float], None] | None = None,
                     **settings: Any) -> MixStudy:
@@ -240,7 +241,8 @@ def mixed_precision(session: Session, model: str | os.PathLike, reference: str |
         cands.append(Candidate(f"{gpu} GPU / {cpu} CPU", mix.path, "mixed", mix.bytes,
                                mix.n_gpu_layers, 0))
     say("measuring quality")
-    ev = evaluate([c.path for c in cands], reference if reference is not None else src, text)
+    ev = evaluate([c.path for c in cands], reference if reference is not None else src, text,
+                  max_chunks=max_chunks)
     for c in cands:
         r = ev.row(c.path)
         c.kl_mean, c.top1 = r.kl_mean, r.top1
