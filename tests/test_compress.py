@@ -215,7 +215,7 @@ def test_more_bad_inputs_of_evaluation_and_pruning(default_model, tmp_path):
 
 
 def test_importance_matrix_quantization(variants, tmp_path):
-    from workbench.compress import _child
+    from workbench import _child
     from workbench.compress.imatrix import importance_child
     from workbench.compress.text import calibration_text
 

@@ -388,7 +388,7 @@ def test_malformed_inputs_are_reported_not_raised(places, tiny):
 def test_hub_cache_files_in_the_shared_xet_store(places, tiny):
     """huggingface_hub keeps Xet-stored files in a store shared by all repositories:
     snapshots/<rev>/<file> -> blobs/<etag> -> <cache>/blobs/<xx>/<xet hash>."""
-    from workbench.models.fetch import _blob_sha, _discard
+    from workbench.models.fetch import _discard, blob_sha
 
     data = tiny.read_bytes()
     sha = hashlib.sha256(data).hexdigest()
@@ -404,7 +404,7 @@ def test_hub_cache_files_in_the_shared_xet_store(places, tiny):
     (snap / FILE).symlink_to(Path("../../blobs") / sha)
     found = [m for m in discover() if m.source == "huggingface"]
     assert [m.name for m in found] == [f"{REPO}/{FILE}"] and not found[0].problem
-    assert _blob_sha(found[0].path) == sha  # the etag, not the Xet hash
+    assert blob_sha(found[0].path) == sha  # the etag, not the Xet hash
     _discard(found[0].path)
     assert not (snap / FILE).exists() and not (repo / "blobs" / sha).is_symlink()
     assert store.read_bytes() == data  # other repositories may use the store's file
