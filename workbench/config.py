@@ -119,6 +119,10 @@ class DeployConfig:
     check: str | None = setting(None, "start the service in this folder, run a smoke test, "
                                 "stop it")
 
+    def validate(self) -> "DeployConfig":
+        _check_bounds(self, WorkbenchError)  # the rest is checked where it is used
+        return self
+
     def deploy_arguments(self) -> dict[str, Any]:
         """The keyword arguments of `workbench.deploy`."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
