@@ -163,8 +163,27 @@ def violations(sources: dict[str, tuple[Path, str]]) -> list[str]:
             problems.append(f"{where}: {module} ({FLOORS[src][0]}) imports {target}, which is "
                             f"higher up ({FLOORS[dst][0]})")
     for group in _cycles(edges):
-        problems.append("import circle: " + " -> ".join(group + group[:1]))
+        problems.append("import circle: " + " -> ".join(_circle(group, edges)))
     return problems
+
+
+def _circle(group: list[str], edges: dict[str, set[str]]) -> list[str]:
+    """One circle through the first module of a strongly connected group, as a path."""
+    start, members = group[0], set(group)
+    came: dict[str, str] = {}
+    todo = [start]
+    while todo:
+        v = todo.pop(0)
+        for w in sorted(edges.get(v, ())):
+            if w == start:
+                path = [v]
+                while path[-1] != start:
+                    path.append(came[path[-1]])
+                return [start] + path[::-1][1:] + [start] if len(path) > 1 else [start, start]
+            if w in members and w not in came:
+                came[w] = v
+                todo.append(w)
+    return group + group[:1]
 
 
 def test_every_import_points_down() -> None:
