@@ -212,6 +212,12 @@ def test_more_bad_inputs_of_evaluation_and_pruning(default_model, tmp_path):
     assert "workbench.prune" in e.value.hint
     with pytest.raises(WorkbenchError, match="llama-architecture"):
         workbench.distill(other, steps=1, progress=False)
+    # a student must share the teacher's vocabulary, token by token
+    retokenized = with_strings(default_model, tmp_path / "other-vocab.gguf",
+                               {"tokenizer.ggml.pre": "gpt2"})
+    with pytest.raises(WorkbenchError, match="different vocabularies") as e:
+        workbench.distill(retokenized, steps=1, progress=False)
+    assert "workbench.prune" in e.value.hint
 
 
 def test_importance_matrix_quantization(variants, tmp_path):

@@ -68,6 +68,12 @@ def distill(student: str | os.PathLike, teacher: str | os.PathLike, *,
         if h.architecture != "llama":
             raise WorkbenchError(f"distillation maps llama-architecture models; {p.name} is "
                                  f"{h.architecture}", "Use a llama-architecture model.")
+    if _vocabulary(hs) != _vocabulary(ht):
+        raise WorkbenchError(
+            f"{s.name} and {t.name} have different vocabularies ({_vocabulary(hs)[2]:,} and "
+            f"{_vocabulary(ht)[2]:,} tokens): the student learns the teacher's next-token "
+            "distribution, token by token", "Distil a student made from the teacher "
+            "(workbench.prune), which keeps its vocabulary.")
     if steps < 1 or seq_len < 16:
         raise WorkbenchError("steps must be ≥ 1 and seq_len ≥ 16", "For example steps=40.")
     n_layers = int(hs.arch_value("block_count", 0))
@@ -99,6 +105,13 @@ def distill(student: str | os.PathLike, teacher: str | os.PathLike, *,
     return Distilled(dst, s, t, steps, losses, time.monotonic() - t0)
 
 
+def _vocabulary(h: Any) -> tuple[Any, Any, int]:
+    """What must agree for two models to share next-token distributions."""
+    tokens = h.metadata.get("tokenizer.ggml.tokens")
+    return (h.metadata.get("tokenizer.ggml.model"), h.metadata.get("tokenizer.ggml.pre"),
+            int(getattr(tokens, "length", 0) or 0))
+
+
 def _distill_child(student: str, teacher: str, f16_out: str, steps: int, seq_len: int,
                    lr: float, train_from: int, text: str, threads: int,
                    report: Any) -> list[float]:
@@ -111,8 +124,9 @@ def _distill_child(student: str, teacher: str, f16_out: str, steps: int, seq_len
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    tok = load_tokenizer(student)
-    teach, stud = load_model(teacher), load_model(student)
+    tok = load_tokenizer(teacher)  # the student shares it (checked before the child started)
+    # the teacher is kept dequantized for the next run; a pruned student is met once
+    teach, stud = load_model(teacher), load_model(student, keep=False)
     teach.eval()
     stud.train()
     ids = tok(text, return_tensors="pt").input_ids[0]

@@ -87,7 +87,9 @@ def load_tokenizer(path: str | Path) -> Any:
     return tok
 
 
-def load_model(path: str | Path, dtype: Any = None) -> Any:
+def load_model(path: str | Path, dtype: Any = None, keep: bool = True) -> Any:
+    """The model in a GGUF file as a transformers model (float32 unless `dtype`). `keep`:
+    keep the dequantized copy for the next load of the same file."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -100,7 +102,7 @@ def load_model(path: str | Path, dtype: Any = None) -> Any:
         t0 = time.monotonic()
         model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name,
                                                      dtype=dtype)
-        if time.monotonic() - t0 > 2.0:  # worth keeping
+        if keep and time.monotonic() - t0 > 2.0:  # worth keeping
             _keep(folder, functools.partial(_save_model, model))
     return model
 
