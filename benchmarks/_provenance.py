@@ -22,7 +22,7 @@ def sha256(path: str | os.PathLike) -> str:
     return file_sha256(path)
 
 
-_watch: Any = None  # the thermal watch of this benchmark run (device/telemetry.Sampler)
+_watch: Any = None  # the thermal watch of this benchmark run (power/meter.Sampler)
 
 
 def machine() -> dict[str, Any]:
