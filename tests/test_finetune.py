@@ -38,6 +38,15 @@ def small_data(tmp_path: Path, n: int = 12) -> Path:
 
 # ---- data ----------------------------------------------------------------------
 
+def test_the_package_never_hides_the_function():
+    """`workbench.finetune` is the function, also after a submodule of the package of the
+    same name is imported (which binds the submodule's name on its parent)."""
+    import importlib
+
+    importlib.import_module("workbench.finetune.export")
+    assert callable(workbench.finetune) and workbench.finetune.__module__ == "workbench.api"
+
+
 def test_data_formats_and_bad_data(tmp_path):
     chat = json.dumps({"messages": [{"role": "user", "content": "hi"},
                                     {"role": "assistant", "content": "hello"}]})
