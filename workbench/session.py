@@ -169,8 +169,8 @@ class Session:
 
     def complete(self, prompt: str | Sequence[int], **params: Any) -> Completion:
         """`generate`, finished: its `Completion`."""
-        config: GenerationConfig = build(GenerationConfig, params)
-        return finish(self.engine.stream("generate", _prompt(prompt), config))
+        return finish(self.engine.stream("generate", _prompt(prompt),
+                                         build(GenerationConfig, params)))
 
     def generate_many(self, prompts: Sequence[Any], *, chat: bool = False,
                       system: str | None = None, **params: Any) -> list[Completion]:

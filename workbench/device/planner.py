@@ -67,16 +67,15 @@ def plan(engine: Engine, path: Path, config: LoadConfig, given: dict[str, Any]) 
 
     db = TuningDB()  # this machine's calibration and autotune runs
     try:
-        machine = fingerprint()
+        machine, sha = fingerprint(), file_sha256(path)
         version = engine.worker.llama_cpp_version
         over = budget.overheads(engine, db, machine)
-        tuned = None if "threads" in fixed else db.best(machine, file_sha256(path), version)
+        tuned = None if "threads" in fixed else db.best(machine, sha, version)
         capped, fixed_why = None, {}
         if config.power_cap is not None:
             from .tune import under_cap
 
-            capped = under_cap(db, machine, file_sha256(path), version, path.name,
-                               config.power_cap, fixed)
+            capped = under_cap(db, machine, sha, version, path.name, config.power_cap, fixed)
             fixed_why = {k: "chosen under the power cap (below)" for k in capped.settings
                          if k not in fixed}
             fixed.update(capped.settings)
