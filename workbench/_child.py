@@ -17,6 +17,7 @@ import traceback
 from typing import Any, Callable
 
 from .errors import WorkbenchError
+from .progress import advance
 
 CONTEXT = mp.get_context("spawn")  # queues, pipes and events for children come from here
 _MISSING = object()
@@ -57,13 +58,19 @@ def describe_exit(code: int | None) -> str:
 
 
 class Report:
-    """What a `run` target gets to report with."""
+    """What a `run` target gets to report with; itself a progress callback (see
+    workbench/progress.py) that takes counts."""
+    takes_counts = True
 
     def __init__(self, conn: Any) -> None:
         self.conn = conn
 
-    def progress(self, fraction: float) -> None:
-        self.conn.send(("progress", float(fraction)))
+    def progress(self, fraction: float, done: float | None = None, total: float | None = None,
+                 unit: str | None = None) -> None:
+        """The fraction done, and where known the count `done` of `total` `unit`s."""
+        self.conn.send(("progress", float(fraction), done, total, unit))
+
+    __call__ = progress
 
 
 def _job(target: str | Callable[..., Any], args: tuple[Any, ...], conn: Any) -> None:
@@ -91,8 +98,8 @@ def run(target: str | Callable[..., Any], args: tuple[Any, ...], what: str,
                     kind, *rest = parent.recv()
                 except EOFError:
                     break
-                if kind == "progress" and progress is not None:
-                    progress(rest[0])
+                if kind == "progress":
+                    advance(progress, *rest)
                 elif kind == "done":
                     result = rest[0]
                 elif kind == "error":

@@ -193,7 +193,8 @@ def _quantize_child(src: str, tmp: str, ftype: int, pruned: tuple[int, ...], thr
         s = text.decode("utf-8", errors="replace")
         m = _PROGRESS.search(s)
         if m:
-            report.progress(int(m.group(1)) / max(1, int(m.group(2))))
+            done, total = int(m.group(1)), max(1, int(m.group(2)))
+            report.progress(done / total, done, total, "tensors")
         if level == 4 or "failed" in s or "error" in s.lower():  # GGML_LOG_LEVEL_ERROR
             errors.append(s.strip())
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import WorkbenchError
+from ..progress import advance
 from .catalog import Variant
 from .discover import LocalModel, hf_cache_dir
 
@@ -291,7 +292,8 @@ def _point_main_at(repo: str, commit: str | None) -> None:
 
 
 def _tqdm_for(progress: Callable[[float], None]) -> Any:
-    """A tqdm class that reports the fraction done to `progress` and prints nothing."""
+    """A tqdm class that reports the fraction and the bytes done to `progress` and prints
+    nothing."""
     from tqdm import tqdm  # the plain one: huggingface_hub passes it only what it accepts
 
     seen = [0.0]
@@ -306,7 +308,7 @@ def _tqdm_for(progress: Callable[[float], None]) -> Any:
             r = super().update(n)
             if self.total:  # never backwards (a Xet download's totals can grow)
                 seen[0] = max(seen[0], min(1.0, self.n / self.total))
-                progress(seen[0])
+                advance(progress, seen[0], self.n, self.total, "B")
             return r
 
         def close(self) -> None:
