@@ -87,18 +87,11 @@ class Session:
         model = getattr(model, "path", model)
         if model is None or str(model) in ("", "default"):
             return default_model_path()
-        bars: list[Any] = []
-
-        def fetching(fraction: float) -> None:  # a bar only once a download starts
-            if not bars:
-                bars.append(progress_bar(f"Fetching {model}", enabled=progress))
-            bars[0](fraction)
-
+        bar = progress_bar(f"Fetching {model}", enabled=progress, lazy=True)  # if it must
         try:
-            return resolve(model, progress=fetching)
+            return resolve(model, progress=bar)
         finally:
-            for bar in bars:
-                bar.close()
+            bar.close()
 
     def plan(self, model: str | os.PathLike[str] | None = None, **settings: Any) -> Placement:
         """How `model` would be placed on this machine, with the reasons."""
@@ -122,7 +115,8 @@ class Session:
                                  "machine; a model split across RPC nodes draws power on each",
                                  "Leave out --power-cap with --cluster.")
         if config.cluster:
-            bar = progress_bar(f"Loading {path.name} across the cluster", enabled=progress)
+            bar = progress_bar(f"Loading {path.name} across the cluster", enabled=progress,
+                               unit="B", total=path.stat().st_size)
             info, cluster_plan = self.cluster.load(path, config, settings, on_progress=bar)
             bar.close(f"{info.load_seconds:.1f} s")
             return LoadedModel(info, cluster_plan)
@@ -136,7 +130,8 @@ class Session:
 
             placement = dataclasses.replace(placement, reasons=placement.reasons + (
                 set_gpu_power_limit(config.power_cap),))
-        bar = progress_bar(f"Loading {path.name}", enabled=progress)
+        bar = progress_bar(f"Loading {path.name}", enabled=progress, unit="B",
+                           total=path.stat().st_size)  # llama.cpp tells fractions of it
         info = self.engine.load(path, config, on_progress=bar)
         bar.close(f"{info.load_seconds:.1f} s")
         return LoadedModel(info, placement)
