@@ -48,7 +48,8 @@ def test_the_process_engine_publishes_its_model(loaded):
         entry = status.read_entry(pub.id, pub.folder) or {}
         return entry.get("requests") == len(loaded.records) and entry["state"] == "idle"
 
-    assert _wait_for(current)
+    assert _wait_for(current), (status.read_entry(pub.id, pub.folder),
+                                len(loaded.records), loaded.activity(), pub._thread.is_alive())
     entry = status.read_entry(pub.id, pub.folder)
     assert entry["worker_pid"] == loaded.pid
     assert entry["model"]["name"] == loaded.model.name

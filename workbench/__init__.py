@@ -8,6 +8,10 @@ compare, finetune,
 merge_lora, deploy, start_service, rpc_cluster.
 """
 
+from ._platform import check_supported as _check_supported
+
+_check_supported()  # on Windows: says to use WSL2, before anything Linux-only is imported
+
 # The fine-tuning package shares its name with the function: imported first, so that the
 # function bound below is never replaced when a submodule of the package loads later.
 from . import finetune as _finetune_package  # noqa: F401

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from . import _paths
+from ._extras import require
 from .config import LoadConfig, build
 from .engine.client import Engine
 from .engine.stream import TokenStream
@@ -242,6 +243,7 @@ def distill(student: Any, teacher: Any = None, *, steps: int = 40, seq_len: int 
     removed one when `student` is what `prune(layers=...)` returned, else 0 (all layers).
     Small updates do not survive a coarse type: distil an F16 student (prune the F16
     reference), then quantize. `.figure()` plots the loss."""
+    require("train", "distillation")
     from .compress.distill import distill as _distill
 
     s = resolve_model(student)
@@ -484,6 +486,7 @@ def finetune(base: Any = None, data: Any = None, *, out: str | os.PathLike | Non
     from .finetune.job import FinetuneJob
 
     config: FinetuneConfig = build(FinetuneConfig, settings)
+    require("train", "fine-tuning")
     if data is None:
         raise WorkbenchError("no data to fine-tune on",
                              "Pass data='examples.jsonl' (or a list of examples).")
@@ -497,6 +500,8 @@ def finetune(base: Any = None, data: Any = None, *, out: str | os.PathLike | Non
             raise WorkbenchError(f"{what} needs a CUDA GPU, and this machine has none",
                                  "Use method='lora': it trains the full-precision base on the "
                                  "CPU (the default model takes a few minutes).")
+        if config.method == "qlora":
+            require("qlora", "QLoRA")
     path = resolve_model(base)
     records = read_data(data)
     train, val = split(records, config.val_fraction, config.seed)

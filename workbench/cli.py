@@ -60,7 +60,10 @@ def _report(args: argparse.Namespace) -> None:
     out = report.check_out(args.out)  # before anything runs
     if not report.NOTEBOOK.exists():
         raise WorkbenchError(f"the report notebook is not at {report.NOTEBOOK}",
-                             "Run `workbench report` from a checkout of the repository.")
+                             "The installed package is incomplete: reinstall it.")
+    from ._extras import require
+
+    require("report", "`workbench report`")
     import papermill
 
     executed = Path(args.notebook).expanduser() if args.notebook else \

@@ -19,20 +19,34 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from . import _paths
 from .errors import WorkbenchError
 
 REPO = Path(__file__).resolve().parent.parent
-NOTEBOOK = REPO / "notebooks" / "06-benchmark-report.ipynb"
+# An installed wheel carries the benchmarks, their committed results, the report notebook
+# and what the benchmarks read, laid out as in the repository (pyproject's force-include).
+PACKAGED = Path(__file__).resolve().parent / "_data"
+
+
+def _root() -> Path:
+    """The repository's root when running from a checkout, else the wheel's copy."""
+    if (REPO / "pyproject.toml").is_file() and (REPO / "benchmarks").is_dir():
+        return REPO
+    return PACKAGED
+
+
+ROOT = _root()
+NOTEBOOK = ROOT / "notebooks" / "06-benchmark-report.ipynb"
 _RESULT = re.compile(r"^RESULT (.*)$", re.M)
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
 
 
 def benchmarks_dir() -> Path:
-    folder = Path(os.environ.get("WORKBENCH_BENCHMARKS", REPO / "benchmarks"))
+    folder = Path(os.environ.get("WORKBENCH_BENCHMARKS", ROOT / "benchmarks"))
     if not folder.is_dir():
         raise WorkbenchError(f"no benchmarks folder at {folder}",
-                             "Run the report from a checkout of the workbench repository, "
-                             "or point WORKBENCH_BENCHMARKS at its benchmarks/ folder.")
+                             "The installed package is incomplete (reinstall it), or point "
+                             "WORKBENCH_BENCHMARKS at a checkout's benchmarks/ folder.")
     return folder
 
 
@@ -88,6 +102,10 @@ def run_benchmark(name: str, results_dir: Path, *, quick: bool = True,
     results_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(script), *(["--quick"] if quick else []), *args]
     env = {**os.environ, "WORKBENCH_BENCH_RESULTS": str(results_dir),
+           # what a benchmark builds (llama-bench) stays out of an installed package
+           "WORKBENCH_BENCH_CACHE": os.environ.get("WORKBENCH_BENCH_CACHE") or str(
+               script.parent / ".cache" if ROOT == REPO
+               else _paths.home() / "cache" / "benchmarks"),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(script.parent.parent),
                                                        os.environ.get("PYTHONPATH")]))}
     start = time.monotonic()

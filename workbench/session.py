@@ -85,6 +85,10 @@ class Session:
         from .models.resolve import resolve
 
         model = getattr(model, "path", model)
+        if model is None:  # the machine's default (settings file, $WORKBENCH_MODEL), if set
+            from .settings import default_model
+
+            model = default_model()
         if model is None or str(model) in ("", "default"):
             return default_model_path()
         bar = progress_bar(f"Fetching {model}", enabled=progress, lazy=True)  # if it must
@@ -96,7 +100,9 @@ class Session:
     def plan(self, model: str | os.PathLike[str] | None = None, **settings: Any) -> Placement:
         """How `model` would be placed on this machine, with the reasons."""
         from .device.planner import plan
+        from .settings import load_defaults
 
+        settings = {**load_defaults(), **settings}
         config: LoadConfig = build(LoadConfig, settings)
         return plan(self.engine, self.resolve_model(model), config, settings)
 
@@ -105,7 +111,9 @@ class Session:
         """Load a GGUF model into the worker (replacing the current one). `settings`:
         fields of `LoadConfig`; the planner decides the rest."""
         from .device.planner import resolve
+        from .settings import load_defaults
 
+        settings = {**load_defaults(), **settings}  # the machine's defaults, then the call's
         config: LoadConfig = build(LoadConfig, settings)
         if config.lora:
             config = dataclasses.replace(config, lora=str(check_lora(config.lora)))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import resource
 import socket
 import sys
 import threading
@@ -23,6 +22,7 @@ from .. import _paths
 from ..errors import WorkbenchError
 from .._cpu import SPINCOUNT, idle_cores
 from .._net import is_loopback
+from .._platform import data_size
 from .probe import status_port
 
 GiB = 2 ** 30
@@ -64,18 +64,17 @@ def _pick_device(kind: str) -> Any:
     return found[0]
 
 
-def _data_size() -> int:
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("VmData:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def limit_memory(limit: int, threads: int) -> None:
     """Make allocations beyond `limit` fail (RLIMIT_DATA), so the node refuses a share
     too big for it instead of swapping the machine to a halt."""
-    cap = _data_size() + limit + _SLACK + _STACK * (threads + 2)
+    data = data_size()
+    if data is None:  # macOS: no VmData, and RLIMIT_DATA is not enforced there
+        print("workbench: this platform cannot cap the node's memory; --memory is a "
+              "budget it reports, not a limit", file=sys.stderr)
+        return
+    import resource
+
+    cap = data + limit + _SLACK + _STACK * (threads + 2)
     resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
 
 

@@ -30,6 +30,7 @@ def settings_for(folder: Path, host: str | None, port: int | None,
                  api_key: str | None) -> tuple[dict[str, Any], Any, str, int]:
     """The config, the service's settings and where it listens, after the security check:
     an address other than loopback needs an API key."""
+    from ..settings import service_key
     from .app import ServiceSettings
     from .request import Limits
 
@@ -37,7 +38,8 @@ def settings_for(folder: Path, host: str | None, port: int | None,
     server = config["server"]
     host = host or server.get("host", "127.0.0.1")
     port = port if port is not None else int(server.get("port", 8000))
-    key = api_key or os.environ.get(server.get("api_key_env") or "WORKBENCH_API_KEY") or None
+    key = (api_key or os.environ.get(server.get("api_key_env") or "WORKBENCH_API_KEY")
+           or service_key() or None)  # the last: the machine's settings file
     if not is_loopback(host) and not key:
         raise WorkbenchError(
             f"refusing to listen on {host} without an API key",

@@ -21,12 +21,12 @@ import collections
 import dataclasses
 import os
 import queue
-import resource
 import threading
 import time
 import traceback
 from typing import Any
 
+from .._platform import peak_rss, reset_peak_rss
 from ..errors import WorkbenchError, no_model
 from ..engine import protocol as P
 
@@ -35,32 +35,6 @@ _STATS_PERIOD_S = 1.0
 # slower than one per _HOLD_MAX_S: holding one then would delay it visibly.
 _GROUP_S = 0.03
 _HOLD_MAX_S = 0.05
-
-
-def _peak_rss() -> int:
-    """This process's peak resident memory, bytes. VmHWM, not ru_maxrss: Linux carries
-    ru_maxrss across exec, so a spawned worker would report its parent's size."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _reset_peak_rss() -> bool:
-    """Start VmHWM again from the current size (Linux: "5" to clear_refs). Called after a
-    load: reading the weights through the file mapping makes every page resident for a
-    moment, also those llama.cpp copies to a GPU and then unmaps. Those are clean page
-    cache, not memory the model needs; a request's peak is measured from here."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 class _GpuMemory:
@@ -192,8 +166,8 @@ class Worker:
                     self.send(P.LoadProgress(id=msg.id, fraction=fraction))
 
             info = self.runtime.load(msg.path, msg.config, progress)
-            peak = _peak_rss()
-            if _reset_peak_rss():
+            peak = peak_rss()
+            if reset_peak_rss():
                 info = dataclasses.replace(info, load_peak_rss_bytes=peak)
             self.runtime.info = info
             self.send(P.ModelLoaded(id=msg.id, info=info))
@@ -286,7 +260,7 @@ class Worker:
             decode_tps=(r.generated - 1) / decode_s if r.generated > 1 and decode_s > 0 else 0.0,
             total_s=time.monotonic() - t_received, finish_reason=r.finish_reason,
             rss_bytes=self.proc.memory_info().rss, gpu_bytes=self.gpu.used(),
-            peak_rss_bytes=_peak_rss(),
+            peak_rss_bytes=peak_rss(),
             n_threads=self.runtime.threads, n_ctx=info.n_ctx, wall_time=time.time(),
             cached_tokens=r.cached_tokens, cache_tier=r.cache_tier,
             energy_j=energy1 - energy0 if energy0 is not None and energy1 is not None else None)
