@@ -213,8 +213,9 @@ class _Shown:
         now = self.clock()
         full = self.meter.fraction >= 1.0
         if self._drawn is None or now - self._drawn >= REDRAW_S or (full and not self._full):
-            self._drawn, self._full = now, full
+            self._drawn = now
             self.draw()
+        self._full = full  # the end of each phase is drawn
 
     def close(self, message: str = "") -> None:
         self.finish(message or self.meter.summary())

@@ -146,6 +146,7 @@ def _distill_child(student: str, teacher: str, f16_out: str, steps: int, seq_len
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / max(1, steps // 10))
                                               * (0.55 + 0.45 * math.cos(math.pi * k / steps)))
     losses = []
+    report.progress(0.0, 0, steps, "steps")  # the rate counts from here, past the loading
     for step in range(steps):
         i = step % n
         x = ids[i * seq_len:(i + 1) * seq_len].unsqueeze(0)
@@ -159,7 +160,7 @@ def _distill_child(student: str, teacher: str, f16_out: str, steps: int, seq_len
         opt.step()
         sched.step()
         losses.append(loss.item())
-        report.progress(0.9 * (step + 1) / steps)
+        report.progress(0.9 * (step + 1) / steps, step + 1, steps, "steps")
 
     # write: the student's GGUF with every mapped tensor replaced (F16; norms F32)
     cfg = stud.config

@@ -216,7 +216,7 @@ def _evaluate_child(paths: list[str], text: str, n_ctx: int, max_chunks: int, th
                 stats[j]["kl"].append((p_ref * (ref_logp - logp)).sum(axis=1))
                 stats[j]["agree"] += int((ref_logp.argmax(axis=1) == logp.argmax(axis=1)).sum())
             done += 1
-            report.progress(done / steps)
+            report.progress(done / steps, done, steps, "passes")
     # decode speed: one token at a time after a short prompt, 32 tokens
     tg = []
     for _, _, ctx, _ in loaded:
@@ -227,7 +227,7 @@ def _evaluate_child(paths: list[str], text: str, n_ctx: int, max_chunks: int, th
             decode(ctx, [tokens[64 + i]], 64 + i, False)
         tg.append(32 / (time.perf_counter() - t0))
         done += 1
-        report.progress(done / steps)
+        report.progress(done / steps, done, steps, "passes")
     L.llama_batch_free(batch)
     scored = n_chunks * (n_ctx - 1 - first)
     rows = []

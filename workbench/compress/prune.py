@@ -86,7 +86,7 @@ def prune(model: str | os.PathLike, layers: int | Sequence[int] = 1, *,
         keep_type = quant_name(to)
     target = out or default_output(path, keep_type, f"-pruned{len(set(drop))}")
     return quantize(path, keep_type, target, overwrite=overwrite, prune_layers=drop,
-                    same_type=to is None, ranking=ranking)
+                    same_type=to is None, ranking=ranking, progress=progress)
 
 
 def _rank_child(path: str, text: str, n_tokens: int, threads: int,

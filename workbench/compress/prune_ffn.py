@@ -89,7 +89,8 @@ def _prune_ffn_child(src: str, tmp: str, k: int, text: str, n_tokens: int, threa
     keep = {n: np.sort(np.argsort(a)[::-1][:k]) for n, a in activity.items()}
     reader, w = writer_like(src, tmp, {"{arch}.feed_forward_length": k})
     out = []
-    for t in reader.tensors:
+    n = len(reader.tensors)
+    for i, t in enumerate(reader.tensors):
         data, qtype = t.data, t.tensor_type
         parts = t.name.split(".")
         if len(parts) == 4 and parts[0] == "blk" and parts[2] in ("ffn_gate", "ffn_up",
@@ -105,6 +106,7 @@ def _prune_ffn_child(src: str, tmp: str, k: int, text: str, n_tokens: int, threa
                     qtype = gguf.GGMLQuantizationType.Q8_0
                     data = quants.quantize(np.ascontiguousarray(full), qtype)
         out.append((t.name, data, qtype))
+        report.progress(0.3 + 0.6 * (i + 1) / n, i + 1, n, "tensors")
     for name, data, qtype in out:
         w.add_tensor(name, data, raw_dtype=qtype)
     finish(w)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..compress._gguf import finish, hf_to_gguf_name, permute_qk, writer_like
+from ..progress import advance
 
 
 def _pairs(adapter: dict[str, Any], n_head: int, n_kv_head: int) -> dict[str, tuple[Any, Any]]:
@@ -80,9 +81,11 @@ def read_lora_gguf(path: str | os.PathLike) -> tuple[float, dict[str, tuple[Any,
     return alpha, {k: (a, b) for k, (a, b) in pairs.items()}
 
 
-def merge_lora(base: str, lora: str, out: str | os.PathLike, scale: float = 1.0) -> Path:
+def merge_lora(base: str, lora: str, out: str | os.PathLike, scale: float = 1.0,
+               progress: Callable[..., Any] | None = None) -> Path:
     """`base` with W + scale * alpha / rank * B @ A folded into every adapted weight,
-    written as F16 (norms F32); other tensors are copied as they are."""
+    written as F16 (norms F32); other tensors are copied as they are. `progress`: told
+    the tensors done (workbench/progress.py)."""
     import numpy as np
     from gguf.quants import dequantize
 
@@ -91,7 +94,9 @@ def merge_lora(base: str, lora: str, out: str | os.PathLike, scale: float = 1.0)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
     try:
         reader, w = writer_like(base, str(tmp), {"general.file_type": 1})  # MOSTLY_F16
-        for t in reader.tensors:
+        n = len(reader.tensors)
+        for i, t in enumerate(reader.tensors):
+            advance(progress, 0.9 * i / n, i, n, "tensors")  # writing the file is the rest
             if t.name in pairs:
                 a, b = pairs[t.name]
                 weight = dequantize(t.data, t.tensor_type).astype(np.float32)
@@ -118,6 +123,6 @@ def _commit(w: Any, tmp: Path, out: Path) -> None:
 
 def merge_child(base: str, lora: str, out: str, scale: float, report: Any) -> str:
     """`merge_lora` as a child process's target (`_child.run`)."""
-    merge_lora(base, lora, out, scale)
+    merge_lora(base, lora, out, scale, progress=report)
     report.progress(1.0)
     return out
