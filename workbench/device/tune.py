@@ -174,8 +174,8 @@ def autotune(session: Session, path: Path, *, threads: Iterable[int] | None, n_g
         version = session.engine.worker.llama_cpp_version
         db = TuningDB()
         best_of: dict[tuple[int, int, int | None], dict[str, Any]] = {}
-        bar = progress_bar(f"Autotune {path.name}", enabled=progress)
         done, total = 0, len(triples) * repeats
+        bar = progress_bar(f"Autotune {path.name}", enabled=progress, unit="runs", total=total)
 
         def measure(ngl: int, t: int, ub: int | None, window: float = POWER_WINDOW_S) -> None:
             extra = {} if ub is None else {"n_ubatch": ub, "n_batch": max(ub, 512)}
@@ -221,7 +221,7 @@ def autotune(session: Session, path: Path, *, threads: Iterable[int] | None, n_g
                 for ngl, t, ub in triples:
                     measure(ngl, t, ub)
                     done += 1
-                    bar(done / total)
+                    bar(done / total, done)
             if power_cap is not None:
                 for extra_run in _search_under_cap(best_of, power_cap,
                                                    refine=n_gpu_layers is None):
