@@ -101,7 +101,10 @@ def test_the_report_runs_from_the_installed_package(installed):
     assert "pip install 'gguf-workbench[report]'" in refused.stderr
     assert "Traceback" not in refused.stderr
 
-    _check(_run([str(bin_ / "pip"), "install", f"{wheel}[report]"], tmp, env))
+    # the hint's own command: the installed package takes the extra
+    hint = refused.stderr[refused.stderr.index("pip install '"):].split("  ")[0].split()
+    assert hint == ["pip", "install", "'gguf-workbench[report]'"]
+    _check(_run([str(bin_ / "pip"), "install", "gguf-workbench[report]"], tmp, env))
     _check(_run(cmd, tmp, env, timeout=600))
     page = out.read_text(encoding="utf-8")
     assert "kv_cache" in page and "placement" in page

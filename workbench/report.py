@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import _paths
+from ._extras import DISTRIBUTION
 from .errors import WorkbenchError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -153,7 +154,7 @@ def provenance(model: str | os.PathLike | None = None) -> dict[str, Any]:
     return {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         **info,
-        "workbench": package_version("workbench"),
+        "workbench": package_version(DISTRIBUTION),
         "torch": package_version("torch"),
         "model": path.name,
         "model_sha256": file_sha256(path),
