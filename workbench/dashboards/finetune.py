@@ -12,6 +12,8 @@ import threading
 import time
 from typing import Any
 
+from ..progress import format_amount, format_duration, format_rate
+
 REFRESH_S = 0.5
 
 
@@ -76,12 +78,13 @@ class FinetuneDashboard:
         steps = job.history["steps"][-20:]
         if not steps:
             return "<small>loading the model…</small>"
-        rate = sum(s["tokens"] for s in steps) / max(1e-9, sum(s["seconds"] for s in steps))
-        per_step = sum(s["seconds"] for s in steps) / len(steps)
-        left = max(0, job.total_steps - job.step) * per_step
-        eta = f"{left / 60:.0f} min" if left >= 90 else f"{left:.0f} s"
+        seconds = max(1e-9, sum(s["seconds"] for s in steps))  # the last 20 steps'
+        rate = sum(s["tokens"] for s in steps) / seconds
+        left = max(0, job.total_steps - job.step) * seconds / len(steps)
         val = job.history["val"]
         vtxt = f" · validation {val[-1][1]:.3f}" if val else ""
         mem = steps[-1]["memory"] / 2**20
-        return (f"<small>step {job.step}/{job.total_steps} · loss {steps[-1]['loss']:.3f}{vtxt}"
-                f" · {rate:,.0f} tokens/s · ETA {eta} · memory {mem:,.0f} MiB</small>")
+        return (f"<small>{format_amount(job.step, job.total_steps, 'steps')} · "
+                f"{format_rate(len(steps) / seconds, 'steps')} · {rate:,.0f} tokens/s · "
+                f"ETA {format_duration(left)} · loss {steps[-1]['loss']:.3f}{vtxt} · "
+                f"memory {mem:,.0f} MiB</small>")

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from .. import _child
 from ..errors import WorkbenchError
+from ..progress import progress_bar
 
 
 @dataclass
@@ -73,6 +74,7 @@ class FinetuneJob:
         self.total_steps = 0
         self.step = 0
         self.started = time.monotonic()
+        self._shown = False  # the live view is on screen: wait() needs no bar of its own
         self._listeners: list[Callable[[str, Any], None]] = []
         self._result: FinetuneResult | None = None
         self._error: BaseException | None = None
@@ -102,8 +104,17 @@ class FinetuneJob:
             self._cancel.set()
             self._notify("status", self.status)
 
-    def wait(self, timeout: float | None = None) -> FinetuneResult:
-        """Block until the run ends; an interrupt (Kernel > Interrupt) cancels it."""
+    def wait(self, timeout: float | None = None, *, progress: bool = True) -> FinetuneResult:
+        """Block until the run ends, showing its steps, rate and time left (unless the
+        live view shows them); an interrupt (Kernel > Interrupt) cancels it."""
+        bar = progress_bar(f"Fine-tuning {Path(self.spec['base']).name}", lazy=True,
+                           enabled=progress and not self._shown, unit="steps")
+
+        def on_step(kind: str, payload: Any) -> None:
+            if kind in ("start", "step") and self.total_steps:
+                bar(self.step / self.total_steps, self.step, self.total_steps)
+
+        self._listeners.append(on_step)
         try:
             if not self._done.wait(timeout):
                 raise WorkbenchError(f"fine-tuning is still running after {timeout:g} s",
@@ -111,6 +122,9 @@ class FinetuneJob:
         except KeyboardInterrupt:
             self.cancel()
             self._done.wait()
+        finally:
+            self._listeners.remove(on_step)
+            bar.close("" if self.status == "finished" else self.status)
         if self._error is not None:
             raise self._error
         assert self._result is not None
@@ -224,6 +238,7 @@ class FinetuneJob:
 
         from ..dashboards.finetune import FinetuneDashboard
 
+        self._shown = True
         display(FinetuneDashboard(self).widget)
 
 
