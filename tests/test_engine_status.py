@@ -48,8 +48,8 @@ def test_the_process_engine_publishes_its_model(loaded):
         entry = status.read_entry(pub.id, pub.folder) or {}
         return entry.get("requests") == len(loaded.records) and entry["state"] == "idle"
 
-    assert _wait_for(current), (status.read_entry(pub.id, pub.folder),
-                                len(loaded.records), loaded.activity(), pub._thread.is_alive())
+    assert _wait_for(current), (status.read_entry(pub.id, pub.folder, clean=False),
+                                len(loaded.records), loaded.activity())
     entry = status.read_entry(pub.id, pub.folder)
     assert entry["worker_pid"] == loaded.pid
     assert entry["model"]["name"] == loaded.model.name
@@ -67,6 +67,16 @@ def test_an_unwritable_status_folder_does_not_stop_the_engine(tmp_path, loaded):
         assert workbench.chat("Hi", max_tokens=3, temperature=0).text
     finally:
         pub.close()
+
+
+def test_a_live_kernel_is_not_stale_when_the_boot_time_moves():
+    # the boot time (and so every start time) moves as the clock is adjusted, and by a
+    # whole second as /proc/stat's btime rounds: a live kernel's entry must stay
+    me = os.getpid()
+    started = status._process_started(me)
+    for moved in (-1.0000001, 1.0000001, 5.0, -30.0):
+        assert not status.is_stale({"kernel_pid": me, "kernel_started": started + moved})
+    assert status.is_stale({"kernel_pid": me, "kernel_started": started - 1e5})  # pid reused
 
 
 def test_a_status_file_the_engine_did_not_write_is_not_read_as_its(tmp_path):

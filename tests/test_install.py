@@ -67,10 +67,11 @@ def test_the_installed_package_loads_the_default_model_and_chats(installed):
         import workbench
         assert "site-packages" in workbench.__file__, workbench.__file__
         workbench.load_model(progress=False, n_ctx=512)
-        print("REPLY", repr(workbench.chat("Say hi.", max_tokens=8, temperature=0).text))
+        import json
+        print("REPLY", json.dumps(workbench.chat("Say hi.", max_tokens=8, temperature=0).text))
     """)
     out = _check(_run([str(bin_ / "python"), "-c", script], tmp, env, timeout=300))
-    assert "REPLY '" in out and "REPLY ''" not in out
+    assert 'REPLY "' in out and 'REPLY ""' not in out, out
 
 
 def test_finetune_without_its_extra_gives_the_install_command(installed):

@@ -43,6 +43,11 @@ VERSION = 1
 HISTORY = 60          # requests kept for the sparklines
 _PERIOD_S = 1.0       # how often the publisher looks for changes and stop requests
 _HEARTBEAT_S = 10.0   # rewrite an unchanged entry this often, so `updated` stays fresh
+# A process's start time is the boot time plus its start in clock ticks, and the kernel
+# reports the boot time as wall time less uptime, in whole seconds: it moves by a second
+# as it rounds, and by more when the clock is adjusted. A pid named by another process has
+# a start time minutes or days off, far beyond this.
+_START_SLACK_S = 120.0
 ENGINE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
@@ -112,7 +117,7 @@ def is_stale(entry: dict) -> bool:
     """True when the kernel that wrote `entry` is gone (or its pid now names another
     process, started later)."""
     started = _process_started(entry["kernel_pid"])
-    return started is None or abs(started - entry["kernel_started"]) > 1.0
+    return started is None or abs(started - entry["kernel_started"]) > _START_SLACK_S
 
 
 def read_entry(engine_id: str, folder: Path | None = None, *, clean: bool = True
