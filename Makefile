@@ -1,7 +1,8 @@
 # The two commands: `make lab` starts JupyterLab, `make test` runs every test.
-# Both set up .venv first. `make lab` installs the core with the train and report extras; `make test` adds the test
-# extra (pytest, the browser driver, ...). A stamp per set-up: it runs again only when its
-# inputs change.
+# Both set up .venv first: `make lab` installs the core with the train and report extras,
+# `make test` adds the test extra (pytest, the browser driver, ...). A stamp per set-up: it
+# runs again only when its inputs change.
+VENV ?= .venv
 SETUP_INPUTS := pyproject.toml scripts/setup-env.sh scripts/llama-cmake-args.sh \
 		labextension/package.json $(wildcard labextension/src/*.ts labextension/style/*)
 LAB_STAMP := $(VENV)/.workbench-ready-lab
