@@ -104,6 +104,7 @@ def test_only_a_fraction_still_gives_a_rate_and_time_left():
 def test_a_total_given_at_the_start_turns_fractions_into_counts():
     clock = FakeClock()
     m = Meter("B", 2 * GiB, clock)  # a model load: llama.cpp tells only fractions
+    assert m.status() == "0% · 0.0/2.0 GiB"
     clock.now += 2
     m.update(0.25)
     assert m.status() == "25% · 0.5/2.0 GiB · 256 MiB/s · 6 s left"

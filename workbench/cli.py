@@ -75,7 +75,8 @@ def _report(args: argparse.Namespace) -> None:
             str(report.NOTEBOOK), str(executed), cwd=str(report.NOTEBOOK.parent),
             parameters={"benchmarks": ",".join(names), "quick": not args.full,
                         "run": not args.committed, "out": str(out)},
-            kernel_name="python3", progress_bar=False)
+            kernel_name="python3", progress_bar=False,
+            stdout_file=sys.stdout, stderr_file=sys.stderr)  # each benchmark's line, as it ends
     except papermill.PapermillExecutionError as e:
         raise WorkbenchError(f"the report notebook failed: {e.ename}: {e.evalue}",
                              f"The executed notebook is at {executed}.") from None

@@ -128,6 +128,8 @@ class Meter:
         self.rate: float | None = None        # shown_unit per second
         self.first: tuple[float, float] | None = (clock(), 0.0) if total is not None else None
         self.last = self.first
+        if self.first is not None:
+            self.done = 0.0
         self._mark = self.first                # the last rate sample: (time, done)
 
     def update(self, fraction: float, done: float | None = None, total: float | None = None,
