@@ -8,6 +8,10 @@ that is generating, then fills what room is left (up to `n_batch`) with prompt t
 of sequences that joined, so a long prompt delays the others by one batch at most.
 Each sequence may use `n_ctx / n_parallel` tokens of context.
 
+With the prefix cache on, a joining request starts from the longest cached prefix of its
+prompt (restored into its sequence), and a finished sequence's KV state is offered to the
+cache after its reply has gone out, before its cells are freed.
+
 This module is part of the runtime: it is the only other place that touches llama.cpp
 objects, always through the runtime that owns them.
 """
@@ -47,6 +51,8 @@ class Sequence:
                                L.llama_set_sampler(rt.ctx, seq_id, self.chain))
         self.n_fed = 0            # tokens whose KV state the sequence holds
         self.next_token = -1      # sampled, fed in the next step
+        self.sampled: list[int] = []  # generated tokens to feed, in order
+        self.cached_tokens, self.cache_tier = 0, ""  # the prompt's prefix restored
         self.logit_index = -1     # where this sequence's logits are in the current batch
         self.n_gen = 0
         self.reason: str | None = None  # set when the sequence is done
@@ -94,6 +100,12 @@ class Sequence:
             self.reason = "context_full"
         else:
             self.next_token = tok
+            self.sampled.append(tok)
+
+    def held(self) -> tuple[int, ...]:
+        """The tokens whose KV state the sequence holds."""
+        fed_sampled = max(0, self.n_fed - len(self.tokens))
+        return tuple(self.tokens[:self.n_fed] + self.sampled[:fed_sampled])
 
     def _send(self, text: str, tok: int, now: float) -> None:
         self._out.append(text)
@@ -109,7 +121,8 @@ class Sequence:
         now = time.monotonic()
         return RunResult("".join(self._out), len(self.tokens), self.prompt_seconds,
                          self.t_received, self.t_first or now, self.t_last or now,
-                         self.n_gen, self.reason or "cancelled")
+                         self.n_gen, self.reason or "cancelled", self.cached_tokens,
+                         self.cache_tier)
 
 
 @dataclass
@@ -132,8 +145,10 @@ class Batch:
         self._batch = L.llama_batch_init(self.capacity, 0, 1)
         self.free_ids = list(range(self.n_parallel))
         self.live: list[Sequence] = []
+        self.ended: list[Sequence] = []  # done, replied to, their cells not yet freed
 
     def close(self) -> None:
+        self._retire()
         for s in list(self.live):
             self._free(s)
         self.live.clear()
@@ -141,7 +156,7 @@ class Batch:
 
     @property
     def full(self) -> bool:
-        return not self.free_ids
+        return not self.free_ids and not self.ended
 
     def join(self, request_id: str, tokens: list[int], g: GenerationConfig,
              t_received: float, emit: Callable[[str, int, int, float], None],
@@ -156,13 +171,27 @@ class Batch:
                 f"{self.n_parallel} parallel sequences)",
                 "Shorten the prompt, or reload with a larger --n-ctx or a smaller "
                 "--n-parallel.")
-        seq = Sequence(self.rt, self.free_ids.pop(0), request_id, tokens, g, t_received,
-                       emit, cancelled)
+        if not self.free_ids:
+            self._retire()
+        seq_id = self.free_ids.pop(0)
+        seq = None
+        try:
+            seq = Sequence(self.rt, seq_id, request_id, tokens, g, t_received, emit,
+                           cancelled)
+            seq.cached_tokens, seq.cache_tier = self.rt._restore_prefix(
+                tokens, L.llama_get_memory(self.rt.ctx), seq_id)
+            seq.n_fed = seq.cached_tokens
+        except BaseException:  # the request fails; its sequence id goes back
+            if seq is not None:
+                self._free(seq)
+            self.free_ids.insert(0, seq_id)
+            raise
         self.live.append(seq)
         return seq
 
     def step(self) -> list[Sequence]:
         """One llama_decode over every live sequence; returns the sequences that ended."""
+        self._retire()
         slots: list[_Slot] = []
         fed: list[tuple[Sequence, int]] = []  # each sequence in the step, with its tokens
         for s in self.live:  # generating sequences first: one token each
@@ -237,6 +266,20 @@ class Batch:
         L.llama_sampler_free(s.chain)
 
     def _release(self, s: Sequence) -> None:
-        self._free(s)
+        """An ended sequence leaves the batch; its cells are freed by `_retire`, once the
+        worker has sent its reply (offering them to the prefix cache copies them)."""
         self.live.remove(s)
-        self.free_ids.append(s.seq_id)
+        self.ended.append(s)
+
+    def _retire(self) -> None:
+        cache = self.rt.cache
+        for s in self.ended:
+            if cache is not None and s.error is None:
+                try:  # the cache failing must not fail the batch
+                    cache.offer(s.held(), lambda s=s: self.rt.snapshot(s.seq_id))
+                    cache.after_request()
+                except Exception:
+                    traceback.print_exc()
+            self._free(s)
+            self.free_ids.append(s.seq_id)
+        self.ended.clear()

@@ -210,7 +210,7 @@ class Runtime:
             self.governor = ThreadGovernor(
                 lambda n, c=ctx: L.llama_set_n_threads(c, n, n), cparams.n_threads,
                 cfg.max_threads)
-        if cfg.kv_cache == "on" and cfg.n_parallel == 1:  # the prefix cache is sequence 0's
+        if cfg.kv_cache == "on":  # batched sequences share it too (worker/batch.py)
             self.cache = self._open_cache(path, cfg)
         from ..models.inspect import inspect_header
 
@@ -294,21 +294,22 @@ class Runtime:
 
     # ---- KV state -------------------------------------------------------
 
-    def snapshot(self) -> bytes:
-        """The context's KV state of sequence 0 (what `last_tokens` produced)."""
-        n = L.llama_state_seq_get_size(self.ctx, 0)
+    def snapshot(self, seq: int = 0) -> bytes:
+        """The context's KV state of sequence `seq` (of 0: what `last_tokens` produced)."""
+        n = L.llama_state_seq_get_size(self.ctx, seq)
         buf = (ctypes.c_uint8 * n)()
-        got = L.llama_state_seq_get_data(self.ctx, buf, n, 0)
+        got = L.llama_state_seq_get_data(self.ctx, buf, n, seq)
         return bytes(memoryview(buf)[:got])
 
-    def restore(self, state) -> bool:
-        """Load a KV state (bytes or a uint8 array) into sequence 0, without copying it."""
+    def restore(self, state, seq: int = 0) -> bool:
+        """Load a KV state (bytes or a uint8 array) into sequence `seq`, without copying
+        it. A state taken from one sequence loads into any other."""
         u8p = ctypes.POINTER(ctypes.c_uint8)
         if isinstance(state, bytes):
             ptr = ctypes.cast(ctypes.c_char_p(state), u8p)
         else:
             ptr = state.ctypes.data_as(u8p)
-        return L.llama_state_seq_set_data(self.ctx, ptr, len(state), 0) > 0
+        return L.llama_state_seq_set_data(self.ctx, ptr, len(state), seq) > 0
 
     def offer_last(self) -> None:
         """Offer the state of the last request to the prefix cache (after replying)."""
@@ -486,8 +487,9 @@ class Runtime:
                 L.llama_set_sampler(ctx, 0, None)
             L.llama_sampler_free(chain)
 
-    def _restore_prefix(self, tokens: list[int], mem) -> tuple[int, str]:
-        """Restore the longest cached prefix of `tokens`; returns (its length, tier)."""
+    def _restore_prefix(self, tokens: list[int], mem, seq: int = 0) -> tuple[int, str]:
+        """Restore the longest cached prefix of `tokens` into sequence `seq` (empty until
+        now); returns (its length, tier)."""
         if self.cache is None:
             return 0, ""
         hit = self.cache.lookup(tokens)
@@ -498,10 +500,11 @@ class Runtime:
         # Keep only the shared prefix. Recurrent models cannot drop a tail, and sliding-
         # window models may have dropped early cells: then recompute rather than decode on
         # top of a state that does not match the tokens.
-        if not self.restore(state) or not L.llama_memory_seq_rm(mem, 0, n, -1) \
-                or L.llama_memory_seq_pos_min(mem, 0) > 0 \
-                or L.llama_memory_seq_pos_max(mem, 0) != n - 1:
-            L.llama_memory_clear(mem, True)
+        # In a batch the other sequences' cells stay as they are.
+        if not self.restore(state, seq) or not L.llama_memory_seq_rm(mem, seq, n, -1) \
+                or L.llama_memory_seq_pos_min(mem, seq) > 0 \
+                or L.llama_memory_seq_pos_max(mem, seq) != n - 1:
+            L.llama_memory_seq_rm(mem, seq, -1, -1)
             return 0, ""
         self.cache.record_restore(tier, len(state), time.monotonic() - t0)
         return n, tier
