@@ -4,7 +4,8 @@
     POST /v1/completions        raw text completion, likewise
     GET  /v1/models             the one model this service runs
     GET  /health                200 when the engine has its model, else 503
-    GET  /metrics               Prometheus text: requests, queue depth, tokens/s, TTFT
+    GET  /metrics               Prometheus text: requests, queue depth, tokens/s, TTFT,
+                                the prefix cache's hits, misses and bytes by tier
 
 Requests decode together in the engine (continuous batching). Every mistake in a
 request is a 4xx with an OpenAI-style error object naming it; the service stays up.
@@ -111,10 +112,12 @@ class Service:
                             status_code=200 if ok else 503)
 
     async def prometheus(self, request: Request) -> Response:
+        stats = self.engine.last_stats  # the worker's, at most a second old
         return PlainTextResponse(
             self.metrics.render(queue_depth=self.admission.queued,
                                 in_flight=self.admission.in_service,
-                                model=self.s.model_name),
+                                model=self.s.model_name,
+                                kv=stats.kv if stats is not None else None),
             media_type="text/plain; version=0.0.4")
 
     async def chat(self, request: Request) -> Response:
@@ -221,9 +224,12 @@ class _Run:
 
     def _usage(self) -> dict:
         m = self.stream.metrics
-        prompt, gen = (m.prompt_tokens, m.generated_tokens) if m else (0, 0)
+        prompt, gen, cached = (m.prompt_tokens, m.generated_tokens, m.cached_tokens) if m \
+            else (0, 0, 0)
+        # cached_tokens: the prompt's prefix restored from the prefix cache, as OpenAI's
         return {"prompt_tokens": prompt, "completion_tokens": gen,
-                "total_tokens": prompt + gen}
+                "total_tokens": prompt + gen,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
     def _finish_reason(self) -> str:
         return _FINISH.get(self.stream.finish_reason or "stop", "stop")

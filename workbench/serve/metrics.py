@@ -1,4 +1,9 @@
-"""The service's metrics, in Prometheus' text exposition format (version 0.0.4)."""
+"""The service's metrics, in Prometheus' text exposition format (version 0.0.4).
+
+Requests, tokens and TTFT are counted here, from the service's own events. The prefix
+cache's counters (`workbench_kv_cache_*`) are the worker's own, as its last stats report
+(once a second) gave them; they start again from zero when the engine restarts.
+"""
 
 from __future__ import annotations
 
@@ -52,7 +57,10 @@ class ServiceMetrics:
             self._trim(now)
             return sum(n for _, n in self._recent) / _RATE_WINDOW_S
 
-    def render(self, *, queue_depth: int, in_flight: int, model: str) -> str:
+    def render(self, *, queue_depth: int, in_flight: int, model: str,
+               kv: dict | None = None) -> str:
+        """`kv`: the prefix cache's occupancy and counts (`PrefixCache.occupancy()`), None
+        when the cache is off."""
         tps = self.tokens_per_second()
         with self._lock:
             lines = [
@@ -98,4 +106,32 @@ class ServiceMetrics:
                       "# HELP workbench_model_info The model the service runs.",
                       "# TYPE workbench_model_info gauge",
                       f'workbench_model_info{{model="{model}"}} 1']
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines + _kv_lines(kv)) + "\n"
+
+
+def _kv_lines(kv: dict | None) -> list[str]:
+    lines = ["# HELP workbench_kv_cache_enabled 1 when the prefix cache of KV states is on.",
+             "# TYPE workbench_kv_cache_enabled gauge",
+             f"workbench_kv_cache_enabled {int(kv is not None)}"]
+    if kv is None:
+        return lines
+    tiers = ("ram", "disk")
+
+    def family(name: str, kind: str, help_: str, values: list[tuple[str, int]]) -> None:
+        lines.extend([f"# HELP workbench_kv_cache_{name} {help_}",
+                      f"# TYPE workbench_kv_cache_{name} {kind}"])
+        lines.extend(f"workbench_kv_cache_{name}{labels} {value}" for labels, value in values)
+
+    family("hits_total", "counter", "Prompts that restored a cached prefix, by tier.",
+           [(f'{{tier="{t}"}}', kv.get(f"hits_{t}", 0)) for t in tiers])
+    family("misses_total", "counter", "Prompts with no usable cached prefix.",
+           [("", kv.get("misses", 0))])
+    family("tokens_saved_total", "counter", "Prompt tokens restored, not computed.",
+           [("", kv.get("tokens_saved", 0))])
+    family("bytes", "gauge", "Bytes the cache holds, by tier.",
+           [(f'{{tier="{t}"}}', kv.get(f"{t}_bytes", 0)) for t in tiers])
+    family("budget_bytes", "gauge", "Most bytes the cache may hold, by tier (0: tier off).",
+           [(f'{{tier="{t}"}}', kv.get(f"{t}_budget", 0)) for t in tiers])
+    family("entries", "gauge", "Cached prefixes, by tier.",
+           [(f'{{tier="{t}"}}', kv.get(f"{t}_entries", 0)) for t in tiers])
+    return lines
