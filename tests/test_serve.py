@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import statistics
@@ -76,9 +77,10 @@ def _raw(base: str, method: str, path: str, body: bytes | None = None,
 # ---- the bundle -------------------------------------------------------------------------
 
 def test_the_bundle_holds_what_a_service_needs(service_dir, default_model):
-    names = sorted(p.name for p in service_dir.iterdir())
-    assert names == ["Dockerfile", "README.md", "app", "healthcheck.py", "model.gguf",
-                     "requirements.txt", "service.json", "start.sh"]
+    # kv/ is the prefix cache's, made when the service starts
+    names = sorted(p.name for p in service_dir.iterdir() if p.name != "kv")
+    assert names == [".dockerignore", "Dockerfile", "README.md", "app", "healthcheck.py",
+                     "model.gguf", "requirements.txt", "service.json", "start.sh"]
     assert (service_dir / "app" / "workbench" / "serve" / "app.py").exists()
     assert not list(service_dir.rglob("__pycache__"))
     assert "llama-cpp-python==" in (service_dir / "requirements.txt").read_text()
@@ -95,6 +97,18 @@ def test_the_bundle_holds_what_a_service_needs(service_dir, default_model):
     readme = (service_dir / "README.md").read_text()
     assert "curl" in readme and "from openai import OpenAI" in readme
     assert config["model"]["name"] in readme
+    # on this machine's CPU: the CPU image, and the prefix cache on within stated budgets
+    docker = (service_dir / "Dockerfile").read_text()
+    assert re.findall(r"^FROM (\S+)", docker, re.M) == ["python:3.11-slim"]
+    assert "nvidia" not in docker and "--gpus" not in readme
+    assert config["image"] == {"device": "cpu"}
+    load = config["load"]
+    assert load["kv_cache"] == "on" and load["kv_dir"] == "kv"
+    assert 64 <= load["kv_ram_mib"] <= 8192 and 1024 <= load["kv_disk_mib"] <= 16384
+    assert config["reasons"]["kv_cache"].startswith(f"on: {load['kv_ram_mib']:,} MiB of RAM")
+    assert f"**{load['kv_ram_mib']:,} MiB of RAM** and **{load['kv_disk_mib']:,} MiB of disk**" \
+        in readme
+    assert "kv/\n" in (service_dir / ".dockerignore").read_text()
 
 
 def test_deploy_quantizes_to_int8(tmp_path):
@@ -135,6 +149,70 @@ def test_deploy_refuses_bad_arguments(tmp_path):
     assert r.returncode == 0, r.stderr
     assert not (full / "keep.txt").exists() and (full / "service.json").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_deploy_for_a_gpu_writes_a_cuda_image(tmp_path):
+    """No GPU here: the folder is for a GPU machine elsewhere, which chooses the GPU
+    layers when the service starts there (and refuses to start without a GPU)."""
+    out = tmp_path / "gpu"
+    r = _deploy(out, "--device", "gpu", "--n-parallel", "2", "--kv-ram-mib", "300")
+    assert r.returncode == 0, r.stderr
+    config = json.loads((out / "service.json").read_text())
+    docker = (out / "Dockerfile").read_text()
+    args = dict(re.findall(r"^ARG (\w+)=(\S*)$", docker, re.M))
+    cuda, ubuntu = args["CUDA_VERSION"], args["UBUNTU_VERSION"]
+    assert re.fullmatch(r"12\.\d+\.\d+", cuda) and ubuntu in ("22.04", "24.04")  # pinned
+    assert re.findall(r"^FROM (.+)$", docker, re.M) == [
+        "nvidia/cuda:${CUDA_VERSION}-devel-ubuntu${UBUNTU_VERSION} AS build",
+        "nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu${UBUNTU_VERSION}"]
+    assert config["image"] == {"device": "gpu", "cuda": cuda,
+                               "build": f"nvidia/cuda:{cuda}-devel-ubuntu{ubuntu}",
+                               "run": f"nvidia/cuda:{cuda}-runtime-ubuntu{ubuntu}"}
+    assert "COPY --from=build /opt/venv /opt/venv" in docker
+    assert docker.rstrip().endswith('CMD ["./start.sh", "--host", "0.0.0.0"]')
+
+    # the build stage's pip install, run as docker would (pip echoed, not run): llama.cpp
+    # with CUDA and the RPC backend, from the workbench's own script, copied into the folder
+    build = re.search(r"^RUN (args=.*?requirements\.txt)$", docker, re.M | re.S).group(1)
+    assert "--no-binary llama-cpp-python" in build
+    shown = subprocess.run(["sh", "-c", build.replace("pip install", "echo pip install")],
+                           cwd=out, capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "CUDA_ARCHITECTURES": ""})
+    assert shown.returncode == 0, shown.stderr
+    flags = re.search(r"^CMAKE_ARGS=(.*)$", shown.stdout, re.M).group(1).split()
+    assert "-DGGML_CUDA=on" in flags and "-DGGML_RPC=on" in flags
+    assert "-DGGML_NATIVE=off" in flags  # built on one machine, run on others
+    repo_script = Path(__file__).resolve().parent.parent / "scripts" / "llama-cmake-args.sh"
+    assert (out / "llama-cmake-args.sh").read_text() == repo_script.read_text()
+
+    # started with GPU layers: the GPU is asked for, and the readme runs it with the GPUs
+    load = config["load"]
+    assert load["device"] == "gpu" and "n_gpu_layers" not in load
+    assert "when the service starts" in config["reasons"]["n_gpu_layers"]
+    readme = (out / "README.md").read_text()
+    assert "docker run --gpus all" in readme and config["image"]["run"] in readme
+    started = subprocess.run([sys.executable, "-m", "workbench.cli", "serve", str(out),
+                              "--port", str(free_port())], capture_output=True, text=True,
+                             timeout=120)
+    assert started.returncode == 1 and "a GPU was asked for" in started.stderr
+
+    # the prefix cache's budgets: given for RAM, derived for disk
+    assert (load["kv_cache"], load["kv_ram_mib"], load["kv_dir"]) == ("on", 300, "kv")
+    assert load["kv_disk_mib"] == 1200  # 4 times the RAM budget
+    assert "300 MiB of RAM (given)" in config["reasons"]["kv_cache"]
+    assert "**300 MiB of RAM** and **1,200 MiB of disk**" in readme
+
+
+def test_deploy_with_the_kv_cache_off(tmp_path):
+    out = tmp_path / "off"
+    r = _deploy(out, "--kv-cache", "off", "--n-parallel", "2")
+    assert r.returncode == 0, r.stderr
+    config = json.loads((out / "service.json").read_text())
+    assert config["load"]["kv_cache"] == "off" and "kv_ram_mib" not in config["load"]
+    assert "Off (deployed with --kv-cache off)" in (out / "README.md").read_text()
+    r = _deploy(tmp_path / "bad", "--kv-cache", "maybe")
+    assert r.returncode == 1 and "kv_cache must be on or off" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "bad").exists()
 
 
 def test_deploy_for_a_saved_profile(tmp_path):
@@ -223,6 +301,48 @@ def test_concurrent_requests_match_one_by_one(service, loaded):
         t.join(120)
     assert [out[i] for i in range(6)] == [
         workbench.chat(p, temperature=0, max_tokens=20).text for p in prompts]
+
+
+def _kv_metrics(base: str) -> dict[str, float]:
+    """The prefix cache's lines of /metrics, once the worker has reported them."""
+    deadline = time.monotonic() + 10
+    while True:
+        with urllib.request.urlopen(f"{base}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        found = dict(re.findall(r"^(workbench_kv_cache_\S+) (\S+)$", text, re.M))
+        if found.get("workbench_kv_cache_enabled") == "1" or time.monotonic() > deadline:
+            return {k: float(v) for k, v in found.items()}
+        time.sleep(0.25)
+
+
+def test_a_shared_prefix_is_restored_and_counted_in_metrics(service, service_dir):
+    load = json.loads((service_dir / "service.json").read_text())["load"]
+    before = _kv_metrics(service.base)
+    assert before["workbench_kv_cache_enabled"] == 1  # on by default, within its budgets
+    assert before['workbench_kv_cache_budget_bytes{tier="ram"}'] == load["kv_ram_mib"] << 20
+    assert before['workbench_kv_cache_budget_bytes{tier="disk"}'] == load["kv_disk_mib"] << 20
+    assert (service_dir / "kv").is_dir()
+
+    # two requests with the same long system prompt: the second restores it
+    system = ("You are the librarian of a lighthouse. You answer in one short sentence, "
+              "you never use lists, and you name a book whenever you can. ") * 4
+    c = service.client()
+    replies = [c.chat.completions.create(
+        model=service.name, temperature=0, max_tokens=8,
+        messages=[{"role": "system", "content": system}, {"role": "user", "content": q}])
+        for q in ("Name a fish.", "Name a bird.")]
+    first, second = (r.usage.prompt_tokens_details.cached_tokens for r in replies)
+    assert first == 0 and second >= 100, (first, second)
+
+    hits = 'workbench_kv_cache_hits_total{tier="ram"}'
+    deadline = time.monotonic() + 10  # the worker reports its counts once a second
+    while (after := _kv_metrics(service.base))[hits] < before[hits] + 1:
+        assert time.monotonic() < deadline, after
+        time.sleep(0.25)
+    assert after["workbench_kv_cache_tokens_saved_total"] >= \
+        before["workbench_kv_cache_tokens_saved_total"] + second
+    assert after["workbench_kv_cache_misses_total"] >= before["workbench_kv_cache_misses_total"] + 1
+    assert 0 < after['workbench_kv_cache_bytes{tier="ram"}'] <= load["kv_ram_mib"] << 20
 
 
 # ---- bad requests ---------------------------------------------------------------------------

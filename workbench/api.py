@@ -378,16 +378,20 @@ def generate_many(prompts: Sequence[Any], *, chat: bool = False, system: str | N
 def deploy(model: Any = None, *, device: str = "auto", quantization: str = "none",
            output: str | os.PathLike = "ai-service", force: bool = False, port: int = 8000,
            host: str = "127.0.0.1", n_parallel: int | None = None,
-           n_ctx_per_request: int | None = None) -> Deployment:
+           n_ctx_per_request: int | None = None, kv_cache: str = "on",
+           kv_ram_mib: int | None = None, kv_disk_mib: int | None = None) -> Deployment:
     """Write a self-contained, OpenAI-compatible service folder for `model`: quantized
     (int8 = Q8_0, int4 = Q4_K_M, or none), placed for `device` (auto, cpu, gpu, or a
     profile saved with `profile_device(save=...)`), with continuous batching of
-    `n_parallel` requests. `workbench serve FOLDER` runs it."""
+    `n_parallel` requests and a prefix cache of KV states (`kv_cache`) within
+    `kv_ram_mib` and `kv_disk_mib` (MiB; default: sized from this machine's free memory
+    and disk). `workbench serve FOLDER` runs it."""
     from .serve.deploy import check_arguments, deploy as _deploy
 
-    request = check_arguments(device=device, quantization=quantization, output=output,
-                              force=force, n_parallel=n_parallel,
-                              n_ctx_per_request=n_ctx_per_request)  # before any work
+    request = check_arguments(  # before any work
+        device=device, quantization=quantization, output=output, force=force,
+        n_parallel=n_parallel, n_ctx_per_request=n_ctx_per_request, kv_cache=kv_cache,
+        kv_ram_mib=kv_ram_mib, kv_disk_mib=kv_disk_mib)
     path = resolve_model(model)
 
     def quantize_to(src: Path, to: str, out: Path) -> None:

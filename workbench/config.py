@@ -116,6 +116,14 @@ class DeployConfig:
                                      "16 on a GPU)")
     n_ctx_per_request: int | None = setting(None, "context of each request, tokens "
                                             "(default: 2048)")
+    kv_cache: str = setting("on", "the service's prefix cache of KV states (a prompt that "
+                            "starts like an earlier one reuses its prefix): on or off")
+    kv_ram_mib: int | None = setting(
+        None, "RAM budget of the service's prefix cache, MiB (default: twice the batch's KV "
+        "memory, at least 256, at most a quarter of the RAM left beside the model)", lo=0)
+    kv_disk_mib: int | None = setting(
+        None, "disk budget of the service's prefix cache, MiB (default: 4 times the RAM "
+        "budget, at least 1024, at most a tenth of the free disk; 0: RAM only)", lo=0)
     check: str | None = setting(None, "start the service in this folder, run a smoke test, "
                                 "stop it")
 

@@ -6,13 +6,20 @@
       app/workbench/      the workbench's Python code, so the folder needs no install of it
       start.sh            runs the service (`python3 -m workbench.cli serve .`, from app/)
       healthcheck.py      exits 0 when /health answers 200 (Docker's HEALTHCHECK uses it)
-      Dockerfile          an image that builds llama.cpp for its CPU and runs start.sh
+      Dockerfile          an image that builds llama.cpp and runs start.sh: for the CPU, or
+                          with CUDA where the model runs on a GPU
+      llama-cmake-args.sh the workbench's CMake flags for llama.cpp (GPU images only)
+      .dockerignore       keeps the prefix cache (kv/) out of an image
       requirements.txt    what the service needs besides app/ (llama-cpp-python, starlette,
                           uvicorn, psutil, jinja2)
-      README.md           how to start it and call it (curl, Python)
+      README.md           how to start it and call it (curl, Python), and its budgets
 
-The folder is built under a temporary name next to the output and renamed into place,
-so a failed deploy leaves nothing half-written.
+The service keeps a prefix cache of KV states (`kv/` in the folder, made when it starts)
+within the RAM and disk budgets that service.json states (`kv_budget`).
+
+This module decides; `bundle.py` writes the files. The folder is built under a temporary
+name next to the output and renamed into place, so a failed deploy leaves nothing
+half-written.
 """
 
 from __future__ import annotations
@@ -27,15 +34,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import WorkbenchError
+from .bundle import KV_DIR, MODEL_FILE, gpu_image, write_files
 
-CONFIG = "service.json"
-MODEL_FILE = "model.gguf"
 QUANTIZATIONS = {"none": None, "int8": "Q8_0", "int4": "Q4_K_M"}
 DEVICES = ("auto", "cpu", "gpu")
 PER_REQUEST_CTX = 2048
 # Sequences decoded together. On 2 CPU cores a bare batched llama_decode loop gave 16
 # sequences 1.9x the tokens/s of one; on a GPU the gain keeps growing past 16.
 N_PARALLEL = {"cpu": 8, "gpu": 16}
+MiB = 1 << 20
+# The prefix cache's default budgets (`kv_budget`), MiB.
+KV_RAM_MIN, KV_RAM_MAX, KV_RAM_OFF_BELOW = 256, 8192, 64
+KV_DISK_MIN, KV_DISK_MAX = 1024, 16384
 
 
 def quant_type(name: str) -> str | None:
@@ -111,11 +121,15 @@ class Request:
     output: Path
     n_parallel: int | None
     n_ctx_per_request: int | None
+    kv_cache: str = "on"          # the service's prefix cache: on or off
+    kv_ram_mib: int | None = None   # its budgets; None: chosen by `kv_budget`
+    kv_disk_mib: int | None = None
 
 
 def check_arguments(*, device: str, quantization: str, output: str | os.PathLike,
-                    force: bool, n_parallel: int | None,
-                    n_ctx_per_request: int | None) -> Request:
+                    force: bool, n_parallel: int | None, n_ctx_per_request: int | None,
+                    kv_cache: str = "on", kv_ram_mib: int | None = None,
+                    kv_disk_mib: int | None = None) -> Request:
     quant = quant_type(quantization)
     if not 1 <= (n_parallel or 1) <= 256:
         raise WorkbenchError(f"n_parallel must be between 1 and 256 (got {n_parallel})",
@@ -123,6 +137,15 @@ def check_arguments(*, device: str, quantization: str, output: str | os.PathLike
     if n_ctx_per_request is not None and not 64 <= n_ctx_per_request <= 1 << 20:
         raise WorkbenchError(f"n_ctx_per_request must be between 64 and {1 << 20} "
                              f"(got {n_ctx_per_request})", "Use 2048, for example.")
+    if kv_cache not in ("on", "off"):
+        raise WorkbenchError(f"kv_cache must be on or off (got {kv_cache!r})",
+                             "Use --kv-cache on or --kv-cache off.")
+    for name, value in (("kv_ram_mib", kv_ram_mib), ("kv_disk_mib", kv_disk_mib)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 0):
+            raise WorkbenchError(f"{name} must be a whole number of MiB, 0 or more "
+                                 f"(got {value!r})", f"Use --{name.replace('_', '-')} 1024, "
+                                 "for example.")
     settings: dict[str, Any] = {}
     target = device
     if device not in DEVICES:
@@ -139,16 +162,14 @@ def check_arguments(*, device: str, quantization: str, output: str | os.PathLike
 
     check_writable(out.parent, "Choose another --output.", create=True)
     return Request(quantization, quant, device, target, settings, out, n_parallel,
-                   n_ctx_per_request)
+                   n_ctx_per_request, kv_cache, kv_ram_mib, kv_disk_mib)
 
 
 def deploy(model: Path, r: Request, *, port: int, host: str, quantize: Callable[..., Any],
            plan: Callable[..., Any]) -> Deployment:
     """Write the service folder. `quantize(path, to, out)` and `plan(path, **settings)`
     are the workbench's own (passed in, so this module stays free of the engine)."""
-    quant, target, settings, output = r.quant, r.target, r.settings, r.output
-    n_parallel, n_ctx_per_request, quantization = r.n_parallel, r.n_ctx_per_request, \
-        r.quantization
+    quant, output = r.quant, r.output
     staging = output.with_name(f".{output.name}.{uuid.uuid4().hex[:8]}.tmp")
     staging.mkdir()
     try:
@@ -163,32 +184,12 @@ def deploy(model: Path, r: Request, *, port: int, host: str, quantize: Callable[
                                        + ("" if quant is None else f" (already {quant})"))
         else:
             quantize(model, quant, model_out)
-            reasons["quantization"] = f"{quant} from {source_quant} ({quantization})"
-        per_req = n_ctx_per_request or PER_REQUEST_CTX
-        # where the model goes decides how many requests to batch; the batch's context
-        # (KV memory) then decides the final placement
-        first = plan(model_out, device=target, n_ctx=per_req, **settings)
-        on_gpu = bool(first.settings.get("n_gpu_layers"))
-        par = n_parallel or N_PARALLEL["gpu" if on_gpu else "cpu"]
-        placement = plan(model_out, device=target, n_ctx=par * per_req, n_parallel=par,
-                         **settings)
-        load = dict(placement.settings)
-        on_gpu = bool(load.get("n_gpu_layers"))
-        load.update(n_parallel=par, n_ctx=par * per_req, kv_cache="off")
-        for key, value, why in placement.reasons:
-            if key not in ("n_ctx",):
-                reasons[key] = f"{value}: {why}"
-        # Threads: the service's machine as it is when it starts, not this one now.
-        load.pop("threads", None)
-        load.pop("max_threads", None)
-        reasons["threads"] = ("chosen when the service starts, from the cores idle then, "
-                              "and re-chosen while it serves (worker/threads.py)")
-        reasons["n_parallel"] = (f"{par}: requests decoded together in one batch "
-                                 + ("(given)" if n_parallel else
-                                    "(a GPU keeps gaining past 16 sequences)" if on_gpu else
-                                    "(on a few CPU cores the gain levels off near 8-16)"))
-        reasons["n_ctx"] = (f"{par * per_req}: {per_req} tokens for each of the {par} "
-                            "parallel requests")
+            reasons["quantization"] = f"{quant} from {source_quant} ({r.quantization})"
+        load, placement = _place(model_out, r, plan, reasons)
+        on_gpu = r.target == "gpu" or bool(load.get("n_gpu_layers"))
+        kv, reasons["kv_cache"] = kv_budget(
+            placement, r, disk_free=shutil.disk_usage(output.parent).free)
+        load.update(kv)
         config = {
             "version": 1,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -196,23 +197,106 @@ def deploy(model: Path, r: Request, *, port: int, host: str, quantize: Callable[
                       "source": str(model), "quantization": quant or source_quant},
             "target": r.device,
             "load": load,
-            "server": {"host": host, "port": port, "max_queue": 2 * par,
+            "server": {"host": host, "port": port, "max_queue": 2 * load["n_parallel"],
                        "request_timeout_s": 300, "max_body_bytes": 1 << 20,
                        "aliases": ["default"],
-                       "default_max_tokens": min(512, per_req),
+                       "default_max_tokens": min(512, load["n_ctx"] // load["n_parallel"]),
                        "api_key_env": "WORKBENCH_API_KEY"},
+            "image": gpu_image() if on_gpu else {"device": "cpu"},
             "reasons": reasons,
             "versions": _versions(),
         }
         from ..models.hashing import file_sha256
 
         config["model"]["sha256"] = file_sha256(model_out)
-        _write_files(staging, config)
+        write_files(staging, config)
         _swap_into_place(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return Deployment(output, config)
+
+
+def _place(model: Path, r: Request, plan: Callable[..., Any],
+           reasons: dict[str, str]) -> tuple[dict[str, Any], Any]:
+    """The service's load settings, and the placement whose memory sizes the prefix cache.
+
+    A GPU target that this machine cannot see (a folder written on a laptop for a GPU
+    server) gets its GPU layers chosen when the service starts there, from that GPU's
+    free memory; the placement is then this machine's, a cautious stand-in for the
+    host's RAM."""
+    per_req = r.n_ctx_per_request or PER_REQUEST_CTX
+    settings = {**r.settings, "kv_cache": "off"}  # the cache's RAM is sized after the fit
+    # where the model goes decides how many requests to batch; the batch's context
+    # (KV memory) then decides the final placement
+    first = plan(model, device="auto" if r.target == "gpu" else r.target, n_ctx=per_req,
+                 **settings)
+    gpu_here = any(b.kind == "gpu" for b in first.budgets)
+    on_gpu = r.target == "gpu" or bool(first.settings.get("n_gpu_layers"))
+    par = r.n_parallel or N_PARALLEL["gpu" if on_gpu else "cpu"]
+    elsewhere = r.target == "gpu" and not gpu_here
+    placement = plan(model, device="auto" if elsewhere else r.target, n_ctx=par * per_req,
+                     n_parallel=par, **settings)
+    load: dict[str, Any] = {}
+    if elsewhere:
+        reasons["n_gpu_layers"] = ("chosen when the service starts, from the target GPU's "
+                                   "free memory (all layers where they fit beside the "
+                                   "context): no GPU is visible where this folder was written")
+    else:
+        load = dict(placement.settings)
+        for key, value, why in placement.reasons:
+            if key not in ("n_ctx",):
+                reasons[key] = f"{value}: {why}"
+    if r.target == "gpu":  # a GPU image without a GPU fails at start, not on the CPU
+        load["device"] = "gpu"
+        reasons["device"] = "gpu: the service refuses to start where llama.cpp sees no GPU"
+    load.update(n_parallel=par, n_ctx=par * per_req)
+    # Threads: the service's machine as it is when it starts, not this one now.
+    load.pop("threads", None)
+    load.pop("max_threads", None)
+    reasons["threads"] = ("chosen when the service starts, from the cores idle then, "
+                          "and re-chosen while it serves (worker/threads.py)")
+    reasons["n_parallel"] = (f"{par}: requests decoded together in one batch "
+                             + ("(given)" if r.n_parallel else
+                                "(a GPU keeps gaining past 16 sequences)" if on_gpu else
+                                "(on a few CPU cores the gain levels off near 8-16)"))
+    reasons["n_ctx"] = (f"{par * per_req}: {per_req} tokens for each of the {par} "
+                        "parallel requests")
+    return load, placement
+
+
+def kv_budget(placement: Any, r: Request, *, disk_free: int) -> tuple[dict[str, Any], str]:
+    """The service's prefix cache (LoadConfig's kv_* fields) and the reason, in words.
+
+    RAM: twice the batch's KV memory (room for every sequence's state and as many more),
+    at least 256 MiB, at most a quarter of the RAM the placement leaves beside the model
+    and its context, and at most 8 GiB; off below 64 MiB. Disk (in the folder's kv/):
+    4 times the RAM budget, at least 1 GiB, at most a tenth of the free disk where the
+    folder is written, and at most 16 GiB. Budgets given (--kv-ram-mib, --kv-disk-mib)
+    are kept."""
+    if r.kv_cache == "off":
+        return {"kv_cache": "off"}, "off: deployed with --kv-cache off"
+    host = placement.budgets[0]
+    left = max(0, host.usable - placement.predicted("CPU")) // MiB
+    batch_kv = sum(m.kv for m in placement.memory) // MiB
+    if r.kv_ram_mib is not None:
+        ram, ram_why = r.kv_ram_mib, "given"
+    else:
+        ram = min(max(2 * batch_kv, KV_RAM_MIN), left // 4, KV_RAM_MAX)
+        ram_why = (f"twice the batch's {batch_kv:,} MiB of KV, at least {KV_RAM_MIN}, "
+                   f"within a quarter of the {left:,} MiB of RAM left beside the model")
+        if ram < KV_RAM_OFF_BELOW:
+            return {"kv_cache": "off"}, (f"off: only {left:,} MiB of RAM are left beside the "
+                                         "model (give --kv-ram-mib to turn it on)")
+    if r.kv_disk_mib is not None:
+        disk, disk_why = r.kv_disk_mib, "given"
+    else:
+        disk = max(0, min(max(4 * ram, KV_DISK_MIN), disk_free // MiB // 10, KV_DISK_MAX))
+        disk_why = (f"4 times the RAM budget, at least {KV_DISK_MIN:,}, within a tenth of "
+                    f"the {disk_free // MiB:,} MiB free on this disk")
+    return ({"kv_cache": "on", "kv_ram_mib": ram, "kv_disk_mib": disk, "kv_dir": KV_DIR},
+            f"on: {ram:,} MiB of RAM ({ram_why}); {disk:,} MiB of disk in {KV_DIR}/ "
+            f"({disk_why})")
 
 
 def _served_name(model: Path, quant: str) -> str:
@@ -224,7 +308,9 @@ def _served_name(model: Path, quant: str) -> str:
 def _versions() -> dict[str, str | None]:
     from ..device.provenance import package_version
 
-    return {p: package_version(p) for p in ("workbench", "llama-cpp-python")}
+    # the distribution is named gguf-workbench (formerly workbench); the import name stays
+    return {"workbench": package_version("gguf-workbench") or package_version("workbench"),
+            "llama-cpp-python": package_version("llama-cpp-python")}
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -248,130 +334,3 @@ def _swap_into_place(staging: Path, output: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _write(path: Path, text: str, mode: int = 0o644) -> None:
-    path.write_text(text, encoding="utf-8")
-    path.chmod(mode)
-
-
-def _write_files(folder: Path, config: dict[str, Any]) -> None:
-    from ..device.provenance import package_version
-
-    _write(folder / CONFIG, json.dumps(config, indent=2) + "\n")
-    import sys
-
-    _write(folder / "start.sh", _START.replace("@PYTHON@", sys.executable), 0o755)
-    _write(folder / "healthcheck.py", _HEALTHCHECK, 0o755)
-    # the package's own code (its Python files only: no JupyterLab assets, no caches)
-    package = Path(__file__).resolve().parent.parent
-    shutil.copytree(package, folder / "app" / "workbench",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "labextension"))
-    llama = package_version("llama-cpp-python") or "0.3.36"
-    _write(folder / "requirements.txt", "\n".join([
-        f"llama-cpp-python=={llama}",
-        f"starlette>={package_version('starlette') or '0.40'}",
-        f"uvicorn>={package_version('uvicorn') or '0.30'}",
-        "psutil>=5.9", "jinja2>=3.1", ""]))
-    _write(folder / "Dockerfile", _DOCKERFILE.format(port=config["server"]["port"]))
-    name, port = config["model"]["name"], config["server"]["port"]
-    _write(folder / "README.md", _README.format(
-        name=name, port=port, name_lower=name.lower(), quant=config["model"]["quantization"],
-        reasons="\n".join(f"| {k} | {v} |" for k, v in config["reasons"].items())))
-    for f in folder.rglob("*"):  # everything on disk before the rename makes it visible
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-
-
-_START = """#!/bin/sh
-# Starts the service on the host and port in service.json (pass --host/--port to change).
-# Binding anything but 127.0.0.1 needs an API key: export WORKBENCH_API_KEY first.
-# The code is in app/; the packages in requirements.txt must be installed for the Python
-# that runs it: $PYTHON, else the one that wrote this folder (if it is here), else python3.
-here=$(cd "$(dirname "$0")" && pwd)
-py=${PYTHON:-}
-[ -z "$py" ] && [ -x "@PYTHON@" ] && py="@PYTHON@"
-PYTHONPATH="$here/app${PYTHONPATH:+:$PYTHONPATH}" exec "${py:-python3}" -m workbench.cli \\
-    serve "$here" "$@"
-"""
-
-_HEALTHCHECK = """#!/usr/bin/env python3
-\"\"\"Exit 0 when the service's /health answers 200, else 1.\"\"\"
-import json, sys, urllib.request
-from pathlib import Path
-
-server = json.loads((Path(__file__).parent / "service.json").read_text())["server"]
-host = "127.0.0.1" if server["host"] in ("0.0.0.0", "::") else server["host"]
-try:
-    with urllib.request.urlopen(f"http://{host}:{server['port']}/health", timeout=5) as r:
-        sys.exit(0 if r.status == 200 else 1)
-except Exception:
-    sys.exit(1)
-"""
-
-_DOCKERFILE = """# The service as an image. llama.cpp compiles for the building machine's CPU family.
-FROM python:3.11-slim
-RUN apt-get update && apt-get install -y --no-install-recommends build-essential cmake \\
-    && rm -rf /var/lib/apt/lists/*
-WORKDIR /service
-COPY requirements.txt .
-RUN CMAKE_ARGS="-DGGML_NATIVE=off" pip install --no-cache-dir -r requirements.txt
-COPY . .
-ENV WORKBENCH_HOME=/service/.workbench
-EXPOSE {port}
-HEALTHCHECK --interval=30s --timeout=5s --start-period=60s CMD python healthcheck.py
-# Inside a container the service must listen on all interfaces: pass WORKBENCH_API_KEY.
-CMD ["./start.sh", "--host", "0.0.0.0"]
-"""
-
-_README = """# {name}: an OpenAI-compatible inference service
-
-Written by `workbench deploy`. The model is `model.gguf` ({quant}); every setting is in
-`service.json` with the reason it was chosen.
-
-## Start
-
-The folder carries the workbench's code (`app/`); the Python that runs it needs the packages in
-`requirements.txt` (on a machine without the workbench: `pip install -r requirements.txt`), or
-build the image: `docker build -t {name_lower} .`
-
-```sh
-./start.sh                      # http://127.0.0.1:{port}
-```
-
-To listen on other interfaces, set an API key: `WORKBENCH_API_KEY=... ./start.sh --host 0.0.0.0`.
-Clients then send `Authorization: Bearer <key>`.
-
-## Call it
-
-```sh
-curl http://127.0.0.1:{port}/v1/chat/completions -H 'Content-Type: application/json' \\
-  -d '{{"model": "{name}", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
-curl http://127.0.0.1:{port}/v1/models
-curl http://127.0.0.1:{port}/health
-curl http://127.0.0.1:{port}/metrics
-```
-
-```python
-from openai import OpenAI
-
-client = OpenAI(base_url="http://127.0.0.1:{port}/v1", api_key="unused-on-loopback")
-reply = client.chat.completions.create(
-    model="{name}", messages=[{{"role": "user", "content": "Hello!"}}])
-print(reply.choices[0].message.content)
-
-for chunk in client.chat.completions.create(
-        model="{name}", messages=[{{"role": "user", "content": "Count to 5."}}], stream=True):
-    print(chunk.choices[0].delta.content or "", end="")
-```
-
-Requests beyond the batch and its queue get `429` with `Retry-After`; a client that
-disconnects stops its generation.
-
-## Settings
-
-| setting | value and reason |
-|---|---|
-{reasons}
-"""

@@ -9,7 +9,7 @@ from typing import Any
 
 from .._net import is_loopback
 from ..errors import WorkbenchError
-from .deploy import CONFIG
+from .bundle import CONFIG
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -83,13 +83,18 @@ def serve(folder: str | os.PathLike, *, host: str | None = None, port: int | Non
     model = folder / config["model"]["file"]
     fields = {f.name for f in dataclasses.fields(LoadConfig)}
     given = {k: v for k, v in config["load"].items() if k in fields and v is not None}
+    if given.get("kv_dir"):  # the prefix cache's folder, relative to the service's
+        given["kv_dir"] = str(folder / Path(given["kv_dir"]).expanduser())
     engine = Engine()
     try:  # what the folder fixes is kept; threads are chosen here, from the cores idle now
         load, _ = resolve(engine, model, build(LoadConfig, given), given)
         info = engine.load(model, load)
+        cache = (f"prefix cache {load.kv_ram_mib:,} MiB RAM + {load.kv_disk_mib:,} MiB disk"
+                 if load.kv_cache == "on" else "no prefix cache")
         print(f"workbench: serving {settings.model_name} ({info.quantization}, "
               f"{info.n_parallel} parallel, {info.threads} threads, "
-              f"{info.n_gpu_layers} GPU layers) on http://{host}:{port}/v1", flush=True)
+              f"{info.n_gpu_layers} GPU layers, {cache}) on http://{host}:{port}/v1",
+              flush=True)
         app = create_app(engine, settings)
         cfg = uvicorn.Config(app, host=host, port=port, log_level="warning",
                              timeout_graceful_shutdown=5, limit_concurrency=None)
