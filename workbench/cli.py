@@ -18,6 +18,17 @@ def _check(args: argparse.Namespace) -> None:
 
     h = read_header(default_model_path())
     print(f"default model ready: {DEFAULT_MODEL_NAME}, {h.file_size:,} bytes, {h.path}")
+    from ._extras import EXTRAS, install_command, missing
+
+    for extra in EXTRAS:
+        gone = missing(extra)
+        where = " on a CUDA machine" if extra == "qlora" else ""
+        print(f"extra [{extra}]: " + ("installed" if not gone else
+                                      f"not installed ({install_command(extra)}{where})"))
+    from .settings import defaults, path
+
+    if path().exists():
+        print(f"settings: {path()}: {', '.join(sorted(defaults())) or 'none'}")
     if args.run:
         from . import api
 
