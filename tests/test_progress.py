@@ -230,3 +230,17 @@ def test_quantization_counts_tensors(tmp_path):
     quantize(src, "Q8_0", tmp_path / "tiny.Q8_0.gguf", progress=Recorder())
     assert reports and all(r[3] == "tensors" and r[2] == n for r in reports)
     assert reports[-1][:3] == (1.0, n, n)
+
+
+def test_on_a_narrow_terminal_the_label_gives_way_to_the_numbers(monkeypatch):
+    class Narrow(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setenv("COLUMNS", "60")
+    clock, out = FakeClock(), Narrow()
+    bar = TextBar("Quantizing SmolLM2-135M-Instruct.Q4_1.gguf", stream=out, clock=clock)
+    feed(bar, clock, 272, 80, 1, unit="tensors", every=0.25)
+    line = out.getvalue().split("\r")[-1]
+    assert len(line) < 60 and line.startswith("Quantizin… 29% · ")
+    assert line.endswith("80/272 tensors · 80.0 tensors/s · 2 s left")

@@ -242,8 +242,13 @@ class TextBar(_Shown):
         isatty = getattr(self.stream, "isatty", None)
         return shutil.get_terminal_size().columns if isatty and isatty() else None
 
-    def _write(self, line: str, end: str = "") -> None:
-        columns = self._columns()
+    def _write(self, text: str, end: str = "") -> None:
+        """`label text`; where it would wrap, the label gives way before the numbers."""
+        label, columns = self.label, self._columns()
+        if columns and len(label) + 1 + len(text) >= columns:
+            room = max(8, columns - 2 - len(text))
+            label = label if len(label) <= room else label[:room - 1] + "…"
+        line = f"{label} {text}"
         if columns and len(line) >= columns:
             line = line[:columns - 2] + "…"
         self.stream.write("\r" + line.ljust(self._width) + end)
@@ -251,10 +256,10 @@ class TextBar(_Shown):
         self._width = 0 if end else len(line)
 
     def draw(self) -> None:
-        self._write(f"{self.label} {self.meter.status()}")
+        self._write(self.meter.status())
 
     def finish(self, message: str) -> None:
-        self._write(f"{self.label} done{': ' + message if message else ''}", end="\n")
+        self._write(f"done{': ' + message if message else ''}", end="\n")
 
 
 class _WidgetBar(_Shown):
