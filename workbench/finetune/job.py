@@ -32,6 +32,9 @@ class FinetuneResult:
     val_loss_before: float | None
     val_loss_after: float | None
     tokens_per_s: float | None
+    # bytes on the GPU once the base and the adapter are loaded, before training (None on
+    # the CPU); each step's `memory` in `history["steps"]` is the peak so far
+    loaded_memory: int | None = None
     checkpoints: list[Path] = field(default_factory=list)
     checkpoint_stalls_s: list[float] = field(default_factory=list)
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
@@ -189,7 +192,7 @@ class FinetuneJob:
                 adapter=Path(r["adapter"]), out_dir=self.out_dir, steps=r["steps"],
                 total_steps=r["total_steps"], cancelled=r["cancelled"],
                 val_loss_before=r["val_loss_before"], val_loss_after=r["val_loss_after"],
-                tokens_per_s=r["tokens_per_s"],
+                tokens_per_s=r["tokens_per_s"], loaded_memory=r["loaded_memory"],
                 checkpoints=[Path(p) for p in r["checkpoints"]],
                 checkpoint_stalls_s=r["checkpoint_stalls_s"],
                 history={**r["history"], "steps": list(self.history["steps"])},

@@ -91,14 +91,23 @@ def _load(spec: dict[str, Any], emit: Any) -> tuple[Any, Any, Any]:
 
 def _four_bit(model: Any, spec: dict[str, Any]) -> Any:
     """The dequantized model reloaded with bitsandbytes' 4-bit NF4 weights, on the GPU."""
+    import copy
     import tempfile
 
     import torch
     from peft import prepare_model_for_kbit_training
+    from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     with tempfile.TemporaryDirectory(dir=spec["out_dir"]) as tmp:
-        model.save_pretrained(tmp)
+        # transformers will not `save_pretrained` a model it read from GGUF, though it
+        # holds plain tensors by now: the config and the weights go out as they are, the
+        # config without GGUF's quantization_config (from_pretrained refuses to replace it)
+        config = copy.deepcopy(model.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(tmp)
+        save_model(model, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                    bnb_4bit_compute_dtype=torch.bfloat16,
                                    bnb_4bit_use_double_quant=True)
@@ -234,6 +243,8 @@ def _train(spec: dict[str, Any], emit: Any, cancel: Any) -> dict[str, Any]:
                       target_modules=list(TARGETS), bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, lcfg)
     model.train()
+    # what the base and the adapter hold on the GPU before training: 4-bit or not shows here
+    loaded = int(torch.cuda.memory_allocated()) if device == "cuda" else None
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     names, params = [n for n, _ in named], [p for _, p in named]
     opt = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=0.0)
@@ -318,6 +329,6 @@ def _train(spec: dict[str, Any], emit: Any, cancel: Any) -> dict[str, Any]:
     return {"adapter": str(lora), "steps": step, "total_steps": total, "cancelled": cancelled,
             "val_loss_before": vals[0][1] if vals else None,
             "val_loss_after": vals[-1][1] if vals else None,
-            "tokens_per_s": tokens_run / t_run if t_run else None,
+            "tokens_per_s": tokens_run / t_run if t_run else None, "loaded_memory": loaded,
             "checkpoint_stalls_s": stalls, "history": history,
             "checkpoints": [str(p) for p in store.paths()]}
