@@ -38,6 +38,12 @@ DATA = ROOT / "notebooks" / "data" / "workbench-help.jsonl"
 TASK = dict(epochs=3, batch_size=4, rank=8, lr=5e-4, max_len=256, eval_every=10,
             ckpt_every=20)
 METHODS = ("lora", "qlora")  # part 3, in this order
+MEMORY_NOTE = (
+    "loaded_memory: the base and the adapter on the GPU before training "
+    "(torch.cuda.memory_allocated); peak_memory: torch.cuda.max_memory_allocated over the "
+    "run, activations and logits included. QLoRA holds the linear weights in 4-bit NF4, but "
+    "peft's prepare_model_for_kbit_training keeps the weights left unquantized (embeddings, "
+    "norms) in float32, and so the hidden states between its layers, where LoRA's are bf16.")
 
 
 def versions() -> dict[str, str]:
@@ -131,6 +137,7 @@ def qlora_beside_lora(base: Path, out: Path, args: argparse.Namespace) -> None:
         print(repr(run), file=sys.stderr)
         entry[method] = _summary(run)
     lora, qlora = entry["lora"], entry["qlora"]
+    entry["note"] = MEMORY_NOTE
     entry["saving"] = {key: {"bytes": lora[key] - qlora[key], "ratio": qlora[key] / lora[key]}
                        for key in ("loaded_memory", "peak_memory")}
     entry["result"] = {"lora_tok_s": lora["train_tok_s_median"],
