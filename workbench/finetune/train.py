@@ -220,7 +220,6 @@ def _train(spec: dict[str, Any], emit: Any, cancel: Any) -> dict[str, Any]:
     from .export import write_lora_gguf
 
     torch.set_num_threads(spec["threads"])
-    torch.manual_seed(spec["seed"])
     device = _device(spec)
     spec = {**spec, "device": device}
     tok, model, header = _load(spec, emit)
@@ -241,6 +240,10 @@ def _train(spec: dict[str, Any], emit: Any, cancel: Any) -> dict[str, Any]:
 
     lcfg = LoraConfig(r=spec["rank"], lora_alpha=spec["alpha"], lora_dropout=spec["dropout"],
                       target_modules=list(TARGETS), bias="none", task_type="CAUSAL_LM")
+    # seeded here, after the base is loaded: converting a GGUF file and reading the kept
+    # copy (models/hf.py) draw different amounts of randomness, and the adapter's first
+    # weights must not depend on which one ran
+    torch.manual_seed(spec["seed"])
     model = get_peft_model(model, lcfg)
     model.train()
     # what the base and the adapter hold on the GPU before training: 4-bit or not shows here
