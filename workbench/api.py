@@ -360,10 +360,12 @@ def generate(prompt: str | Sequence[int], *, stream: bool = False,
 
 
 def chat(message: str | Sequence[Any], *, system: str | None = None, stream: bool = False,
-         **params: Any) -> Completion | TokenStream:
+         schema: Any = None, **params: Any) -> Completion | TokenStream:
     """Answer a message (or a list of {role, content} messages) with the model's own chat
-    template. Parameters as for `generate`."""
-    return session().chat(message, system=system, stream=stream, **params)
+    template. Parameters as for `generate`. With `schema` (a pydantic model class, a JSON
+    schema dict or its text) a grammar constrains the answer to JSON valid against it,
+    and the Completion's `parsed` holds it (an instance of the model class)."""
+    return session().chat(message, system=system, stream=stream, schema=schema, **params)
 
 
 def generate_many(prompts: Sequence[Any], *, chat: bool = False, system: str | None = None,

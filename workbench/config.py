@@ -13,6 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._schema import schema_text
 from ._text import check_text
 from .errors import GenerationError, WorkbenchError
 
@@ -161,9 +162,15 @@ class GenerationConfig:
     stop: tuple[str, ...] = setting((), "stop when any of these strings is generated",
                                     flag=False)
     ignore_eos: bool = setting(False, "keep generating past end-of-sequence (benchmarks)")
+    json_schema: str | None = setting(
+        None, "constrain the output to JSON valid against this schema (JSON text; "
+        "'{\"type\": \"object\"}' for any object): a grammar decides every token",
+        flag=False)
 
     def validate(self) -> "GenerationConfig":
         _check_bounds(self, GenerationError)
+        if self.json_schema is not None:
+            schema_text(self.json_schema)
         if any(not isinstance(x, str) or not x for x in self.stop):
             raise GenerationError(f"stop must be non-empty strings (got {self.stop!r})",
                                   "Pass stop='text' or stop=['a', 'b'].")

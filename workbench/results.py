@@ -96,6 +96,7 @@ class Completion:
         self.text = text
         self.metrics = metrics
         self.finish_reason = finish_reason or (metrics.finish_reason if metrics else None)
+        self.parsed: Any = None  # the JSON answer, decoded, when a schema constrained it
         # A streamed completion has already shown its text: display only the numbers.
         self._streamed = streamed
 

@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from ._schema import schema_text
 from .config import GenerationConfig, LoadConfig, build
 from .engine.client import Engine
 from .engine.stream import TokenStream
@@ -164,11 +165,16 @@ class Session:
         return s if stream else finish(s)
 
     def chat(self, message: str | Sequence[Any], *, system: str | None = None,
-             stream: bool = False, **params: Any) -> Completion | TokenStream:
-        """Answer a message (or {role, content} messages) with the model's chat template."""
+             stream: bool = False, schema: Any = None,
+             **params: Any) -> Completion | TokenStream:
+        """Answer a message (or {role, content} messages) with the model's chat template.
+        With `schema` (a pydantic model class, a dict or JSON text) a grammar constrains
+        the answer to JSON valid against it, and the Completion's `parsed` holds it."""
+        if schema is not None:
+            params["json_schema"] = schema_text(schema)
         config: GenerationConfig = build(GenerationConfig, params)
         s = self.engine.stream("chat", messages(message, system), config)
-        return s if stream else finish(s)
+        return s if stream else _parsed(finish(s), schema)
 
     def complete(self, prompt: str | Sequence[int], **params: Any) -> Completion:
         """`generate`, finished: its `Completion`."""
@@ -266,3 +272,19 @@ def finish(s: TokenStream) -> Completion:
     """Wait for a stream's end; its text and metrics."""
     s.result()
     return Completion(s.text, s.metrics)
+
+
+def _parsed(c: Completion, schema: Any) -> Completion:
+    """`c` with `parsed` set from its JSON text: an instance of `schema` where that is a
+    pydantic model class, else the decoded JSON."""
+    if schema is None:
+        return c
+    import json
+
+    if c.finish_reason not in ("stop", "stop_string"):
+        raise GenerationError(f"the answer ended ({c.finish_reason}) before its JSON was "
+                              f"complete: {c.text[:200]!r}",
+                              "Raise max_tokens, or ask for a smaller object.")
+    c.parsed = schema.model_validate_json(c.text) if hasattr(schema, "model_validate_json") \
+        else json.loads(c.text)
+    return c

@@ -24,6 +24,7 @@ from ..config import GenerationConfig, LoadConfig
 from ..errors import GenerationError, ModelFileError, PromptTooLong, no_model
 from ..models.gguf_file import read_header
 from ..engine.protocol import Buffer, ModelInfo
+from .sampling import grammar_sampler
 from .template import render_chat
 from .threads import ThreadGovernor
 
@@ -405,12 +406,15 @@ class Runtime:
 
     def _sampler(self, g: GenerationConfig):
         self.check_tokens(tuple(t for t, _ in g.logit_bias), "logit_bias")
+        grammar = grammar_sampler(self.vocab, g.json_schema) if g.json_schema else None
         params = L.llama_sampler_chain_default_params()
         params.no_perf = True
         chain = L.llama_sampler_chain_init(params)
         add = L.llama_sampler_chain_add
         # bias and penalties change the logits, so they come first, for greedy too
         n_vocab = L.llama_vocab_n_tokens(self.vocab)
+        if grammar is not None:  # first: no token outside the grammar survives
+            add(chain, grammar)
         if g.logit_bias:
             arr = (L.llama_logit_bias * len(g.logit_bias))(
                 *(L.llama_logit_bias(token=t, bias=b) for t, b in g.logit_bias))

@@ -1,0 +1,60 @@
+"""Structured output through the Python API: a JSON schema becomes llama.cpp's grammar
+sampler in the worker, and the answer comes back parsed. The real default model."""
+
+from __future__ import annotations
+
+import json
+
+import pydantic
+import pytest
+
+import workbench
+from workbench._schema import schema_text
+from workbench.errors import WorkbenchError
+
+
+class Pet(pydantic.BaseModel):
+    name: str = pydantic.Field(max_length=16)
+    kind: str = pydantic.Field(json_schema_extra={"enum": ["cat", "dog", "fish"]})
+    legs: int
+
+
+def test_chat_with_a_pydantic_schema_returns_the_parsed_object(loaded):
+    c = workbench.chat("Describe a pet as JSON.", schema=Pet, temperature=0.8, seed=7,
+                       max_tokens=64)
+    assert isinstance(c.parsed, Pet), c.text
+    assert c.parsed.kind in ("cat", "dog", "fish")
+    assert Pet.model_validate_json(c.text) == c.parsed
+
+
+def test_chat_with_a_dict_schema_and_a_bare_object(loaded):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"},
+                                               "n": {"type": "integer"}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    c = workbench.chat("Answer in JSON.", schema=schema, temperature=0, max_tokens=32)
+    assert set(c.parsed) == {"ok", "n"} and isinstance(c.parsed["ok"], bool)
+    c = workbench.chat('Reply with exactly this JSON: {"color": "blue"}',
+                       schema={"type": "object"}, temperature=0, max_tokens=64)
+    assert isinstance(json.loads(c.text), dict)
+
+
+@pytest.mark.parametrize("schema, named", [
+    ({"$defs": {"A": {"$ref": "#/$defs/B"}, "B": {"items": {"$ref": "#/$defs/A"}}},
+      "$ref": "#/$defs/A"}, "$ref cycle"),
+    ({"type": "object", "patternProperties": {"^x": {}}}, "'patternProperties'"),
+    ({"type": "integer", "minimum": 3}, "'minimum'"),
+    ({"$ref": "#/$defs/Missing"}, "points at nothing"),
+    ({"$ref": "https://example.com/s.json"}, "only local references"),
+    ({"type": "string", "format": "email"}, '"email"'),
+    ({"type": "text"}, '"text"'),
+])
+def test_schemas_a_grammar_cannot_enforce_are_refused_naming_the_construct(schema, named):
+    with pytest.raises(WorkbenchError) as e:
+        schema_text(schema)
+    assert named in e.value.message and e.value.hint
+
+
+def test_a_refused_schema_fails_before_generation(loaded):
+    with pytest.raises(WorkbenchError, match="patternProperties"):
+        workbench.chat("hi", schema={"type": "object", "patternProperties": {}})
+    assert workbench.chat("Say hi.", max_tokens=4, temperature=0).text  # still serving
