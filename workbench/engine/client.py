@@ -45,7 +45,7 @@ class Engine:
         self._calls: dict[str, Call] = {}
         self._ids = itertools.count(1)
         self._listeners: list[Callable[[str, Any], None]] = []
-        self._last_load: P.LoadModel | None = None
+        self._last_load: P.LoadModel | P.LoadEmbedder | None = None
         self.worker: P.WorkerReady | None = None
         self.model: P.ModelInfo | None = None
         self.records: list[P.RequestMetrics] = []
@@ -213,7 +213,7 @@ class Engine:
             msg = dataclasses.replace(msg, metrics=dataclasses.replace(msg.metrics, ttft_s=ttft))
             self._record(msg.metrics)
         if isinstance(msg, (P.Finished, P.Failed, P.Done, P.ModelLoaded, P.KVResult,
-                            P.DeviceList)):
+                            P.DeviceList, P.Embeddings)):
             self._calls.pop(msg.id, None)
         call.deliver(msg)
 
@@ -300,7 +300,39 @@ class Engine:
             req = P.LoadModel(id=self._new_id("load"), path=str(header.path), config=config)
             return self._load(req, on_progress)
 
-    def _load(self, req: P.LoadModel, on_progress: Callable[[float], None] | None) -> P.ModelInfo:
+    def load_embedder(self, path: str | os.PathLike, threads: int, n_gpu_layers: int = 0,
+                      n_batch: int = 0) -> P.ModelInfo:
+        """Load an embedding model in this engine's worker, which then serves `embed` only
+        (see `protocol.LoadEmbedder`: a session keeps a second engine for it)."""
+        from ..models.embedding import pooling
+
+        header = read_header(path)
+        pooling(header)  # a chat model is refused here, before any worker starts
+        with self._lock:
+            self._ensure()
+            req = P.LoadEmbedder(id=self._new_id("load"), path=str(header.path),
+                                 threads=threads, n_gpu_layers=n_gpu_layers, n_batch=n_batch)
+            return self._load(req, None)
+
+    def embed(self, inputs: "list[str | list[int]] | tuple") -> P.Embeddings:
+        """Embed `inputs` (texts or token arrays) with the loaded embedder: one
+        L2-normalized row each (`Embeddings.data`, float32)."""
+        from ..models.embedding import check_inputs
+
+        check_inputs(inputs)
+        for i, x in enumerate(inputs):
+            if isinstance(x, str):
+                check_text(x, f"input {i}")
+        items = tuple(x if isinstance(x, str) else tuple(int(t) for t in x) for x in inputs)
+        with self._lock:
+            if not isinstance(self._last_load, P.LoadEmbedder):
+                raise WorkbenchError("no embedding model is loaded in this engine",
+                                     "Load one with Engine.load_embedder(path, threads).")
+            self._ensure()
+            call = self._submit(P.Embed(id=self._new_id("embed"), inputs=items), "embed")
+        return self._wait(call)
+
+    def _load(self, req: P.LoadModel | P.LoadEmbedder, on_progress: Callable[[float], None] | None) -> P.ModelInfo:
         call = self._submit(req, f"load {Path(req.path).name}")
         try:
             msg = self._wait(call, on_progress)

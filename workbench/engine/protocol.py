@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from ..config import GenerationConfig, LoadConfig
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,6 +64,25 @@ class KVCommand(Message):
     """Prefix cache and named sessions: op is save | load | ls | rm | clear_ram | stats."""
     op: str
     name: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadEmbedder(Message):
+    """Load an embedding model (one whose GGUF declares a pooling type) in this worker,
+    for `Embed` requests only: the worker that holds an embedder is a second one, beside
+    the chat model's, so neither's context settings, batching or crashes touch the other.
+    The reply is ModelLoaded."""
+    path: str
+    threads: int
+    n_gpu_layers: int = 0
+    n_batch: int = 0  # tokens per decode; 0: the model's training context, at least 512
+
+
+@dataclass(frozen=True, kw_only=True)
+class Embed(Message):
+    """Embed each input (text, or token ids used as given) with the model's pooling,
+    L2-normalized. The reply is Embeddings."""
+    inputs: tuple[str | tuple[int, ...], ...]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -214,6 +233,17 @@ class Failed(Message):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Embeddings(Message):
+    """One row per input, in order: `data` is n x dim float32, little-endian, row-major."""
+    data: bytes
+    n: int
+    dim: int
+    prompt_tokens: int
+    seconds: float
+    pooling: str  # mean | cls | last
+
+
+@dataclass(frozen=True, kw_only=True)
 class Done(Message):
     """A request with no other reply (Unload, Cancel) completed."""
 
@@ -237,9 +267,10 @@ class WorkerStats(Message):
     kv: dict | None = None  # prefix cache occupancy and hit counts
 
 
-REQUESTS = (LoadModel, Generate, Chat, Cancel, Unload, Shutdown, KVCommand, ListDevices)
+REQUESTS = (LoadModel, Generate, Chat, Cancel, Unload, Shutdown, KVCommand, ListDevices,
+            LoadEmbedder, Embed)
 REPLIES = (WorkerReady, LoadProgress, ModelLoaded, Tokens, Finished, Failed, Done, WorkerStats,
-           KVResult, Notice, DeviceList, Buffers)
+           KVResult, Notice, DeviceList, Buffers, Embeddings)
 
 
 def check(msg: object, expected: tuple[type, ...]) -> Message:

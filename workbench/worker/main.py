@@ -85,6 +85,7 @@ class Worker:
         self.stopping = threading.Event()
         self._send_lock = threading.Lock()
         self.fault = _Fault(os.environ.get("WORKBENCH_FAULT", ""))
+        self.embedder: Any = None  # worker/embed.py's Embedder, in an embeddings worker
         self.send(P.WorkerReady(
             id="", pid=os.getpid(), llama_cpp_version=llama_cpp.__version__,
             supports_gpu_offload=has_gpu(),
@@ -184,6 +185,8 @@ class Worker:
                     traceback.print_exc()
         elif isinstance(msg, P.KVCommand):
             self.send(P.KVResult(id=msg.id, data=self._kv(msg)))
+        elif isinstance(msg, (P.LoadEmbedder, P.Embed)):
+            self._embedding(msg)
         elif isinstance(msg, P.ListDevices):
             from .libs import backend_devices
 
@@ -191,6 +194,23 @@ class Worker:
 
         else:
             raise TypeError(f"unhandled request {msg!r}")
+
+    def _embedding(self, msg: P.LoadEmbedder | P.Embed) -> None:
+        """An embedder's requests (worker/embed.py): this worker then serves no chat."""
+        from .embed import Embedder
+
+        if self.embedder is None:
+            self.embedder = Embedder(self.runtime.log)
+        if isinstance(msg, P.LoadEmbedder):
+            self.runtime.unload()
+            info = self.embedder.load(msg.path, msg.threads, msg.n_gpu_layers, msg.n_batch)
+            self.send(P.ModelLoaded(id=msg.id, info=info))
+            return
+        t0 = time.monotonic()
+        rows, tokens = self.embedder.embed(msg.inputs)
+        self.send(P.Embeddings(id=msg.id, data=rows.tobytes(), n=rows.shape[0],
+                               dim=rows.shape[1], prompt_tokens=tokens,
+                               seconds=time.monotonic() - t0, pooling=self.embedder.pooling))
 
     def _kv(self, msg: P.KVCommand) -> dict:
         rt = self.runtime
