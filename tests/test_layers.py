@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "workbench"
 FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("faces", ("workbench", "workbench.magics", "workbench.cli", "workbench.labext")),
     ("the public API", ("workbench.api",)),
-    ("the session", ("workbench.session", "workbench.results")),
+    ("the session", ("workbench.session", "workbench.results", "workbench.chats")),
     ("features", ("workbench.device", "workbench.compress", "workbench.finetune",
                   "workbench.cluster", "workbench.serve", "workbench.dashboards",
                   "workbench.report")),

@@ -1,7 +1,8 @@
 """A Jupyter workbench for running, measuring and adapting local language models.
 
 `%load_ext workbench` registers the magics; the same work is available as plain
-functions: load_model, unload, generate, chat, metrics, dashboard, status,
+functions: load_model, unload, generate, chat (and Chat, which remembers), metrics,
+dashboard, status,
 profile_device, inspect_model, plan, autotune, generate_many, calibrate, list_models,
 check_updates, update_model, quantize, mixed_precision, prune, distill, evaluate,
 compare, finetune,
@@ -15,16 +16,18 @@ _check_supported()  # on Windows: says to use WSL2, before anything Linux-only i
 # The fine-tuning package shares its name with the function: imported first, so that the
 # function bound below is never replaced when a submodule of the package loads later.
 from . import finetune as _finetune_package  # noqa: F401
-from .api import (autotune, calibrate, chat, check_updates, compare, dashboard, deploy, distill,
-                  engine, evaluate, finetune, generate, generate_many, inspect_model, kv_evict,
-                  kv_list, kv_load, kv_remove, kv_save, kv_stats, list_models, load_model,
-                  merge_lora, metrics, mixed_precision, plan, profile_device, prune, quantize,
-                  rpc_cluster, start_service, status, unload, update_model)
+from .api import (Chat, autotune, calibrate, chat, chat_session, check_updates, compare,
+                  dashboard, deploy, distill, engine, evaluate, finetune, generate,
+                  generate_many, inspect_model, kv_evict, kv_list, kv_load, kv_remove, kv_save,
+                  kv_stats, list_models, load_model, merge_lora, metrics, mixed_precision, plan,
+                  profile_device, prune, quantize, rpc_cluster, start_service, status, unload,
+                  update_model)
 from .errors import WorkbenchError
 
 __version__ = "0.1.0"
 
-__all__ = ["WorkbenchError", "autotune", "calibrate", "chat", "check_updates", "compare",
+__all__ = ["Chat", "WorkbenchError", "autotune", "calibrate", "chat", "chat_session",
+           "check_updates", "compare",
            "dashboard", "deploy", "distill", "engine", "evaluate", "finetune", "generate",
            "generate_many", "inspect_model", "kv_evict", "kv_list", "kv_load", "kv_remove",
            "kv_save", "kv_stats", "list_models", "load_model", "merge_lora", "metrics",

@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from . import _paths
+from . import _paths, chats as _chats
 from ._extras import require
 from .config import LoadConfig, build
 from .engine.client import Engine
@@ -375,6 +375,29 @@ def generate_many(prompts: Sequence[Any], *, chat: bool = False, system: str | N
     llama_decode per step for all of them), else one after another. With `chat=True` each
     prompt is a message (or a list of messages) answered with the chat template."""
     return session().generate_many(prompts, chat=chat, system=system, **params)
+
+
+class Chat(_chats.Chat):
+    __doc__ = _chats.Chat.__doc__
+
+    def session(self) -> Session:
+        return self._session or session()
+
+
+_chat_sessions = _chats.Chats()
+
+
+def chat_session(name: str, *, create: bool = False, system: str | None = None) -> Chat:
+    """This kernel's chat called `name` (`%%chat --session NAME`). `create`: start it if
+    it is new; otherwise an unknown name is an error naming the known ones."""
+    if create:
+        return _chat_sessions.open(name, lambda n: Chat(system=system, name=n))
+    return _chat_sessions.get(name)
+
+
+def chat_sessions() -> list[str]:
+    """The names of this kernel's chat sessions."""
+    return _chat_sessions.names()
 
 
 def deploy(model: Any = None, *, device: str = "auto", quantization: str = "none",

@@ -108,6 +108,17 @@ def _gen_parser(prog: str, description: str) -> _Parser:
                    help="show the live dashboard above the answer")
     if prog == "%%chat":
         p.add_argument("--system", default=None, metavar="TEXT", help="system prompt")
+        p.add_argument("--session", default=None, metavar="NAME", help="keep the history "
+                       "under NAME: later cells with the same NAME continue the chat")
+    return p
+
+
+def _history_parser() -> _Parser:
+    p = _Parser(prog="%chat_history", description="Show a chat kept with `%%chat --session "
+                "NAME`; reset it or save it as JSON (Chat.load reads it back).")
+    p.add_argument("name", nargs="?", default=None, help="the session (none: list them)")
+    p.add_argument("--reset", action="store_true", help="forget its turns")
+    p.add_argument("--save", metavar="PATH", default=None, help="write it to PATH as JSON")
     return p
 
 
@@ -201,6 +212,7 @@ PARSERS = {
                         "streaming the answer."),
     "generate": _gen_parser("%%generate", "Continue the cell's text (no chat template), "
                             "streaming the output."),
+    "chat_history": _history_parser(),
     "unload_model": _Parser(prog="%unload_model", description="Free the loaded model."),
     "workbench": _Parser(prog="%workbench", description="Show the engine's status."),
     "kv": _kv_parser(),
@@ -221,19 +233,60 @@ def parse(name: str, line: str) -> argparse.Namespace | None:
                              "Check the quotes in the line.") from None
 
 
-def show_stream(stream: Any, dashboard: bool = False) -> Completion:
-    """Write a stream's text as it arrives; interrupting cancels it and keeps the text."""
+def _in_notebook() -> bool:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
+
+
+class _MarkdownOut:
+    """A stream's text as Markdown in one display, updated in place (throttled: a
+    re-render of the whole answer per token would be quadratic)."""
+
+    def __init__(self) -> None:
+        from IPython.display import Markdown, display
+
+        self._md = Markdown
+        self._text, self._shown = "", ""
+        self._handle = display(Markdown(""), display_id=True)
+
+    def write(self, piece: str) -> None:
+        self._text += piece
+
+    def flush(self) -> None:
+        if self._text != self._shown and self._handle is not None:
+            self._handle.update(self._md(self._text))
+            self._shown = self._text
+
+
+def show_stream(stream: Any, dashboard: bool = False, markdown: bool | None = None) -> Completion:
+    """Write a stream's text as it arrives; interrupting cancels it and keeps the text.
+    `markdown`: render it as Markdown, updated in place (default: in a notebook)."""
     if dashboard:
         from IPython.display import display
 
         display(api.dashboard())
-    out = sys.stdout
+    if markdown is None:
+        markdown = _in_notebook()
+    if markdown:
+        md = _MarkdownOut()
+        try:
+            return _show(stream, md, 0.15)
+        finally:
+            md.flush()
+    return _show(stream, sys.stdout, _FLUSH_S)
+
+
+def _show(stream: Any, out: Any, every_s: float) -> Completion:
     last_flush = time.monotonic()
     try:
         for piece in stream:
             out.write(piece)
             now = time.monotonic()
-            if now - last_flush > _FLUSH_S:
+            if now - last_flush > every_s:
                 out.flush()
                 last_flush = now
     except KeyboardInterrupt:
@@ -404,15 +457,38 @@ class WorkbenchMagics(Magics):
         params = _settings(ns, GenerationConfig)
         if ns.stop:
             params["stop"] = tuple(ns.stop)
-        if name == "chat":
+        if name == "chat" and ns.session:
+            chat = api.chat_session(ns.session, create=True, system=ns.system)
+            if ns.system is not None:
+                chat.system = ns.system
+            s = chat.send(cell.strip(), stream=True, **params)
+        elif name == "chat":
             s = api.chat(cell.strip(), system=ns.system, stream=True, **params)
         else:
             s = api.generate(cell, stream=True, **params)
         return show_stream(s, dashboard=ns.dashboard)
 
+    @line_magic
+    def chat_history(self, line: str) -> Any:
+        """%chat_history [NAME] [--reset] [--save PATH]"""
+        ns = parse("chat_history", line)
+        if ns is None:
+            return None
+        if ns.name is None:
+            if ns.reset or ns.save:
+                raise WorkbenchError("--reset and --save need a session name",
+                                     "Write `%chat_history NAME --save chat.json`.")
+            return api.chat_sessions()
+        chat = api.chat_session(ns.name)
+        if ns.save:
+            print(f"saved to {chat.save(ns.save)}")
+        if ns.reset:
+            chat.reset()
+        return chat
+
     @cell_magic
     def chat(self, line: str, cell: str) -> Any:
-        """%%chat [--max-tokens N] [--temperature T] [--system TEXT] [--dashboard] ..."""
+        """%%chat [--session NAME] [--max-tokens N] [--temperature T] [--system TEXT] ..."""
         return self._stream("chat", line, cell)
 
     @cell_magic
