@@ -17,7 +17,7 @@ from .engine.client import Engine
 from .engine.stream import TokenStream
 from .errors import WorkbenchError
 from .progress import progress_bar
-from .results import Completion, EngineStatus, KVReport, LoadedModel, MetricsTable
+from .results import Completion, Embeddings, EngineStatus, KVReport, LoadedModel, MetricsTable
 from .session import Session, check_lora
 
 if TYPE_CHECKING:
@@ -375,6 +375,15 @@ def generate_many(prompts: Sequence[Any], *, chat: bool = False, system: str | N
     llama_decode per step for all of them), else one after another. With `chat=True` each
     prompt is a message (or a list of messages) answered with the chat template."""
     return session().generate_many(prompts, chat=chat, system=system, **params)
+
+
+def embed(texts: str | Sequence[str] | Sequence[Sequence[int]], *,
+          model: str | os.PathLike[str] | None = None,
+          threads: int | None = None) -> Embeddings:
+    """Sentence embeddings (L2-normalized, one row per text) by an embedding model: a
+    GGUF path or catalog id, loaded in a second worker beside the chat model; None: the
+    embedder loaded last. See `Session.embed`."""
+    return session().embed(texts, model=model, threads=threads)
 
 
 class Chat(_chats.Chat):

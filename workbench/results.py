@@ -182,3 +182,29 @@ class EngineStatus(KeyValue):
 
     def rows(self) -> list[tuple[str, Any]]:
         return [(k.replace("_", " "), "—" if v is None else v) for k, v in self.fields.items()]
+
+
+@dataclasses.dataclass(frozen=True)
+class Embeddings:
+    """Sentence embeddings, one L2-normalized row per input, in order: `vectors` is a
+    float32 numpy array (n x dim), so the cosine similarity of two rows is their dot
+    product. Works where an array does (`np.asarray(e)`, `e[0]`, `len(e)`)."""
+    vectors: Any
+    model: str
+    pooling: str          # mean | cls | last, as the model declares
+    prompt_tokens: int
+    seconds: float        # the worker's time to embed them
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> Any:
+        return self.vectors if dtype is None else self.vectors.astype(dtype)
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    def __getitem__(self, i: Any) -> Any:
+        return self.vectors[i]
+
+    def __repr__(self) -> str:
+        n, dim = self.vectors.shape
+        return (f"Embeddings({n} x {dim}, {self.model}, {self.pooling} pooling, "
+                f"{self.prompt_tokens} tokens, {self.seconds * 1000:.0f} ms)")

@@ -23,7 +23,7 @@ from .engine.stream import TokenStream
 from .errors import GenerationError, WorkbenchError
 from .models.default import default_model_path
 from .progress import progress_bar
-from .results import Completion, EngineStatus, LoadedModel
+from .results import Completion, Embeddings, EngineStatus, LoadedModel
 
 if TYPE_CHECKING:
     from .cluster.cluster import Cluster
@@ -41,6 +41,7 @@ class Session:
         self.publisher: StatusPublisher | None = None
         self._cluster: Cluster | None = None
         self._lock = threading.Lock()
+        self._embedder: Engine | None = None  # a second engine, for embeddings only
 
     @property
     def engine(self) -> Engine:
@@ -75,6 +76,42 @@ class Session:
     def close(self) -> None:
         if self._engine is not None:
             self._engine.close()
+        if self._embedder is not None:
+            self._embedder.close()
+
+    # ---- embeddings: a second engine --------------------------------------------------
+
+    def embed(self, texts: str | Sequence[str] | Sequence[Sequence[int]], *,
+              model: str | os.PathLike[str] | None = None,
+              threads: int | None = None) -> Embeddings:
+        """Sentence embeddings of `texts` (one text, texts, or token arrays), by the
+        embedding model `model` (a path or catalog id; None: the one loaded last).
+
+        The embedder runs in a second worker of its own, beside the chat model's: an
+        embedding context pools and batches many short sequences, settings a chat
+        context must not get, and a crash in one worker leaves the other running."""
+        if isinstance(texts, str):
+            texts = [texts]
+        engine = self._embedder
+        if model is not None:
+            path = str(self.resolve_model(model, progress=True))
+            if engine is None:
+                engine = self._embedder = Engine()
+                atexit.register(engine.close)
+            if engine.model is None or engine.model.path != path:
+                from ._cpu import usable_cores
+
+                engine.load_embedder(path, threads or usable_cores())
+        elif engine is None or engine.model is None:
+            raise WorkbenchError("no embedding model is loaded",
+                                 "Name one: workbench.embed(texts, model=PATH_OR_ID), e.g. "
+                                 "workbench.models.bert_gguf.minilm_gguf().")
+        import numpy as np
+
+        r = engine.embed(list(texts))
+        assert engine.model is not None
+        return Embeddings(np.frombuffer(r.data, np.float32).reshape(r.n, r.dim),
+                          engine.model.name, r.pooling, r.prompt_tokens, r.seconds)
 
     # ---- from a name to a loaded model ------------------------------------------------
 
