@@ -4,6 +4,9 @@ the real worker, and the magics through a real InteractiveShell."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
 
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
@@ -133,3 +136,18 @@ def test_markdown_is_updated_in_place_while_it_streams(shell, loaded):
         done = show_stream(s, markdown=True)
     md = [o.data.get("text/markdown") for o in cap.outputs if "text/markdown" in o.data]
     assert md and md[-1].strip() == done.text.strip()
+
+
+def test_interrupting_a_session_cell_keeps_the_partial_answer(shell, loaded, capsys):
+    timer = threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer.start()
+    r = shell.run_cell("%%chat --session story --max-tokens 4000 --ignore-eos\n"
+                       "Tell me a long story.")
+    timer.join()
+    assert r.success, r.error_in_exec
+    assert r.result.finish_reason == "cancelled" and r.result.text
+    assert "[cancelled after" in capsys.readouterr().out
+    chat = workbench.chat_session("story")
+    assert chat.history[-1] == {"role": "assistant", "content": r.result.text}
+    r = shell.run_cell("%%chat --session story --max-tokens 8\nGo on.")
+    assert r.success and r.result.metrics.generated_tokens >= 1 and len(chat) == 2
