@@ -100,6 +100,7 @@ def test_chat_session_magic_remembers_across_cells(shell, loaded, capsys, tmp_pa
     assert r2.success, r2.error_in_exec
     assert isinstance(r2.result, Completion)
     assert r2.result.metrics.cached_tokens >= r1.result.metrics.prompt_tokens
+    assert f"({r2.result.metrics.cached_tokens} from the KV cache)" in repr(r2.result)
     out = capsys.readouterr().out
     assert r2.result.text.strip()[:20] in out  # plain text on a terminal
 

@@ -83,8 +83,10 @@ class LoadedModel(KeyValue):
 def _metrics_line(m: RequestMetrics) -> str:
     jpt = m.joules_per_token
     return (f"{m.generated_tokens} tokens · {m.decode_tps:,.1f} tok/s · "
-            f"TTFT {m.ttft_s * 1000:,.0f} ms · prompt {m.prompt_tokens} tokens at "
-            f"{m.prompt_tps:,.0f} tok/s" + (f" · {jpt:,.3f} J/token" if jpt is not None else "")
+            f"TTFT {m.ttft_s * 1000:,.0f} ms · prompt {m.prompt_tokens} tokens"
+            + (f" ({m.cached_tokens} from the KV cache)" if m.cached_tokens else "")
+            + f" at {m.prompt_tps:,.0f} tok/s"
+            + (f" · {jpt:,.3f} J/token" if jpt is not None else "")
             + f" · {m.finish_reason}")
 
 
