@@ -499,8 +499,8 @@ def test_nesting_sizes_and_fields_are_bounded(service):
         (_chat(name, tools=[{"type": "function"}] * 5000), "tools", "the limit is 4,096"),
         (_chat(name, logprobs=True), "logprobs", "not supported"),
         (_chat(name, n=2), "n", "not supported"),
-        (_chat(name, response_format={"type": "json_object"}), "response_format",
-         "not supported"),
+        (_chat(name, response_format={"type": "xml"}), "response_format.type",
+         "must be text, json_object or json_schema"),
         (_chat(name, frobnicate=1), "frobnicate", "unknown field"),
         (_chat(name, stream_options={"include_usage": True, "x": 1}), "stream_options.x",
          "not supported"),
@@ -555,6 +555,108 @@ def test_logit_bias_is_checked_and_honored(service, loaded):
                                   temperature=0, **kw).choices[0].text
              for kw in ({}, {"frequency_penalty": 2.0}, {"presence_penalty": 2.0})]
     assert count[0].startswith(" 6, 7, 8") and count[1] != count[0] and count[2] != count[0]
+
+
+# ---- structured output, sampling controls ---------------------------------------------------
+
+_SCHEMAS = [
+    {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                      "age": {"type": "integer"}},
+     "required": ["name", "age"], "additionalProperties": False},
+    {"type": "object", "properties": {"ok": {"type": "boolean"},
+                                      "mood": {"enum": ["happy", "sad", "calm"]}},
+     "required": ["ok", "mood"], "additionalProperties": False},
+    {"type": "array", "items": {"type": "integer"}, "minItems": 1, "maxItems": 4},
+    {"type": "object", "$defs": {"P": {"type": "object", "properties": {
+        "x": {"type": "integer"}, "y": {"type": "integer"}}, "required": ["x", "y"],
+        "additionalProperties": False}},
+     "properties": {"from": {"$ref": "#/$defs/P"}, "to": {"$ref": "#/$defs/P"}},
+     "required": ["from", "to"], "additionalProperties": False},
+    {"type": "object", "properties": {"day": {"type": "string", "format": "date"},
+                                      "tag": {"anyOf": [{"type": "null"},
+                                                        {"type": "string", "maxLength": 8}]}},
+     "required": ["day", "tag"], "additionalProperties": False},
+]
+
+
+def test_openai_parse_helper_gets_a_parsed_pydantic_object(service):
+    import pydantic
+
+    class City(pydantic.BaseModel):
+        name: str = pydantic.Field(max_length=20)
+        country: str = pydantic.Field(max_length=20)
+        capital: bool
+
+    c = service.client(max_retries=0, timeout=60)
+    r = c.chat.completions.parse(model=service.name, response_format=City, max_tokens=64,
+                                 temperature=0, messages=[
+                                     {"role": "developer", "content": "Answer in JSON."},
+                                     {"role": "user", "content": "Describe Paris."}])
+    assert isinstance(r.choices[0].message.parsed, City), r.choices[0].message.content
+    o = c.chat.completions.create(model=service.name, max_tokens=64, temperature=0,
+                                  response_format={"type": "json_object"},
+                                  messages=[{"role": "user", "content":
+                                             'Reply with exactly {"color": "blue"}'}])
+    assert isinstance(json.loads(o.choices[0].message.content), dict)
+
+
+def test_schema_validity_50_generations_over_5_schemas(service):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import jsonschema
+
+    c = service.client(max_retries=0, timeout=120)
+
+    def one(i: int) -> tuple[dict, str]:
+        schema = _SCHEMAS[i % 5]
+        r = c.chat.completions.create(
+            model=service.name, max_tokens=128, temperature=1.0, seed=i,
+            messages=[{"role": "user", "content": f"Example {i}: some data, as JSON."}],
+            response_format={"type": "json_schema", "json_schema": {
+                "name": f"s{i % 5}", "schema": schema, "strict": True}})
+        assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
+        return schema, r.choices[0].message.content
+
+    with ThreadPoolExecutor(8) as pool:  # the batch path: several decode together
+        results = list(pool.map(one, range(50)))
+    for schema, text in results:
+        jsonschema.validate(json.loads(text), schema)
+
+
+def test_same_seed_same_text_and_model_by_id(service):
+    c = service.client(max_retries=0, timeout=60)
+    texts = {c.chat.completions.create(model=service.name, max_tokens=24, temperature=1.0,
+                                       seed=1234, messages=[{"role": "user", "content":
+                                                             "Invent a word."}]
+                                       ).choices[0].message.content for _ in range(3)}
+    assert len(texts) == 1
+    assert c.models.retrieve(service.name).id == service.name
+    code, _, err = _raw(service.base, "GET", "/v1/models/gpt-9")
+    assert code == 404 and err["error"]["code"] == "model_not_found"
+
+
+def test_bad_schemas_are_400s_naming_the_construct(service):
+    b, name = service.base, service.name
+
+    def fmt(schema: dict) -> dict:
+        return {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+
+    cases = [
+        (fmt({"$defs": {"A": {"type": "array", "items": {"$ref": "#/$defs/A"}}},
+              "$ref": "#/$defs/A"}), "$ref cycle"),
+        (fmt({"type": "object", "patternProperties": {"^a": {}}}), "'patternProperties'"),
+        (fmt({"type": "integer", "minimum": 0}), "'minimum'"),
+        (fmt({"$ref": "https://example.com/x.json"}), "only local references"),
+    ]
+    for response_format, words in cases:
+        code, _, err = _raw(b, "POST", "/v1/chat/completions",
+                            _chat(name, response_format=response_format))
+        assert code == 400 and words in err["error"]["message"], err
+        assert err["error"]["param"] == "response_format.json_schema.schema"
+    code, _, err = _raw(b, "POST", "/v1/chat/completions",
+                        _chat(name, response_format={"type": "json_schema"}))
+    assert code == 400 and err["error"]["param"] == "response_format.json_schema"
+    assert _raw(b, "GET", "/health")[0] == 200
 
 
 def test_model_aliases_and_placeholders(service):

@@ -3,6 +3,7 @@
     POST /v1/chat/completions   chat, streamed as server-sent events with "stream": true
     POST /v1/completions        raw text completion, likewise
     GET  /v1/models             the one model this service runs
+    GET  /v1/models/{id}        that model's card (404 for any other id)
     GET  /health                200 when the engine has its model, else 503
     GET  /metrics               Prometheus text: requests, queue depth, tokens/s, TTFT,
                                 the prefix cache's hits, misses and bytes by tier
@@ -97,6 +98,13 @@ class Service:
     # -- endpoints --
     async def models(self, request: Request) -> Response:
         return AsciiJSON({"object": "list", "data": [self._model_card()]})
+
+    async def model(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        if name != self.s.model_name and name not in self.s.aliases:
+            raise ApiError(404, f"the model '{name[:80]}' does not exist; this service runs "
+                           f"'{self.s.model_name}'", param="model", code="model_not_found")
+        return AsciiJSON(self._model_card())
 
     def _model_card(self) -> dict:
         return {"id": self.s.model_name, "object": "model", "created": self.created,
@@ -316,6 +324,7 @@ def create_app(engine: Any, settings: ServiceSettings) -> Starlette:
         Route("/v1/chat/completions", r("chat", service.chat), methods=["POST"]),
         Route("/v1/completions", r("completions", service.completions), methods=["POST"]),
         Route("/v1/models", r("models", service.models), methods=["GET"]),
+        Route("/v1/models/{name:path}", r("model", service.model), methods=["GET"]),
         Route("/health", r("health", service.health, auth=False), methods=["GET"]),
         Route("/metrics", r("metrics", service.prometheus), methods=["GET"]),
     ])

@@ -17,6 +17,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from .._schema import schema_text
 from .._text import check_text
 from ..config import GenerationConfig
 from ..errors import BadText, WorkbenchError
@@ -122,18 +123,18 @@ def _text(s: str, where: str) -> str:
 
 # ---- the fields -----------------------------------------------------------------------------
 
-_ROLES = ("system", "user", "assistant")
+_ROLES = ("system", "user", "assistant", "developer")  # developer: OpenAI's newer "system"
 # Fields accepted only with a value that asks for nothing: (value, or values) -> accepted.
 _ONLY_OFF: dict[str, tuple[Any, ...]] = {
     "n": (1,), "logprobs": (False,), "top_logprobs": (0,), "echo": (False,), "best_of": (1,),
     "store": (False,), "tools": ([],), "tool_choice": ("none",),
     "parallel_tool_calls": (True, False),  # with no tools, either asks for nothing
-    "response_format": ({"type": "text"},), "suffix": ("",),
+    "suffix": ("",),
 }
 _HONORED = {
     "chat": {"model", "messages", "max_tokens", "max_completion_tokens", "temperature",
              "top_p", "seed", "stop", "stream", "stream_options", "presence_penalty",
-             "frequency_penalty", "logit_bias", "user"},
+             "frequency_penalty", "logit_bias", "user", "response_format"},
     "generate": {"model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop",
                  "stream", "stream_options", "presence_penalty", "frequency_penalty",
                  "logit_bias", "user"},
@@ -220,6 +221,8 @@ def _content(message: Any, i: int) -> tuple[str, str]:
     if role not in _ROLES:
         raise ApiError(400, f"messages[{i}].role must be one of {', '.join(_ROLES)} "
                        f"(got {json.dumps(role)[:40]})", param=f"messages[{i}].role")
+    if role == "developer":  # chat templates know only "system"
+        role = "system"
     if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
         if not all(isinstance(p, dict) and p.get("type") == "text"
                    and isinstance(p.get("text"), str) for p in content):
@@ -230,6 +233,44 @@ def _content(message: Any, i: int) -> tuple[str, str]:
         raise ApiError(400, f"messages[{i}].content must be a string",
                        param=f"messages[{i}].content")
     return role, content
+
+
+def _response_format(body: dict) -> str | None:
+    """The JSON schema a `response_format` constrains the answer to (JSON text), if any."""
+    fmt = body.get("response_format")
+    if fmt is None:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    keys = {"text": {"type"}, "json_object": {"type"},
+            "json_schema": {"type", "json_schema"}}.get(kind)
+    if keys is None:
+        raise ApiError(400, "'response_format.type' must be text, json_object or json_schema "
+                       f"(got {json.dumps(kind)[:40]})", param="response_format.type")
+    extra = sorted(set(fmt) - keys)
+    if extra:
+        raise ApiError(400, f"response_format.{extra[0]} is not supported with type {kind}",
+                       param=f"response_format.{extra[0]}")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return '{"type":"object"}'
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise ApiError(400, "'response_format.json_schema' must be an object with a 'name'",
+                       param="response_format.json_schema")
+    extra = sorted(set(spec) - {"name", "schema", "strict", "description"})
+    if extra:
+        raise ApiError(400, f"response_format.json_schema.{extra[0]} is not supported",
+                       param=f"response_format.json_schema.{extra[0]}")
+    if spec.get("strict") not in (None, True, False):
+        raise ApiError(400, "'response_format.json_schema.strict' must be true or false",
+                       param="response_format.json_schema.strict")
+    # strict or not, the grammar enforces the whole schema: it is always strict here
+    try:
+        return schema_text(spec.get("schema", {"type": "object"}))
+    except WorkbenchError as e:
+        raise ApiError(400, e.message, param="response_format.json_schema.schema",
+                       code="unsupported_schema") from None
 
 
 def _fields(body: dict, kind: str) -> None:
@@ -305,7 +346,8 @@ def parse(body: Any, kind: str, *, n_ctx_seq: int, default_max_tokens: int, n_vo
             stop=_stops(body, limits),
             presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
             frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
-            logit_bias=_logit_bias(body, n_vocab, limits)).validate()
+            logit_bias=_logit_bias(body, n_vocab, limits),
+            json_schema=_response_format(body) if kind == "chat" else None).validate()
     except WorkbenchError as e:  # what only the shared config checks
         raise ApiError(400, e.message) from None
     return Parsed(kind, payload, config, stream, bool(options.get("include_usage")), model,
