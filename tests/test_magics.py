@@ -128,3 +128,19 @@ def test_kv_magics(shell, capsys):
     _shows_without_traceback(shell, "%kv save ../press", capsys, "invalid session name")
     _shows_without_traceback(shell, "%kv load", capsys, "needs a session name")
     _shows_without_traceback(shell, "%kv frobnicate", capsys, "invalid choice")
+
+
+def test_chat_json_schema_from_a_variable_and_a_file(shell, capsys, tmp_path):
+    run(shell, "%load_model default --n-ctx 2048")
+    run(shell, "import pydantic\nclass Pet(pydantic.BaseModel):\n"
+               "    name: str = pydantic.Field(max_length=12)\n    legs: int")
+    r = run(shell, "%%chat --json-schema Pet --temperature 0 --max-tokens 48\nA pet as JSON.")
+    assert r.success, r.error_in_exec
+    assert type(r.result.parsed).__name__ == "Pet" and r.result.text in capsys.readouterr().out
+    f = tmp_path / "s.json"
+    f.write_text('{"type": "object", "properties": {"ok": {"type": "boolean"}}, '
+                 '"required": ["ok"], "additionalProperties": false}')
+    r = run(shell, f"%%chat --json-schema {f} --temperature 0 --max-tokens 16\nOK?")
+    assert r.success and set(r.result.parsed) == {"ok"}
+    r = run(shell, "%%chat --json-schema nowhere.json\nhi")
+    assert not r.success and "no such file" in str(r.error_in_exec)

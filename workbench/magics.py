@@ -12,6 +12,7 @@ from typing import Any
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
 from . import api
+from ._schema import schema_text
 from .config import (DeployConfig, FinetuneConfig, GenerationConfig, LoadConfig, add_flags,
                      build, given)
 from .errors import WorkbenchError
@@ -110,6 +111,10 @@ def _gen_parser(prog: str, description: str) -> _Parser:
         p.add_argument("--system", default=None, metavar="TEXT", help="system prompt")
         p.add_argument("--session", default=None, metavar="NAME", help="keep the history "
                        "under NAME: later cells with the same NAME continue the chat")
+        p.add_argument("--json-schema", dest="json_schema", default=None, metavar="FILE|NAME",
+                       help="answer in JSON valid against this schema: a .json file, or the "
+                       "name of a pydantic model class or dict in the notebook; the result's "
+                       "`parsed` holds the decoded answer")
     return p
 
 
@@ -457,6 +462,9 @@ class WorkbenchMagics(Magics):
         params = _settings(ns, GenerationConfig)
         if ns.stop:
             params["stop"] = tuple(ns.stop)
+        schema = self._schema(ns.json_schema) if name == "chat" and ns.json_schema else None
+        if schema is not None:  # a grammar in the worker holds the answer to it
+            params["json_schema"] = schema_text(schema)
         if name == "chat" and ns.session:
             chat = api.chat_session(ns.session, create=True, system=ns.system)
             if ns.system is not None:
@@ -466,7 +474,29 @@ class WorkbenchMagics(Magics):
             s = api.chat(cell.strip(), system=ns.system, stream=True, **params)
         else:
             s = api.generate(cell, stream=True, **params)
-        return show_stream(s, dashboard=ns.dashboard)
+        c = show_stream(s, dashboard=ns.dashboard)
+        if schema is not None:
+            c.parse(schema)
+        return c
+
+    def _schema(self, where: str) -> Any:
+        """A schema named by `--json-schema`: a variable of the notebook, or a JSON file."""
+        import json
+        from pathlib import Path
+
+        ns = self.shell.user_ns if self.shell is not None else {}
+        if where in ns:
+            return ns[where]
+        path = Path(where).expanduser()
+        if not path.is_file():
+            raise WorkbenchError(f"--json-schema {where}: no such file, nor a variable of "
+                                 "that name", "Give a .json file of a JSON schema, or the "
+                                 "name of a pydantic model class or dict defined above.")
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise WorkbenchError(f"--json-schema {where} is not valid JSON: {e}",
+                                 "Fix the file, or pass a pydantic model's name.") from None
 
     @line_magic
     def chat_history(self, line: str) -> Any:

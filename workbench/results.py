@@ -105,6 +105,21 @@ class Completion:
     def __str__(self) -> str:
         return self.text
 
+    def parse(self, schema: Any) -> Any:
+        """Decode the JSON answer a `schema` constrained into `parsed` and return it: an
+        instance of `schema` where that is a pydantic model class, else plain JSON."""
+        import json
+
+        from .errors import GenerationError
+
+        if self.finish_reason not in ("stop", "stop_string"):
+            raise GenerationError(f"the answer ended ({self.finish_reason}) before its JSON "
+                                  f"was complete: {self.text[:200]!r}",
+                                  "Raise max_tokens, or ask for a smaller object.")
+        self.parsed = schema.model_validate_json(self.text) \
+            if hasattr(schema, "model_validate_json") else json.loads(self.text)
+        return self.parsed
+
     def _footer(self) -> str:
         return _metrics_line(self.metrics) if self.metrics else (self.finish_reason or "")
 

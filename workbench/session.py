@@ -211,7 +211,12 @@ class Session:
             params["json_schema"] = schema_text(schema)
         config: GenerationConfig = build(GenerationConfig, params)
         s = self.engine.stream("chat", messages(message, system), config)
-        return s if stream else _parsed(finish(s), schema)
+        if stream:
+            return s
+        c = finish(s)
+        if schema is not None:
+            c.parse(schema)
+        return c
 
     def complete(self, prompt: str | Sequence[int], **params: Any) -> Completion:
         """`generate`, finished: its `Completion`."""
@@ -310,18 +315,3 @@ def finish(s: TokenStream) -> Completion:
     s.result()
     return Completion(s.text, s.metrics)
 
-
-def _parsed(c: Completion, schema: Any) -> Completion:
-    """`c` with `parsed` set from its JSON text: an instance of `schema` where that is a
-    pydantic model class, else the decoded JSON."""
-    if schema is None:
-        return c
-    import json
-
-    if c.finish_reason not in ("stop", "stop_string"):
-        raise GenerationError(f"the answer ended ({c.finish_reason}) before its JSON was "
-                              f"complete: {c.text[:200]!r}",
-                              "Raise max_tokens, or ask for a smaller object.")
-    c.parsed = schema.model_validate_json(c.text) if hasattr(schema, "model_validate_json") \
-        else json.loads(c.text)
-    return c
