@@ -102,7 +102,7 @@ class Session:
                 from ._cpu import usable_cores
 
                 engine.load_embedder(path, threads or usable_cores())
-        elif engine is None or engine.model is None:
+        elif engine is None:  # (after a crash, the engine reloads its embedder itself)
             raise WorkbenchError("no embedding model is loaded",
                                  "Name one: workbench.embed(texts, model=PATH_OR_ID), e.g. "
                                  "workbench.models.bert_gguf.minilm_gguf().")

@@ -2,6 +2,8 @@
 
     POST /v1/chat/completions   chat, streamed as server-sent events with "stream": true
     POST /v1/completions        raw text completion, likewise
+    POST /v1/embeddings         sentence embeddings by the service's embedding model, if
+                                service.json names one (serve/embeddings.py)
     GET  /v1/models             the one model this service runs
     GET  /v1/models/{id}        that model's card (404 for any other id)
     GET  /health                200 when the engine has its model, else 503
@@ -29,6 +31,7 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..errors import BadText, EngineCrashed, EngineFault, PromptTooLong, WorkbenchError
+from . import embeddings as _embeddings
 from .admission import Admission
 from .metrics import ServiceMetrics
 from .request import ApiError, AsciiJSON, Limits, Parsed, parse, read_json
@@ -49,13 +52,15 @@ class ServiceSettings:
     api_key: str | None = None
     limits: Limits = Limits()
     aliases: tuple[str, ...] = ("default",)  # other ids a request may name the model by
+    embed_model_name: str | None = None  # the embedding model's id, when there is one
 
 
 # ---- the service --------------------------------------------------------------------------
 
 class Service:
-    def __init__(self, engine: Any, settings: ServiceSettings) -> None:
+    def __init__(self, engine: Any, settings: ServiceSettings, embedder: Any = None) -> None:
         self.engine, self.s = engine, settings
+        self.embedder = embedder  # a second engine, holding the embedding model
         self.admission = Admission(settings.n_parallel, settings.max_queue)
         self.metrics = ServiceMetrics()
         self.created = int(time.time())
@@ -130,6 +135,15 @@ class Service:
 
     async def chat(self, request: Request) -> Response:
         return await self._complete(request, "chat")
+
+    async def embeddings(self, request: Request) -> Response:
+        body = await read_json(request, self.s.limits)
+        try:
+            return AsciiJSON(await _embeddings.answer(
+                body, self.embedder, self.s.embed_model_name, self.engine,
+                (self.s.model_name, *self.s.aliases)))
+        except WorkbenchError as e:
+            raise _engine_error(e) from None
 
     async def completions(self, request: Request) -> Response:
         return await self._complete(request, "generate")
@@ -317,12 +331,13 @@ async def _no_route(request: Request, exc: Exception) -> Response:
     return ApiError(status, f"{what}: {request.url.path}").response()
 
 
-def create_app(engine: Any, settings: ServiceSettings) -> Starlette:
-    service = Service(engine, settings)
+def create_app(engine: Any, settings: ServiceSettings, embedder: Any = None) -> Starlette:
+    service = Service(engine, settings, embedder)
     r = service.route
     app = Starlette(exception_handlers={404: _no_route, 405: _no_route}, routes=[
         Route("/v1/chat/completions", r("chat", service.chat), methods=["POST"]),
         Route("/v1/completions", r("completions", service.completions), methods=["POST"]),
+        Route("/v1/embeddings", r("embeddings", service.embeddings), methods=["POST"]),
         Route("/v1/models", r("models", service.models), methods=["GET"]),
         Route("/v1/models/{name:path}", r("model", service.model), methods=["GET"]),
         Route("/health", r("health", service.health, auth=False), methods=["GET"]),

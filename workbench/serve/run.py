@@ -53,7 +53,8 @@ def settings_for(folder: Path, host: str | None, port: int | None,
         request_timeout_s=float(server.get("request_timeout_s", 300)),
         limits=Limits(max_body_bytes=int(server.get("max_body_bytes", 1 << 20))),
         aliases=tuple(str(a) for a in server.get("aliases", ["default"])),
-        default_max_tokens=int(server.get("default_max_tokens", 512)), api_key=key)
+        default_max_tokens=int(server.get("default_max_tokens", 512)), api_key=key,
+        embed_model_name=(config.get("embedding") or {}).get("name"))
     return config, settings, host, port
 
 
@@ -86,6 +87,7 @@ def serve(folder: str | os.PathLike, *, host: str | None = None, port: int | Non
     if given.get("kv_dir"):  # the prefix cache's folder, relative to the service's
         given["kv_dir"] = str(folder / Path(given["kv_dir"]).expanduser())
     engine = Engine()
+    embedder = None
     try:  # what the folder fixes is kept; threads are chosen here, from the cores idle now
         load, _ = resolve(engine, model, build(LoadConfig, given), given)
         info = engine.load(model, load)
@@ -95,7 +97,16 @@ def serve(folder: str | os.PathLike, *, host: str | None = None, port: int | Non
               f"{info.n_parallel} parallel, {info.threads} threads, "
               f"{info.n_gpu_layers} GPU layers, {cache}) on http://{host}:{port}/v1",
               flush=True)
-        app = create_app(engine, settings)
+        if settings.embed_model_name:  # a second worker: see protocol.LoadEmbedder
+            from .._cpu import usable_cores
+
+            embedder = Engine()
+            e = embedder.load_embedder(folder / config["embedding"]["file"],
+                                       threads=int(config["embedding"].get("threads") or
+                                                   usable_cores()))
+            print(f"workbench: embedding with {settings.embed_model_name} ({e.architecture}, "
+                  f"{e.threads} threads) on http://{host}:{port}/v1/embeddings", flush=True)
+        app = create_app(engine, settings, embedder)
         cfg = uvicorn.Config(app, host=host, port=port, log_level="warning",
                              timeout_graceful_shutdown=5, limit_concurrency=None)
         server = uvicorn.Server(cfg)
@@ -104,3 +115,5 @@ def serve(folder: str | os.PathLike, *, host: str | None = None, port: int | Non
         server.run()
     finally:
         engine.close()
+        if embedder is not None:
+            embedder.close()
