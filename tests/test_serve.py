@@ -659,6 +659,77 @@ def test_bad_schemas_are_400s_naming_the_construct(service):
     assert _raw(b, "GET", "/health")[0] == 200
 
 
+_WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city now.",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 20},
+        "unit": {"enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"], "additionalProperties": False}}}
+_TIME = {"type": "function", "function": {
+    "name": "get_time", "description": "The time now.",
+    "parameters": {"type": "object", "properties": {}, "additionalProperties": False}}}
+
+
+def test_tool_calls_forced_streamed_and_answered(service):
+    import jsonschema
+
+    c = service.client(max_retries=0, timeout=60)
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        r = c.chat.completions.create(model=service.name, messages=ask, max_tokens=64,
+                                      temperature=0, tools=[_WEATHER, _TIME],
+                                      tool_choice=choice)
+        assert r.choices[0].finish_reason == "tool_calls"
+        call = r.choices[0].message.tool_calls[0]
+        assert call.function.name in ("get_weather", "get_time") and call.id
+        if call.function.name == "get_weather":
+            jsonschema.validate(json.loads(call.function.arguments),
+                                _WEATHER["function"]["parameters"])
+    chunks = list(c.chat.completions.create(
+        model=service.name, messages=ask, max_tokens=64, temperature=0, stream=True,
+        tools=[_WEATHER], tool_choice={"type": "function", "function": {"name": "get_weather"}}))
+    deltas = [d for ch in chunks for d in (ch.choices[0].delta.tool_calls or [])]
+    assert deltas[0].id and deltas[0].function.name == "get_weather"
+    assert len(deltas) > 1 and all(d.index == 0 for d in deltas)
+    args = json.loads("".join(d.function.arguments or "" for d in deltas))
+    jsonschema.validate(args, _WEATHER["function"]["parameters"])
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    # the call and its result go back into the history; the model answers in text
+    r = c.chat.completions.create(model=service.name, max_tokens=24, temperature=0,
+                                  tools=[_WEATHER], tool_choice="none", messages=ask + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {
+                "name": "get_weather", "arguments": json.dumps(args)}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 C, sunny"}])
+    assert r.choices[0].message.content and r.choices[0].finish_reason != "tool_calls"
+    r = c.chat.completions.create(model=service.name, messages=ask, max_tokens=48,
+                                  temperature=0, tools=[_WEATHER])  # auto: text or a call
+    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_bad_tools_are_400s(service):
+    b, name = service.base, service.name
+    bad_params = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "patternProperties": {"^a": {}}}}}
+    cases = [
+        (_chat(name, tools=[bad_params]), "tools[0].function.parameters", "patternProperties"),
+        (_chat(name, tools=[{"type": "function", "function": {"name": "no spaces"}}]),
+         "tools[0].function.name", "letters, digits"),
+        (_chat(name, tools=[_WEATHER], tool_choice={"type": "function",
+                                                    "function": {"name": "launch"}}),
+         "tool_choice", "does not declare"),
+        (_chat(name, tool_choice="required"), "tool_choice", "declares no 'tools'"),
+        (_chat(name, messages=[{"role": "assistant", "tool_calls": [{"function": {
+            "name": "f", "arguments": "{not json"}}]}]), "messages[0].tool_calls",
+         "arguments"),
+    ]
+    for body, param, words in cases:
+        code, _, err = _raw(b, "POST", "/v1/chat/completions", body)
+        assert code == 400 and err["error"]["param"] == param, (param, err)
+        assert words in err["error"]["message"], err
+    assert _raw(b, "GET", "/health")[0] == 200
+
+
 def test_model_aliases_and_placeholders(service):
     b, name = service.base, service.name
     c = service.client(max_retries=0, timeout=60)

@@ -35,6 +35,7 @@ from . import embeddings as _embeddings
 from .admission import Admission
 from .metrics import ServiceMetrics
 from .request import ApiError, AsciiJSON, Limits, Parsed, parse, read_json
+from .tools import Tools, parse_tools
 
 log = logging.getLogger(__name__)
 _FINISH = {"stop": "stop", "stop_string": "stop", "length": "length",
@@ -184,7 +185,28 @@ class Service:
                            code="model_not_found")
         if p.user is not None:
             log.info("%s request from user %r", kind, p.user[:200])
+        if kind == "chat":
+            _with_tools(p, parse_tools(body))
         return p
+
+
+def _with_tools(p: Parsed, tools: Tools | None) -> None:
+    """Describe the functions in the system message; a forced call gets its grammar."""
+    if tools is None:
+        return
+    p.tools = tools
+    messages, text = list(p.payload), tools.system_text()
+    if messages[0][0] == "system":  # templates take one system message, the first
+        messages[0] = ("system", f"{messages[0][1]}\n\n{text}")
+    else:
+        messages.insert(0, ("system", text))
+    p.payload = tuple(messages)
+    forced = tools.call_schema()
+    if forced is not None:
+        if p.config.json_schema is not None:
+            raise ApiError(400, "'response_format' cannot constrain an answer that "
+                           "'tool_choice' makes a function call", param="response_format")
+        p.config = dataclasses.replace(p.config, json_schema=forced)
 
 
 def _engine_error(e: WorkbenchError) -> ApiError:
@@ -211,6 +233,7 @@ class _Run:
         self.deadline = time.monotonic() + service.s.request_timeout_s
         self.stream: Any = None
         self.first: str | None = None
+        self.call_id = "call_" + uuid.uuid4().hex[:24]
 
     async def start(self) -> None:
         """Submit, and wait for the first token, so that a prompt the engine refuses is a
@@ -275,9 +298,16 @@ class _Run:
             raise
         usage, reason = self._usage(), self._finish_reason()
         if self.p.kind == "chat":
+            message: dict = {"role": "assistant", "content": text}
+            call = self.p.tools.call_in(text) if self.p.tools is not None else None
+            if call is not None:
+                message = {"role": "assistant", "content": None, "tool_calls": [{
+                    "id": self.call_id, "type": "function",
+                    "function": {"name": call[0], "arguments": call[1]}}]}
+                reason = "tool_calls"
             return {"id": self.id, "object": "chat.completion", "created": self.created,
                     "model": self.service.s.model_name,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                    "choices": [{"index": 0, "message": message,
                                  "finish_reason": reason, "logprobs": None}],
                     "usage": usage}
         return {"id": self.id, "object": "text_completion", "created": self.created,
@@ -306,9 +336,26 @@ class _Run:
         try:
             if self.p.kind == "chat":
                 yield sse(self._chunk(None, None, role=True))
+            # With tools, text that may be a call is held until it is known to be one.
+            held: list[str] | None = [] if self.p.tools is not None else None
             async for piece in self._pieces():
+                if held is not None:
+                    held.append(piece)
+                    lead = "".join(held).lstrip()
+                    if not lead or lead.startswith("{"):
+                        continue
+                    piece, held = "".join(held), None
                 yield sse(self._chunk(piece, None))
-            yield sse(self._chunk(None, self._finish_reason()))
+            reason = self._finish_reason()
+            call = self.p.tools.call_in("".join(held)) if held else None
+            if call is not None:
+                for delta in _call_deltas(self.call_id, *call):
+                    yield sse({**self._chunk(None, None), "choices": [
+                        {"index": 0, "delta": delta, "finish_reason": None, "logprobs": None}]})
+                reason = "tool_calls"
+            elif held:
+                yield sse(self._chunk("".join(held), None))
+            yield sse(self._chunk(None, reason))
             if self.p.include_usage:
                 yield sse({**self._chunk(None, None), "choices": [], "usage": self._usage()})
             yield "data: [DONE]\n\n"
@@ -323,6 +370,15 @@ class _Run:
         finally:  # also when the client went away: the generation stops
             self.stream.cancel_nowait()
             self.service.admission.leave(self.entered)
+
+
+def _call_deltas(call_id: str, name: str, arguments: str, size: int = 24) -> list[dict]:
+    """A call as OpenAI streams it: id and name first, then the arguments in pieces."""
+    first = {"index": 0, "id": call_id, "type": "function",
+             "function": {"name": name, "arguments": ""}}
+    return [{"role": "assistant", "content": None, "tool_calls": [first]}] + [
+        {"tool_calls": [{"index": 0, "function": {"arguments": arguments[i:i + size]}}]}
+        for i in range(0, len(arguments), size)]
 
 
 async def _no_route(request: Request, exc: Exception) -> Response:

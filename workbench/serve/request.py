@@ -123,18 +123,18 @@ def _text(s: str, where: str) -> str:
 
 # ---- the fields -----------------------------------------------------------------------------
 
-_ROLES = ("system", "user", "assistant", "developer")  # developer: OpenAI's newer "system"
+# developer: OpenAI's newer "system"; tool: a function's result (serve/tools.py)
+_ROLES = ("system", "user", "assistant", "developer", "tool")
 # Fields accepted only with a value that asks for nothing: (value, or values) -> accepted.
 _ONLY_OFF: dict[str, tuple[Any, ...]] = {
     "n": (1,), "logprobs": (False,), "top_logprobs": (0,), "echo": (False,), "best_of": (1,),
-    "store": (False,), "tools": ([],), "tool_choice": ("none",),
-    "parallel_tool_calls": (True, False),  # with no tools, either asks for nothing
-    "suffix": ("",),
+    "store": (False,), "suffix": ("",),
 }
 _HONORED = {
     "chat": {"model", "messages", "max_tokens", "max_completion_tokens", "temperature",
              "top_p", "seed", "stop", "stream", "stream_options", "presence_penalty",
-             "frequency_penalty", "logit_bias", "user", "response_format"},
+             "frequency_penalty", "logit_bias", "user", "response_format", "tools",
+             "tool_choice", "parallel_tool_calls"},
     "generate": {"model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop",
                  "stream", "stream_options", "presence_penalty", "frequency_penalty",
                  "logit_bias", "user"},
@@ -153,6 +153,7 @@ class Parsed:
     include_usage: bool
     model: str
     user: str | None
+    tools: Any = None         # serve/tools.py's Tools, where a function may be called
 
 
 def _number(body: dict, name: str, default: Any, lo: float, hi: float,
@@ -212,8 +213,10 @@ def _content(message: Any, i: int) -> tuple[str, str]:
     if not isinstance(message, dict):
         raise ApiError(400, f"messages[{i}] must be an object with 'role' and 'content'",
                        param=f"messages[{i}]")
-    unknown = sorted(k for k, v in message.items()
-                     if k not in ("role", "content") and v is not None)
+    role = message.get("role")
+    allowed = {"assistant": ("role", "content", "tool_calls"),
+               "tool": ("role", "content", "tool_call_id", "name")}.get(role, ("role", "content"))
+    unknown = sorted(k for k, v in message.items() if k not in allowed and v is not None)
     if unknown:
         raise ApiError(400, f"messages[{i}].{unknown[0]} is not supported by this service",
                        param=f"messages[{i}].{unknown[0]}")
@@ -223,6 +226,9 @@ def _content(message: Any, i: int) -> tuple[str, str]:
                        f"(got {json.dumps(role)[:40]})", param=f"messages[{i}].role")
     if role == "developer":  # chat templates know only "system"
         role = "system"
+    if role == "assistant" and message.get("tool_calls"):
+        # the call as the model wrote it (serve/tools.py), so it sees its own calls
+        return role, _calls_text(message["tool_calls"], i)
     if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
         if not all(isinstance(p, dict) and p.get("type") == "text"
                    and isinstance(p.get("text"), str) for p in content):
@@ -233,6 +239,23 @@ def _content(message: Any, i: int) -> tuple[str, str]:
         raise ApiError(400, f"messages[{i}].content must be a string",
                        param=f"messages[{i}].content")
     return role, content
+
+
+def _calls_text(calls: Any, i: int) -> str:
+    where = f"messages[{i}].tool_calls"
+    out = []
+    for call in calls if isinstance(calls, list) else [None]:
+        f = call.get("function") if isinstance(call, dict) else None
+        try:
+            args = json.loads(f["arguments"])
+            if not isinstance(f["name"], str):
+                raise TypeError
+        except (TypeError, KeyError, ValueError):
+            raise ApiError(400, f"{where} must be calls {{\"id\", \"type\": \"function\", "
+                           "\"function\": {\"name\", \"arguments\": JSON text}}",
+                           param=where) from None
+        out.append(json.dumps({"name": f["name"], "arguments": args}))
+    return "\n".join(out)
 
 
 def _response_format(body: dict) -> str | None:
