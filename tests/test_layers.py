@@ -30,7 +30,8 @@ FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("the ground", ("workbench.errors", "workbench.config", "workbench._paths",
                     "workbench._text", "workbench._cpu", "workbench._net", "workbench._tables",
                     "workbench._child", "workbench.progress", "workbench._platform",
-                    "workbench._extras", "workbench.settings", "workbench._schema")),
+                    "workbench._extras", "workbench.settings", "workbench._schema",
+                    "workbench._tools")),
 )
 # Modules whose code runs in the worker or in a child process started through
 # `workbench._child`: the only ones that may import `llama_cpp`.

@@ -4,12 +4,14 @@ sampler in the worker, and the answer comes back parsed. The real default model.
 from __future__ import annotations
 
 import json
+from typing import Literal
 
 import pydantic
 import pytest
 
 import workbench
 from workbench._schema import schema_text
+from workbench._tools import function_schema
 from workbench.errors import WorkbenchError
 
 
@@ -58,3 +60,46 @@ def test_a_refused_schema_fails_before_generation(loaded):
     with pytest.raises(WorkbenchError, match="patternProperties"):
         workbench.chat("hi", schema={"type": "object", "patternProperties": {}})
     assert workbench.chat("Say hi.", max_tokens=4, temperature=0).text  # still serving
+
+
+def get_weather(city: str, unit: Literal["celsius", "fahrenheit"] = "celsius") -> dict:
+    """The weather in a city now.
+
+    city: the city's name
+    unit: celsius or fahrenheit
+    """
+    _calls.append((city, unit))
+    return {"city": city, "temperature": 18, "unit": unit, "sky": "sunny"}
+
+
+_calls: list = []
+
+
+def test_tools_from_python_functions_are_declared_from_signature_and_docstring():
+    name, decl = function_schema(get_weather)
+    assert name == "get_weather" and decl["description"] == "The weather in a city now."
+    p = decl["parameters"]
+    assert p["required"] == ["city"] and p["properties"]["unit"]["enum"] == ["celsius",
+                                                                          "fahrenheit"]
+    assert p["properties"]["city"] == {"type": "string", "description": "the city's name"}
+
+    def untyped(x):
+        pass
+
+    with pytest.raises(WorkbenchError, match="no annotation"):
+        function_schema(untyped)
+
+
+def test_chat_with_tools_calls_a_function_and_runs_the_loop(loaded):
+    c = workbench.chat("What is the weather in Paris?", tools=[get_weather],
+                       tool_choice="required", temperature=0, max_tokens=48)
+    assert c.tool_calls and c.tool_calls[0][0] == "get_weather"
+    assert set(c.tool_calls[0][1]) <= {"city", "unit"} and "city" in c.tool_calls[0][1]
+    _calls.clear()
+    c = workbench.chat("What is the weather in Paris?", tools=[get_weather],
+                       tool_choice="get_weather", run_tools=True, temperature=0,
+                       max_tokens=48)
+    assert len(_calls) >= 1 and c.tool_results[0][0] == "get_weather"
+    assert c.tool_results[0][2]["sky"] == "sunny"
+    with pytest.raises(WorkbenchError, match="not one of the tools"):
+        workbench.chat("hi", tools=[get_weather], tool_choice="launch")

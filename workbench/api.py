@@ -360,12 +360,18 @@ def generate(prompt: str | Sequence[int], *, stream: bool = False,
 
 
 def chat(message: str | Sequence[Any], *, system: str | None = None, stream: bool = False,
-         schema: Any = None, **params: Any) -> Completion | TokenStream:
+         schema: Any = None, tools: Sequence[Any] = (), tool_choice: str = "auto",
+         run_tools: bool = False, **params: Any) -> Completion | TokenStream:
     """Answer a message (or a list of {role, content} messages) with the model's own chat
     template. Parameters as for `generate`. With `schema` (a pydantic model class, a JSON
     schema dict or its text) a grammar constrains the answer to JSON valid against it,
-    and the Completion's `parsed` holds it (an instance of the model class)."""
-    return session().chat(message, system=system, stream=stream, schema=schema, **params)
+    and the Completion's `parsed` holds it (an instance of the model class).
+    With `tools` (Python functions, declared from their signatures and docstrings) the
+    model may call one: `tool_choice` auto, required or a function's name; the
+    Completion's `tool_calls` holds [(name, arguments)]. `run_tools=True` runs each call
+    and answers its result until the model answers in text (`tool_results`)."""
+    return session().chat(message, system=system, stream=stream, schema=schema, tools=tools,
+                          tool_choice=tool_choice, run_tools=run_tools, **params)
 
 
 def generate_many(prompts: Sequence[Any], *, chat: bool = False, system: str | None = None,

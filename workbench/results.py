@@ -99,6 +99,8 @@ class Completion:
         self.metrics = metrics
         self.finish_reason = finish_reason or (metrics.finish_reason if metrics else None)
         self.parsed: Any = None  # the JSON answer, decoded, when a schema constrained it
+        self.tool_calls: list[tuple[str, dict]] = []  # (name, arguments) the model called
+        self.tool_results: list[tuple[str, dict, Any]] = []  # calls run, with their results
         # A streamed completion has already shown its text: display only the numbers.
         self._streamed = streamed
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from ._schema import schema_text
+from ._tools import declare, with_system
 from .config import GenerationConfig, LoadConfig, build
 from .engine.client import Engine
 from .engine.stream import TokenStream
@@ -202,11 +203,19 @@ class Session:
         return s if stream else finish(s)
 
     def chat(self, message: str | Sequence[Any], *, system: str | None = None,
-             stream: bool = False, schema: Any = None,
+             stream: bool = False, schema: Any = None, tools: Sequence[Any] = (),
+             tool_choice: str = "auto", run_tools: bool = False,
              **params: Any) -> Completion | TokenStream:
         """Answer a message (or {role, content} messages) with the model's chat template.
         With `schema` (a pydantic model class, a dict or JSON text) a grammar constrains
-        the answer to JSON valid against it, and the Completion's `parsed` holds it."""
+        the answer to JSON valid against it, and the Completion's `parsed` holds it.
+        With `tools` (Python functions) the model may call one (see `_chat_tools`)."""
+        if tools:
+            if stream or schema is not None:
+                raise GenerationError("tools cannot be combined with stream or schema",
+                                      "Leave stream and schema out when passing tools.")
+            return self._chat_tools(messages(message, system), list(tools), tool_choice,
+                                    run_tools, params)
         if schema is not None:
             params["json_schema"] = schema_text(schema)
         config: GenerationConfig = build(GenerationConfig, params)
@@ -217,6 +226,35 @@ class Session:
         if schema is not None:
             c.parse(schema)
         return c
+
+    def _chat_tools(self, msgs: tuple[tuple[str, str], ...], tools: list[Any], choice: str,
+                    run: bool, params: dict[str, Any]) -> Completion:
+        """A chat that may call `tools`: their declarations come from their signatures and
+        docstrings; `choice` auto, required (a grammar forces a call) or a function's
+        name. The Completion's `tool_calls` holds the call, as [(name, arguments)]; with
+        `run`, each call is made and its result answered, until the model answers in
+        text (at most 8 rounds), and `tool_results` holds [(name, arguments, result)]."""
+        import json
+
+        spec = declare(tools, choice)
+        functions = {f.__name__: f for f in tools}
+        history, results = list(msgs), []
+        for _ in range(8):
+            config = build(GenerationConfig, {**params, "json_schema": spec.call_schema()})
+            c = finish(self.engine.stream("chat", with_system(history, spec.system_text()),
+                                          config))
+            call = spec.call_in(c.text)
+            c.tool_calls = [] if call is None else [(call[0], json.loads(call[1]))]
+            c.tool_results = results
+            if call is None or not run:
+                return c
+            name, args = c.tool_calls[0]
+            value = functions[name](**args)  # the user's own code: its errors are theirs
+            results.append((name, args, value))
+            history += [("assistant", c.text), ("tool", json.dumps(value, default=str))]
+            spec = dataclasses.replace(spec, choice="auto")  # after a result, free to answer
+        raise GenerationError("the model was still calling tools after 8 rounds",
+                              "Pass run_tools=False and run the calls yourself.")
 
     def complete(self, prompt: str | Sequence[int], **params: Any) -> Completion:
         """`generate`, finished: its `Completion`."""

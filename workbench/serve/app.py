@@ -30,6 +30,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from .._tools import with_system
 from ..errors import BadText, EngineCrashed, EngineFault, PromptTooLong, WorkbenchError
 from . import embeddings as _embeddings
 from .admission import Admission
@@ -103,17 +104,22 @@ class Service:
 
     # -- endpoints --
     async def models(self, request: Request) -> Response:
-        return AsciiJSON({"object": "list", "data": [self._model_card()]})
+        cards = [self._model_card()]
+        if self.s.embed_model_name:
+            cards.append(self._model_card(self.s.embed_model_name))
+        return AsciiJSON({"object": "list", "data": cards})
 
     async def model(self, request: Request) -> Response:
         name = request.path_params["name"]
+        if name and name == self.s.embed_model_name:
+            return AsciiJSON(self._model_card(name))
         if name != self.s.model_name and name not in self.s.aliases:
             raise ApiError(404, f"the model '{name[:80]}' does not exist; this service runs "
                            f"'{self.s.model_name}'", param="model", code="model_not_found")
         return AsciiJSON(self._model_card())
 
-    def _model_card(self) -> dict:
-        return {"id": self.s.model_name, "object": "model", "created": self.created,
+    def _model_card(self, name: str | None = None) -> dict:
+        return {"id": name or self.s.model_name, "object": "model", "created": self.created,
                 "owned_by": "workbench"}
 
     async def health(self, request: Request) -> Response:
@@ -195,12 +201,7 @@ def _with_tools(p: Parsed, tools: Tools | None) -> None:
     if tools is None:
         return
     p.tools = tools
-    messages, text = list(p.payload), tools.system_text()
-    if messages[0][0] == "system":  # templates take one system message, the first
-        messages[0] = ("system", f"{messages[0][1]}\n\n{text}")
-    else:
-        messages.insert(0, ("system", text))
-    p.payload = tuple(messages)
+    p.payload = with_system(list(p.payload), tools.system_text())
     forced = tools.call_schema()
     if forced is not None:
         if p.config.json_schema is not None:

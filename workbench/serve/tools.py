@@ -1,61 +1,18 @@
-"""Tool (function) calling for the service: `tools`, `tool_choice`, and the call itself.
-
-The declared functions are described to the model in a system message, and a call is one
-JSON object, `{"name": ..., "arguments": {...}}`. Where the request forces a call
-(`required`, or a named function) a grammar built from the functions' parameter schemas
-decides every token of it, so the name is a declared one and the arguments validate.
-With `auto` the model answers freely; an answer that is such an object, naming a declared
-function, is the call.
+"""Tool (function) calling for the service: `tools` and `tool_choice` read from a
+request, checked field by field. What a call is, and its grammar: `workbench/_tools.py`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 
 from .._schema import schema_text
+from .._tools import Tools
 from ..errors import WorkbenchError
 from .request import ApiError
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-
-
-@dataclasses.dataclass(frozen=True)
-class Tools:
-    functions: dict[str, dict]   # name -> {"description": ..., "parameters": schema}
-    choice: str                  # "auto" | "required" | a function's name
-
-    def system_text(self) -> str:
-        """The functions, as the system message that describes them to the model."""
-        lines = ["You can call these functions. To call one, reply with only a JSON object "
-                 '{"name": FUNCTION, "arguments": {...}} and nothing else.']
-        for name, f in self.functions.items():
-            lines.append(f"- {name}: {f['description'] or '(no description)'}; arguments: "
-                         f"{json.dumps(f['parameters'])}")
-        return "\n".join(lines)
-
-    def call_schema(self) -> str | None:
-        """The JSON schema of a call, where the request forces one (else None)."""
-        if self.choice == "auto":
-            return None
-        names = list(self.functions) if self.choice == "required" else [self.choice]
-        calls = [{"type": "object", "properties": {
-            "name": {"const": n}, "arguments": self.functions[n]["parameters"]},
-            "required": ["name", "arguments"], "additionalProperties": False}
-            for n in names]
-        return schema_text(calls[0] if len(calls) == 1 else {"anyOf": calls})
-
-    def call_in(self, text: str) -> tuple[str, str] | None:
-        """(name, arguments as JSON text) where `text` is a call of a declared function."""
-        try:
-            obj = json.loads(text)
-        except ValueError:
-            return None
-        if not isinstance(obj, dict) or obj.get("name") not in self.functions \
-                or not isinstance(obj.get("arguments", {}), dict):
-            return None
-        return obj["name"], json.dumps(obj.get("arguments", {}))
 
 
 def parse_tools(body: dict) -> Tools | None:
