@@ -168,6 +168,8 @@ def test_openai_client_embeddings_float_and_base64(service, session, minilm):
     assert np.allclose(vec, want[-1], atol=1e-5)
     status, raw = _raw(base, {"model": "all-minilm-l6-v2", "input": [[101, 7592, 102]]})
     assert status == 200 and len(raw["data"][0]["embedding"]) == 384
+    assert "all-minilm-l6-v2" in [m.id for m in client.models.list()]
+    assert client.models.retrieve("all-minilm-l6-v2").id == "all-minilm-l6-v2"
 
 
 @pytest.mark.parametrize("body, status, words", [
