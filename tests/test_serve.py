@@ -497,7 +497,9 @@ def test_nesting_sizes_and_fields_are_bounded(service):
         (_chat(name, logit_bias={str(i): 1 for i in range(1025)}), "logit_bias",
          "the limit is 1,024"),
         (_chat(name, tools=[{"type": "function"}] * 5000), "tools", "the limit is 4,096"),
-        (_chat(name, logprobs=True), "logprobs", "not supported"),
+        (_chat(name, logprobs=True, top_logprobs=1000), "top_logprobs", "between 0 and 20"),
+        (_chat(name, top_logprobs=2), "top_logprobs", "needs 'logprobs': true"),
+        (_chat(name, logprobs="yes"), "logprobs", "true or false"),
         (_chat(name, n=2), "n", "not supported"),
         (_chat(name, response_format={"type": "xml"}), "response_format.type",
          "must be text, json_object or json_schema"),
@@ -705,6 +707,36 @@ def test_tool_calls_forced_streamed_and_answered(service):
     r = c.chat.completions.create(model=service.name, messages=ask, max_tokens=48,
                                   temperature=0, tools=[_WEATHER])  # auto: text or a call
     assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_logprobs_whole_and_streamed(service):
+    import math
+
+    c = service.client(max_retries=0, timeout=60)
+    ask = [{"role": "user", "content": "Name a color."}]
+    r = c.chat.completions.create(model=service.name, messages=ask, max_tokens=8,
+                                  temperature=0, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    assert "".join(t.token for t in content) == r.choices[0].message.content
+    for t in content:  # greedy: the chosen token is the most likely one
+        assert len(t.top_logprobs) == 3 and t.logprob <= 0
+        assert t.top_logprobs[0].token == t.token
+        assert math.isclose(t.top_logprobs[0].logprob, t.logprob, abs_tol=1e-6)
+        assert t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob
+    # another question: asked again, its prefix would come from the prefix cache (see
+    # test_openai_client_models_chat_and_stream)
+    chunks = list(c.chat.completions.create(
+        model=service.name, max_tokens=8, temperature=0, logprobs=True, stream=True,
+        messages=[{"role": "user", "content": "Name a fruit."}]))
+    streamed = [t for ch in chunks if ch.choices and ch.choices[0].logprobs
+                for t in ch.choices[0].logprobs.content]
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert streamed and "".join(t.token for t in streamed) == text
+    assert all(t.top_logprobs == [] for t in streamed)
+    plain = c.chat.completions.create(model=service.name, messages=ask, max_tokens=8,
+                                      temperature=0)
+    assert plain.choices[0].logprobs is None
 
 
 def test_bad_tools_are_400s(service):

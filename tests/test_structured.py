@@ -62,6 +62,16 @@ def test_a_refused_schema_fails_before_generation(loaded):
     assert workbench.chat("Say hi.", max_tokens=4, temperature=0).text  # still serving
 
 
+def test_logprobs_in_the_python_api(loaded):
+    c = workbench.chat("Name a color.", temperature=0, max_tokens=6, logprobs=2)
+    assert len(c.logprobs) == c.metrics.generated_tokens
+    assert b"".join(t.token for t in c.logprobs).decode() == c.text
+    assert all(t.top[0][0] == t.token and len(t.top) == 2 for t in c.logprobs)
+    assert workbench.chat("Name a color.", temperature=0, max_tokens=6).logprobs == ()
+    with pytest.raises(WorkbenchError, match="logprobs"):
+        workbench.chat("hi", logprobs=21)
+
+
 def get_weather(city: str, unit: Literal["celsius", "fahrenheit"] = "celsius") -> dict:
     """The weather in a city now.
 

@@ -162,6 +162,9 @@ class GenerationConfig:
     stop: tuple[str, ...] = setting((), "stop when any of these strings is generated",
                                     flag=False)
     ignore_eos: bool = setting(False, "keep generating past end-of-sequence (benchmarks)")
+    logprobs: int | None = setting(
+        None, "return each generated token's log-probability and this many of the most "
+        "likely tokens at its place (0..20)", lo=0, hi=20, flag=False)
     json_schema: str | None = setting(
         None, "constrain the output to JSON valid against this schema (JSON text; "
         "'{\"type\": \"object\"}' for any object): a grammar decides every token",

@@ -101,6 +101,9 @@ class Completion:
         self.parsed: Any = None  # the JSON answer, decoded, when a schema constrained it
         self.tool_calls: list[tuple[str, dict]] = []  # (name, arguments) the model called
         self.tool_results: list[tuple[str, dict, Any]] = []  # calls run, with their results
+        # with logprobs=N: each generated token's TokenLogprob (token bytes, natural-log
+        # probability, the N most likely tokens at its place)
+        self.logprobs: tuple = ()
         # A streamed completion has already shown its text: display only the numbers.
         self._streamed = streamed
 

@@ -351,5 +351,7 @@ def _prompt(prompt: str | Sequence[int]) -> str | tuple[int, ...]:
 def finish(s: TokenStream) -> Completion:
     """Wait for a stream's end; its text and metrics."""
     s.result()
-    return Completion(s.text, s.metrics)
+    c = Completion(s.text, s.metrics)
+    c.logprobs = s.logprobs
+    return c
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from ..config import GenerationConfig, LoadConfig
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -219,9 +219,19 @@ class RequestMetrics:
 
 
 @dataclass(frozen=True, kw_only=True)
+class TokenLogprob:
+    """One generated token's log-probability (natural log, of the model's distribution
+    before any sampler changed it) and the most likely tokens at its place."""
+    token: bytes
+    logprob: float
+    top: tuple[tuple[bytes, float], ...] = ()  # (token, logprob), most likely first
+
+
+@dataclass(frozen=True, kw_only=True)
 class Finished(Message):
     text: str
     metrics: RequestMetrics
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per generated token, when asked for
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -110,6 +110,7 @@ class TokenStream:
         self.id = call.request.id
         self.text = ""
         self.metrics: P.RequestMetrics | None = None
+        self.logprobs: tuple[P.TokenLogprob, ...] = ()  # with GenerationConfig.logprobs
         self.finish_reason: str | None = None
         self.token_ids: list[int] = []
         self._done = False
@@ -129,6 +130,7 @@ class TokenStream:
         if isinstance(msg, P.Finished):
             self.text, self.metrics = msg.text, msg.metrics
             self.finish_reason = msg.metrics.finish_reason
+            self.logprobs = msg.logprobs
             return
         self.text = "".join(self._parts)
         if isinstance(msg, Crash) and self._retry(msg.error):

@@ -309,13 +309,26 @@ class _Run:
             return {"id": self.id, "object": "chat.completion", "created": self.created,
                     "model": self.service.s.model_name,
                     "choices": [{"index": 0, "message": message,
-                                 "finish_reason": reason, "logprobs": None}],
+                                 "finish_reason": reason, "logprobs": self._logprobs()}],
                     "usage": usage}
         return {"id": self.id, "object": "text_completion", "created": self.created,
                 "model": self.service.s.model_name,
                 "choices": [{"index": 0, "text": text, "finish_reason": reason,
                              "logprobs": None}],
                 "usage": usage}
+
+    def _logprobs(self) -> dict | None:
+        """OpenAI's logprobs object of a chat answer, where the request asked for it."""
+        if self.p.config.logprobs is None:
+            return None
+
+        def entry(token: bytes, logprob: float) -> dict:
+            return {"token": token.decode("utf-8", errors="replace"), "logprob": logprob,
+                    "bytes": list(token)}
+
+        return {"content": [{**entry(t.token, t.logprob),
+                             "top_logprobs": [entry(b, lp) for b, lp in t.top]}
+                            for t in self.stream.logprobs], "refusal": None}
 
     def _chunk(self, piece: str | None, reason: str | None, role: bool = False) -> dict:
         if self.p.kind == "chat":
@@ -356,7 +369,9 @@ class _Run:
                 reason = "tool_calls"
             elif held:
                 yield sse(self._chunk("".join(held), None))
-            yield sse(self._chunk(None, reason))
+            end = self._chunk(None, reason)
+            end["choices"][0]["logprobs"] = self._logprobs()  # known once all are sampled
+            yield sse(end)
             if self.p.include_usage:
                 yield sse({**self._chunk(None, None), "choices": [], "usage": self._usage()})
             yield "data: [DONE]\n\n"

@@ -127,14 +127,14 @@ def _text(s: str, where: str) -> str:
 _ROLES = ("system", "user", "assistant", "developer", "tool")
 # Fields accepted only with a value that asks for nothing: (value, or values) -> accepted.
 _ONLY_OFF: dict[str, tuple[Any, ...]] = {
-    "n": (1,), "logprobs": (False,), "top_logprobs": (0,), "echo": (False,), "best_of": (1,),
+    "n": (1,), "logprobs": (False,), "echo": (False,), "best_of": (1,),
     "store": (False,), "suffix": ("",),
 }
 _HONORED = {
     "chat": {"model", "messages", "max_tokens", "max_completion_tokens", "temperature",
              "top_p", "seed", "stop", "stream", "stream_options", "presence_penalty",
              "frequency_penalty", "logit_bias", "user", "response_format", "tools",
-             "tool_choice", "parallel_tool_calls"},
+             "tool_choice", "parallel_tool_calls", "logprobs", "top_logprobs"},
     "generate": {"model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop",
                  "stream", "stream_options", "presence_penalty", "frequency_penalty",
                  "logit_bias", "user"},
@@ -258,6 +258,17 @@ def _calls_text(calls: Any, i: int) -> str:
     return "\n".join(out)
 
 
+def _logprobs(body: dict) -> int | None:
+    """How many alternatives to return with each token's logprob (None: no logprobs)."""
+    on = body.get("logprobs")
+    if on not in (None, True, False):
+        raise ApiError(400, "'logprobs' must be true or false", param="logprobs")
+    top = _number(body, "top_logprobs", None, 0, 20, int)
+    if top is not None and not on:
+        raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    return (top or 0) if on else None
+
+
 def _response_format(body: dict) -> str | None:
     """The JSON schema a `response_format` constrains the answer to (JSON text), if any."""
     fmt = body.get("response_format")
@@ -370,7 +381,8 @@ def parse(body: Any, kind: str, *, n_ctx_seq: int, default_max_tokens: int, n_vo
             presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
             frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
             logit_bias=_logit_bias(body, n_vocab, limits),
-            json_schema=_response_format(body) if kind == "chat" else None).validate()
+            json_schema=_response_format(body) if kind == "chat" else None,
+            logprobs=_logprobs(body) if kind == "chat" else None).validate()
     except WorkbenchError as e:  # what only the shared config checks
         raise ApiError(400, e.message) from None
     return Parsed(kind, payload, config, stream, bool(options.get("include_usage")), model,

@@ -28,6 +28,7 @@ import llama_cpp as L
 
 from ..config import GenerationConfig
 from ..errors import GenerationError, PromptTooLong
+from .sampling import token_logprobs
 
 if TYPE_CHECKING:
     from .runtime import RunResult, Runtime
@@ -55,6 +56,7 @@ class Sequence:
         self.cached_tokens, self.cache_tier = 0, ""  # the prompt's prefix restored
         self.logit_index = -1     # where this sequence's logits are in the current batch
         self.n_gen = 0
+        self.logprobs: list = []  # TokenLogprob of each sampled token, when asked for
         self.reason: str | None = None  # set when the sequence is done
         self.error: Exception | None = None  # with reason "error"
         self.trace = ""  # the traceback, where `error` is a bug
@@ -122,7 +124,7 @@ class Sequence:
         return RunResult("".join(self._out), len(self.tokens), self.prompt_seconds,
                          self.t_received, self.t_first or now, self.t_last or now,
                          self.n_gen, self.reason or "cancelled", self.cached_tokens,
-                         self.cache_tier)
+                         self.cache_tier, tuple(self.logprobs[:self.n_gen]))
 
 
 @dataclass
@@ -255,6 +257,10 @@ class Batch:
                         L.llama_sampler_accept(s.chain, tok)
                     else:
                         tok = L.llama_sampler_sample(s.chain, self.rt.ctx, s.logit_index)
+                    if s.g.logprobs is not None:
+                        s.logprobs.append(token_logprobs(
+                            self.rt.ctx, s.logit_index, tok, self.rt.info.n_vocab,
+                            s.g.logprobs, self.rt._piece))
                     s.accept(tok, self.n_ctx_seq)
                 except Exception as e:
                     s.reason, s.error, s.trace = "error", e, traceback.format_exc()

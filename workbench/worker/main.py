@@ -284,7 +284,7 @@ class Worker:
             n_threads=self.runtime.threads, n_ctx=info.n_ctx, wall_time=time.time(),
             cached_tokens=r.cached_tokens, cache_tier=r.cache_tier,
             energy_j=energy1 - energy0 if energy0 is not None and energy1 is not None else None)
-        self.send(P.Finished(id=rid, text=r.text, metrics=metrics))
+        self.send(P.Finished(id=rid, text=r.text, metrics=metrics, logprobs=r.logprobs))
 
     # ---- continuous batching -------------------------------------------------
 

@@ -24,7 +24,7 @@ from ..config import GenerationConfig, LoadConfig
 from ..errors import GenerationError, ModelFileError, PromptTooLong, no_model
 from ..models.gguf_file import read_header
 from ..engine.protocol import Buffer, ModelInfo
-from .sampling import grammar_sampler
+from .sampling import grammar_sampler, recording
 from .template import render_chat
 from .threads import ThreadGovernor
 
@@ -142,6 +142,7 @@ class RunResult:
     finish_reason: str
     cached_tokens: int = 0
     cache_tier: str = ""
+    logprobs: tuple = ()  # TokenLogprob of each generated token, when asked for
 
 
 class Runtime:
@@ -480,9 +481,12 @@ class Runtime:
                     return tok
             else:
                 sample = L.llama_sampler_sample
+            lp: list = []
+            if g.logprobs is not None:
+                sample = recording(sample, self.info.n_vocab, g.logprobs, self._piece, lp)
             r = self._run(ctx, vocab, chain, sample, tokens, start, n_ctx, n_batch, g,
                           t_received, emit, cancelled)
-            r.cached_tokens, r.cache_tier = start, tier
+            r.cached_tokens, r.cache_tier, r.logprobs = start, tier, tuple(lp[:r.generated])
             if self.cache is not None and start == 0 and r.finish_reason != "cancelled":
                 self.cache.record_prompt(len(tokens), r.prompt_seconds)
             return r
