@@ -28,7 +28,7 @@ import llama_cpp as L
 
 from ..config import GenerationConfig
 from ..errors import GenerationError, PromptTooLong
-from .sampling import token_logprobs
+from .sampling import Guided, token_logprobs
 
 if TYPE_CHECKING:
     from .runtime import RunResult, Runtime
@@ -46,9 +46,16 @@ class Sequence:
         self.t_received = t_received
         self.emit, self.cancelled = emit, cancelled
         self.chain = rt._sampler(g)
+        self.guided: Guided | None = None  # a JSON schema's grammar, checked per token
+        if g.json_schema:
+            try:
+                self.guided = Guided(rt.vocab, g.json_schema, rt.info.n_vocab)
+            except BaseException:
+                L.llama_sampler_free(self.chain)
+                raise
         # On a GPU the chain runs inside the compute graph and only the token id comes
         # back; llama.cpp refuses chains it cannot run there, which sample on the host.
-        self.on_backend = bool(rt.backend_sampling and
+        self.on_backend = bool(rt.backend_sampling and self.guided is None and
                                L.llama_set_sampler(rt.ctx, seq_id, self.chain))
         self.n_fed = 0            # tokens whose KV state the sequence holds
         self.next_token = -1      # sampled, fed in the next step
@@ -256,7 +263,8 @@ class Batch:
                         tok = L.llama_get_sampled_token_ith(self.rt.ctx, s.logit_index)
                         L.llama_sampler_accept(s.chain, tok)
                     else:
-                        tok = L.llama_sampler_sample(s.chain, self.rt.ctx, s.logit_index)
+                        sample = s.guided.sample if s.guided else L.llama_sampler_sample
+                        tok = sample(s.chain, self.rt.ctx, s.logit_index)
                     if s.g.logprobs is not None:
                         s.logprobs.append(token_logprobs(
                             self.rt.ctx, s.logit_index, tok, self.rt.info.n_vocab,
@@ -269,6 +277,8 @@ class Batch:
         L.llama_memory_seq_rm(L.llama_get_memory(self.rt.ctx), s.seq_id, -1, -1)
         if s.on_backend:
             L.llama_set_sampler(self.rt.ctx, s.seq_id, None)
+        if s.guided is not None:
+            s.guided.free()
         L.llama_sampler_free(s.chain)
 
     def _release(self, s: Sequence) -> None:

@@ -24,7 +24,7 @@ from ..config import GenerationConfig, LoadConfig
 from ..errors import GenerationError, ModelFileError, PromptTooLong, no_model
 from ..models.gguf_file import read_header
 from ..engine.protocol import Buffer, ModelInfo
-from .sampling import grammar_sampler, recording
+from .sampling import Guided, recording
 from .template import render_chat
 from .threads import ThreadGovernor
 
@@ -407,15 +407,12 @@ class Runtime:
 
     def _sampler(self, g: GenerationConfig):
         self.check_tokens(tuple(t for t, _ in g.logit_bias), "logit_bias")
-        grammar = grammar_sampler(self.vocab, g.json_schema) if g.json_schema else None
         params = L.llama_sampler_chain_default_params()
         params.no_perf = True
         chain = L.llama_sampler_chain_init(params)
         add = L.llama_sampler_chain_add
         # bias and penalties change the logits, so they come first, for greedy too
         n_vocab = L.llama_vocab_n_tokens(self.vocab)
-        if grammar is not None:  # first: no token outside the grammar survives
-            add(chain, grammar)
         if g.logit_bias:
             arr = (L.llama_logit_bias * len(g.logit_bias))(
                 *(L.llama_logit_bias(token=t, bias=b) for t, b in g.logit_bias))
@@ -470,9 +467,14 @@ class Runtime:
         chain = self._sampler(g)
         # On the backend the chain runs inside the graph and only the token id comes back;
         # llama.cpp refuses chains it cannot run there, which then sample on the host.
-        on_backend = self.backend_sampling and L.llama_set_sampler(ctx, 0, chain)
+        guided = None  # a grammar (JSON schema) samples on the host, checked per token
+        on_backend = self.backend_sampling and not g.json_schema and \
+            L.llama_set_sampler(ctx, 0, chain)
         try:
-            if on_backend:
+            if g.json_schema:
+                guided = Guided(self.vocab, g.json_schema, self.info.n_vocab)
+                sample = guided.sample
+            elif on_backend:
                 get, accept = L.llama_get_sampled_token_ith, L.llama_sampler_accept
 
                 def sample(chain, ctx, i):  # noqa: ANN001 - same signature as the host path
@@ -493,6 +495,8 @@ class Runtime:
         finally:
             if on_backend:
                 L.llama_set_sampler(ctx, 0, None)
+            if guided is not None:
+                guided.free()
             L.llama_sampler_free(chain)
 
     def _restore_prefix(self, tokens: list[int], mem, seq: int = 0) -> tuple[int, str]:
