@@ -113,3 +113,43 @@ def test_chat_with_tools_calls_a_function_and_runs_the_loop(loaded):
     assert c.tool_results[0][2]["sky"] == "sunny"
     with pytest.raises(WorkbenchError, match="not one of the tools"):
         workbench.chat("hi", tools=[get_weather], tool_choice="launch")
+
+
+_TOOLS_TEMPLATE = (
+    "{% if not tools %}{{ raise_exception('this template was given no tools') }}{% endif %}"
+    "<|im_start|>system\nYou may call: {% for t in tools %}{{ t.function.name }} "
+    "{{ t.function.parameters | tojson }}; {% endfor %}Reply with <tool_call>JSON"
+    "</tool_call>.<|im_end|>\n"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_a_template_that_takes_tools_gets_them(tmp_path, loaded, default_model):
+    from gguf_edit import with_strings
+
+    p = with_strings(default_model, tmp_path / "tools.gguf",
+                     {"tokenizer.chat_template": _TOOLS_TEMPLATE})
+    workbench.load_model(p, progress=False, n_ctx=2048)
+    try:
+        def set_unit(unit: Literal["celsius", "fahrenheit"]) -> str:
+            """Choose the unit of temperatures."""
+            return unit
+
+        c = workbench.chat("Use celsius.", tools=[get_weather, set_unit],
+                           tool_choice="set_unit", temperature=0, max_tokens=48)
+        assert c.tool_calls[0][0] == "set_unit", c.text
+        assert c.tool_calls[0][1]["unit"] in ("celsius", "fahrenheit")
+        with pytest.raises(WorkbenchError, match="given no tools"):
+            workbench.chat("Hi", max_tokens=2)  # the template itself, not a description
+    finally:
+        workbench.load_model(progress=False, n_ctx=2048)
+
+
+def test_a_call_in_tool_call_tags_is_read():
+    from workbench._tools import declare
+
+    spec = declare([get_weather])
+    assert spec.call_in('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}'
+                        '\n</tool_call>') == ("get_weather", '{"city": "Oslo"}')
+    assert spec.call_in('{"name": "get_weather", "arguments": {}}') is None  # no city
+    assert spec.call_in("It is sunny.") is None

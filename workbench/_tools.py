@@ -23,10 +23,25 @@ from ._schema import schema_text
 from .errors import GenerationError
 
 
+CALL_TAG = "<tool_call>"  # Hermes- and Qwen-style templates wrap a call in these tags
+
+
 @dataclasses.dataclass(frozen=True)
 class Tools:
     functions: dict[str, dict]   # name -> {"description": ..., "parameters": schema}
     choice: str                  # "auto" | "required" | a function's name
+
+    @classmethod
+    def from_openai(cls, tools: list[dict], choice: str = "auto") -> "Tools":
+        """From OpenAI's `tools` list (as `openai()` writes it)."""
+        return cls({t["function"]["name"]: {"description": t["function"].get("description", ""),
+                                            "parameters": t["function"]["parameters"]}
+                    for t in tools}, choice)
+
+    def openai(self) -> str:
+        """The functions as OpenAI's `tools` list, in JSON text (as `Chat.tools` holds)."""
+        return json.dumps([{"type": "function", "function": {"name": n, **f}}
+                           for n, f in self.functions.items()])
 
     def system_text(self) -> str:
         """The functions, as the system message that describes them to the model."""
@@ -50,6 +65,9 @@ class Tools:
 
     def call_in(self, text: str) -> tuple[str, str] | None:
         """(name, arguments as JSON text) where `text` is a call of a declared function."""
+        text = text.strip()
+        if text.startswith(CALL_TAG):  # as templates with a tools section ask for it
+            text = text[len(CALL_TAG):].removesuffix("</tool_call>")
         try:
             obj = json.loads(text)
         except ValueError:

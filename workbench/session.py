@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from ._schema import schema_text
-from ._tools import declare, with_system
+from ._tools import declare
 from .config import GenerationConfig, LoadConfig, build
 from .engine.client import Engine
 from .engine.stream import TokenStream
@@ -241,8 +241,7 @@ class Session:
         history, results = list(msgs), []
         for _ in range(8):
             config = build(GenerationConfig, {**params, "json_schema": spec.call_schema()})
-            c = finish(self.engine.stream("chat", with_system(history, spec.system_text()),
-                                          config))
+            c = finish(self.engine.stream("chat", tuple(history), config, spec.openai()))
             call = spec.call_in(c.text)
             c.tool_calls = [] if call is None else [(call[0], json.loads(call[1]))]
             c.tool_results = results

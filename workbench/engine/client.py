@@ -378,8 +378,10 @@ class Engine:
                 self._wait(self._submit(P.Unload(id=self._new_id("unload")), "unload"))
             self.model = None
 
-    def stream(self, request_kind: str, payload: Any, config: GenerationConfig) -> TokenStream:
-        """Start a generation; returns a stream of its tokens."""
+    def stream(self, request_kind: str, payload: Any, config: GenerationConfig,
+               tools: str = "") -> TokenStream:
+        """Start a generation; returns a stream of its tokens. `tools`: for a chat, the
+        functions the model may call (OpenAI's tools list, JSON text)."""
         with self._lock:
             if self._last_load is None:
                 raise no_model()
@@ -387,7 +389,7 @@ class Engine:
             _check_payload(request_kind, payload)
             rid = self._new_id(request_kind)
             if request_kind == "chat":
-                req: P.Message = P.Chat(id=rid, messages=payload, config=config)
+                req: P.Message = P.Chat(id=rid, messages=payload, config=config, tools=tools)
             else:
                 req = P.Generate(id=rid, prompt=payload, config=config)
             call = self._submit(req, request_kind)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from ..config import GenerationConfig, LoadConfig
 
-PROTOCOL_VERSION = 6
+PROTOCOL_VERSION = 7
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,6 +42,9 @@ class Chat(Message):
     """Render `messages` with the model's chat template, then generate."""
     messages: tuple[tuple[str, str], ...]  # (role, content)
     config: GenerationConfig
+    # the functions the model may call, as OpenAI's `tools` list in JSON text ("": none):
+    # given to a template that takes `tools`, else described in the system message
+    tools: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -30,13 +30,12 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .._tools import with_system
 from ..errors import BadText, EngineCrashed, EngineFault, PromptTooLong, WorkbenchError
 from . import embeddings as _embeddings
 from .admission import Admission
 from .metrics import ServiceMetrics
 from .request import ApiError, AsciiJSON, Limits, Parsed, parse, read_json
-from .tools import Tools, parse_tools
+from .tools import CALL_TAG, Tools, parse_tools
 
 log = logging.getLogger(__name__)
 _FINISH = {"stop": "stop", "stop_string": "stop", "length": "length",
@@ -197,11 +196,10 @@ class Service:
 
 
 def _with_tools(p: Parsed, tools: Tools | None) -> None:
-    """Describe the functions in the system message; a forced call gets its grammar."""
+    """Keep the functions for the worker (serve/tools.py); a forced call gets its grammar."""
     if tools is None:
         return
-    p.tools = tools
-    p.payload = with_system(list(p.payload), tools.system_text())
+    p.tools = tools  # the worker gives them to the template, or to the system message
     forced = tools.call_schema()
     if forced is not None:
         if p.config.json_schema is not None:
@@ -240,8 +238,9 @@ class _Run:
         """Submit, and wait for the first token, so that a prompt the engine refuses is a
         4xx before any byte of a stream is sent."""
         engine = self.service.engine
-        self.stream = await asyncio.to_thread(engine.stream, self.p.kind, self.p.payload,
-                                              self.p.config)
+        self.stream = await asyncio.to_thread(
+            engine.stream, self.p.kind, self.p.payload, self.p.config,
+            self.p.tools.openai() if self.p.tools is not None else "")
         self.it = self.stream.__aiter__()
         try:
             self.first = await self._next()
@@ -356,7 +355,7 @@ class _Run:
                 if held is not None:
                     held.append(piece)
                     lead = "".join(held).lstrip()
-                    if not lead or lead.startswith("{"):
+                    if not lead or lead.startswith(("{", CALL_TAG)) or CALL_TAG.startswith(lead):
                         continue
                     piece, held = "".join(held), None
                 yield sse(self._chunk(piece, None))

@@ -8,7 +8,9 @@ import json
 import re
 
 from .._schema import schema_text
-from .._tools import Tools
+from .._tools import CALL_TAG, Tools
+
+__all__ = ["CALL_TAG", "Tools", "parse_tools"]
 from ..errors import WorkbenchError
 from .request import ApiError
 

@@ -246,7 +246,8 @@ class Worker:
             raise no_model()
         self.fault.check(msg, "prompt")
         if isinstance(msg, P.Chat):
-            text, add_bos = rt.chat_prompt([{"role": r, "content": c} for r, c in msg.messages])
+            text, add_bos = rt.chat_prompt([{"role": r, "content": c} for r, c in msg.messages],
+                                            msg.tools)
             return rt.tokenize(text, add_special=add_bos), "chat"
         if isinstance(msg.prompt, tuple):
             return rt.check_tokens(msg.prompt), "generate"

@@ -391,14 +391,14 @@ class Runtime:
             self._pieces[token] = piece
         return piece
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> tuple[str, bool]:
+    def chat_prompt(self, messages: list[dict[str, str]], tools: str = "") -> tuple[str, bool]:
         """Render the model's chat template; returns (text, add_bos)."""
         assert self.info is not None
         if not self.template:
             raise GenerationError(f"{self.info.name} has no chat template in its GGUF file",
                                   "Use %%generate (or workbench.generate) with a raw prompt.")
         text = render_chat(self.template, messages, self._bos_text, self._eos_text,
-                           self.info.name)
+                           self.info.name, tools=tools)
         # A template that writes the BOS text itself must not get a second one.
         add_bos = not (self._bos_text and text.startswith(self._bos_text))
         return text, add_bos

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import datetime
 import functools
+import json
 
+from .._tools import Tools, with_system
 from ..errors import GenerationError
 
 
@@ -30,15 +32,24 @@ def _compile(source: str):
 
 
 def render_chat(source: str, messages: list[dict[str, str]], bos: str, eos: str,
-                model_name: str, generation: bool = True) -> str:
+                model_name: str, generation: bool = True, tools: str = "") -> str:
     """Render `messages` with a model's template, ending with the assistant's turn
-    (`generation`) or with the last message (to train on a whole conversation)."""
+    (`generation`) or with the last message (to train on a whole conversation).
+    `tools` (OpenAI's tools list, JSON text) go to a template that takes them, and are
+    described in the system message for one that does not."""
     from jinja2 import TemplateError
     from jinja2.exceptions import SecurityError
 
+    extra = {}
+    if tools and "tools" in source:  # the model's own format for declaring functions
+        extra["tools"] = json.loads(tools)
+    elif tools:
+        text = Tools.from_openai(json.loads(tools)).system_text()
+        messages = [{"role": r, "content": c} for r, c in
+                    with_system([(m["role"], m["content"]) for m in messages], text)]
     try:
         return _compile(source).render(messages=messages, add_generation_prompt=generation,
-                                       bos_token=bos, eos_token=eos)
+                                       bos_token=bos, eos_token=eos, **extra)
     except SecurityError as e:
         raise GenerationError(
             f"the chat template in {model_name} tried an unsafe operation and was refused: {e}",
