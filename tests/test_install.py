@@ -41,7 +41,10 @@ def installed(tmp_path_factory):
     env = {k: v for k, v in os.environ.items()
            if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     env.update(WORKBENCH_HOME=str(tmp / "home"), WORKBENCH_PUBLISH="0",
-               PIP_DISABLE_PIP_VERSION_CHECK="1")
+               PIP_DISABLE_PIP_VERSION_CHECK="1",
+               # building the panel (when it is not built yet) runs this environment's
+               # `jupyter labextension build`
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     _check(_run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps",
                  str(ROOT), "-w", str(tmp / "dist")], tmp, env))
     wheel = next((tmp / "dist").glob("gguf_workbench-*.whl"))
