@@ -26,6 +26,7 @@ def setting(default: Any, help: str, *, lo: float | None = None, hi: float | Non
 
 
 KV_TYPES = ("f16", "q8_0", "q4_0")
+SPECULATIVE = ("auto", "ngram", "model", "off")
 DEVICES = ("auto", "cpu", "gpu")
 
 
@@ -67,6 +68,9 @@ class LoadConfig:
     rpc_servers: tuple[str, ...] = setting((), "RPC nodes (HOST:PORT) holding layers, in "
                                            "tensor_split's order after local GPUs", flag=False)
     lora: str | None = setting(None, "a GGUF LoRA adapter to apply (what %finetune writes)")
+    draft: str = setting("auto", "speculative decoding: auto (n-gram lookup where the text "
+                         "repeats, adaptive), ngram, off, a draft model's GGUF path (same "
+                         "vocabulary, smaller), or pruned:K (this model less K layers)")
     lora_scale: float = setting(1.0, "strength of the LoRA adapter (1 = as trained)",
                                 lo=-100.0, hi=100.0)
     gpu_mem_mib: int | None = setting(None, "most memory the planner may use on each GPU, MiB "
@@ -89,6 +93,9 @@ class LoadConfig:
             if value not in allowed:
                 raise WorkbenchError(f"{name} must be {', '.join(allowed)} (got {value!r})",
                                      f"Use --{name.replace('_', '-')} {' or '.join(allowed)}.")
+        if not isinstance(self.draft, str) or not self.draft.strip():
+            raise WorkbenchError(f"draft must be auto, ngram, off, a GGUF path or pruned:K "
+                                 f"(got {self.draft!r})", "Use --draft auto.")
         return self
 
     def unresolved(self) -> list[str]:
@@ -169,9 +176,15 @@ class GenerationConfig:
         None, "constrain the output to JSON valid against this schema (JSON text; "
         "'{\"type\": \"object\"}' for any object): a grammar decides every token",
         flag=False)
+    speculative: str = setting(
+        "auto", "speculative decoding for this request: auto (as the model was loaded), "
+        "ngram, model (its draft model), or off; the output is the same either way")
 
     def validate(self) -> "GenerationConfig":
         _check_bounds(self, GenerationError)
+        if self.speculative not in SPECULATIVE:
+            raise GenerationError(f"speculative must be {', '.join(SPECULATIVE)} "
+                                  f"(got {self.speculative!r})", "Use --speculative off.")
         if self.json_schema is not None:
             schema_text(self.json_schema)
         if any(not isinstance(x, str) or not x for x in self.stop):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from ..config import GenerationConfig, LoadConfig
 
-PROTOCOL_VERSION = 7
+PROTOCOL_VERSION = 8
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -169,6 +169,12 @@ class ModelInfo:
     rpc_servers: tuple[str, ...] = ()  # cluster nodes holding layers (llama.cpp RPC)
     n_vocab: int = 0  # tokens in the vocabulary: ids are 0..n_vocab-1
     adapt_threads: bool = False  # the worker re-chooses threads from the idle cores
+    # speculative decoding: off | ngram | auto, or the draft model's path
+    draft: str = "off"
+    draft_params: int = 0  # the draft model's parameters
+    # why the draft model asked for could not be used (the model works without it)
+    draft_error: str = ""
+    draft_hint: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -213,6 +219,15 @@ class RequestMetrics:
     # joules the machine's metered parts (GPUs through NVML, CPU packages through RAPL)
     # used while the request ran: machine-wide; None where nothing is metered
     energy_j: float | None = None
+    # speculative decoding: tokens drafted and checked, and how many the model kept
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    speculative: str = ""  # the draft sources used: ngram, model, ngram+model ("": none)
+
+    @property
+    def acceptance(self) -> float | None:
+        """Share of drafted tokens accepted (None when nothing was drafted)."""
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else None
 
     @property
     def joules_per_token(self) -> float | None:

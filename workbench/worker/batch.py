@@ -8,6 +8,11 @@ that is generating, then fills what room is left (up to `n_batch`) with prompt t
 of sequences that joined, so a long prompt delays the others by one batch at most.
 Each sequence may use `n_ctx / n_parallel` tokens of context.
 
+With speculative decoding (worker/speculative.py), a generating sequence puts its drafts
+after its token, each with logits; its sampler then checks them in order, and the cells
+of drafts not kept are removed. Drafts are sized against the whole step's cost, so they
+fill room that is nearly free and never push out another sequence's token.
+
 With the prefix cache on, a joining request starts from the longest cached prefix of its
 prompt (restored into its sequence), and a finished sequence's KV state is offered to the
 cache after its reply has gone out, before its cells are freed.
@@ -29,6 +34,7 @@ import llama_cpp as L
 from ..config import GenerationConfig
 from ..errors import GenerationError, PromptTooLong
 from .sampling import Guided, token_logprobs
+from .speculative import Speculator
 
 if TYPE_CHECKING:
     from .runtime import RunResult, Runtime
@@ -45,6 +51,7 @@ class Sequence:
         self.tokens, self.g = tokens, g
         self.t_received = t_received
         self.emit, self.cancelled = emit, cancelled
+        sources = rt.spec.sources(g.speculative) if rt.spec is not None else ()
         self.chain = rt._sampler(g)
         self.guided: Guided | None = None  # a JSON schema's grammar, checked per token
         if g.json_schema:
@@ -53,9 +60,13 @@ class Sequence:
             except BaseException:
                 L.llama_sampler_free(self.chain)
                 raise
+        self.spec = Speculator(rt.spec, sources, seq_id, tokens) if sources else None
+        self.drafts: list[int] = []  # checked in this step, after next_token
         # On a GPU the chain runs inside the compute graph and only the token id comes
         # back; llama.cpp refuses chains it cannot run there, which sample on the host.
+        # Drafts are checked on the host: each position's sample depends on the last.
         self.on_backend = bool(rt.backend_sampling and self.guided is None and
+                               self.spec is None and
                                L.llama_set_sampler(rt.ctx, seq_id, self.chain))
         self.n_fed = 0            # tokens whose KV state the sequence holds
         self.next_token = -1      # sampled, fed in the next step
@@ -128,10 +139,13 @@ class Sequence:
             self._out.append(self._pending)
             self.emit(self._pending, -1, self.n_gen, time.monotonic())
         now = time.monotonic()
+        sp = self.spec
         return RunResult("".join(self._out), len(self.tokens), self.prompt_seconds,
                          self.t_received, self.t_first or now, self.t_last or now,
                          self.n_gen, self.reason or "cancelled", self.cached_tokens,
-                         self.cache_tier, tuple(self.logprobs[:self.n_gen]))
+                         self.cache_tier, tuple(self.logprobs[:self.n_gen]),
+                         sp.drafted if sp else 0, sp.accepted if sp else 0,
+                         sp.used() if sp else "")
 
 
 @dataclass
@@ -203,15 +217,29 @@ class Batch:
         self._retire()
         slots: list[_Slot] = []
         fed: list[tuple[Sequence, int]] = []  # each sequence in the step, with its tokens
-        for s in self.live:  # generating sequences first: one token each
-            s.logit_index = -1
+        gen = []
+        for s in self.live:  # generating sequences first: one token each, and drafts
+            s.logit_index, s.drafts = -1, []
             if not s.prefilling and s.next_token >= 0 and s.reason is None:
                 if s.cancelled():
                     s.reason = "cancelled"
                     continue
-                s.logit_index = len(slots)
-                slots.append(_Slot(s.next_token, s.n_fed, s.seq_id, True))
-                fed.append((s, 1))
+                gen.append(s)
+        n_tokens, expected = len(gen), float(len(gen))
+        for s in gen:
+            if s.spec is not None:
+                room = min(self.capacity - n_tokens, self.n_ctx_seq - s.n_fed - 1,
+                           s.g.max_tokens - s.n_gen - 1)
+                s.drafts = s.spec.plan(s.sampled, room, n_tokens, expected)
+                if s.drafts:
+                    n_tokens += len(s.drafts)
+                    expected += s.spec.expected - 1
+            s.logit_index = len(slots)
+            slots.append(_Slot(s.next_token, s.n_fed, s.seq_id, True))
+            slots.extend(_Slot(d, s.n_fed + 1 + j, s.seq_id, True)
+                         for j, d in enumerate(s.drafts))
+            fed.append((s, 1 + len(s.drafts)))
+        checking = len(slots)  # tokens that each need their logits
         for s in self.live:  # then prompts, as far as the batch has room
             room = self.capacity - len(slots)
             if room <= 0:
@@ -228,17 +256,19 @@ class Batch:
                     s.logit_index = len(slots) - 1
                 fed.append((s, n))
         if fed:
-            self._decode(slots, fed)
+            self._decode(slots, fed, checking == len(slots))
             gov = self.rt.governor
             if gov is not None:  # the tokens this step generated (prompts aside)
-                gov.tick(time.monotonic(), sum(1 for s, n in fed
-                                               if n == 1 and s.logit_index >= 0))
+                gov.tick(time.monotonic(), len(gen))
         done = [s for s in self.live if s.reason is not None]
         for s in done:
             self._release(s)
         return done
 
-    def _decode(self, slots: list[_Slot], fed: list[tuple[Sequence, int]]) -> None:
+    def _decode(self, slots: list[_Slot], fed: list[tuple[Sequence, int]],
+                timed: bool) -> None:
+        """Decode the step's slots, then sample each sequence's tokens. `timed`: a step
+        of generating tokens only, whose time teaches the speculation's cost model."""
         b = self._batch
         for i, slot in enumerate(slots):
             b.token[i] = slot.tok
@@ -247,6 +277,7 @@ class Batch:
             b.seq_id[i][0] = slot.seq
             b.logits[i] = slot.logits
         b.n_tokens = len(slots)
+        t0 = time.monotonic()
         rc = L.llama_decode(self.rt.ctx, b)
         if rc != 0:  # a failed step fails the requests in it; the others go on
             try:
@@ -255,26 +286,53 @@ class Batch:
                 for s, _ in fed:
                     s.reason, s.error = "error", e
             return
+        if timed and self.rt.spec is not None:
+            L.llama_synchronize(self.rt.ctx)
+            self.rt.spec.costs.record(len(slots), time.monotonic() - t0)
         for s, n in fed:
-            s.n_fed += n
-            if s.logit_index >= 0:
-                try:  # a failure here is this sequence's alone
-                    if s.on_backend:
-                        tok = L.llama_get_sampled_token_ith(self.rt.ctx, s.logit_index)
-                        L.llama_sampler_accept(s.chain, tok)
-                    else:
-                        sample = s.guided.sample if s.guided else L.llama_sampler_sample
-                        tok = sample(s.chain, self.rt.ctx, s.logit_index)
-                    if s.g.logprobs is not None:
-                        s.logprobs.append(token_logprobs(
-                            self.rt.ctx, s.logit_index, tok, self.rt.info.n_vocab,
-                            s.g.logprobs, self.rt._piece))
-                    s.accept(tok, self.n_ctx_seq)
-                except Exception as e:
-                    s.reason, s.error, s.trace = "error", e, traceback.format_exc()
+            if s.logit_index < 0:
+                s.n_fed += n
+                continue
+            try:  # a failure here is this sequence's alone
+                self._check(s, s.n_fed + n - len(s.drafts) - 1)
+            except Exception as e:
+                s.reason, s.error, s.trace = "error", e, traceback.format_exc()
 
-    def _free(self, s: Sequence) -> None:
-        L.llama_memory_seq_rm(L.llama_get_memory(self.rt.ctx), s.seq_id, -1, -1)
+    def _sample(self, s: Sequence, i: int) -> int:
+        if s.on_backend:
+            tok = L.llama_get_sampled_token_ith(self.rt.ctx, i)
+            L.llama_sampler_accept(s.chain, tok)
+        else:
+            sample = s.guided.sample if s.guided else L.llama_sampler_sample
+            tok = sample(s.chain, self.rt.ctx, i)
+        if s.g.logprobs is not None:
+            s.logprobs.append(token_logprobs(self.rt.ctx, i, tok, self.rt.info.n_vocab,
+                                             s.g.logprobs, self.rt._piece))
+        return tok
+
+    def _check(self, s: Sequence, n0: int) -> None:
+        """Sample `s`'s positions in order from its logit index: its token (fed at n0),
+        then each draft while the sample equals it. Cells of drafts not kept go."""
+        drafts, accepted, first = s.drafts, 0, -1
+        for j in range(len(drafts) + 1):
+            s.n_fed = n0 + 1 + j  # the cells this sample conditions on
+            tok = self._sample(s, s.logit_index + j)
+            if j == 0:
+                first = tok
+            s.accept(tok, self.n_ctx_seq)
+            if s.reason is not None or j == len(drafts) or tok != drafts[j]:
+                break
+            accepted += 1
+        if drafts and s.n_fed < n0 + 1 + len(drafts):
+            L.llama_memory_seq_rm(L.llama_get_memory(self.rt.ctx), s.seq_id, s.n_fed, -1)
+        if s.spec is not None and first >= 0:
+            s.spec.settle(len(drafts), accepted, first)
+
+    def _free(self, s: Sequence, cells: bool = True) -> None:
+        if cells:
+            L.llama_memory_seq_rm(L.llama_get_memory(self.rt.ctx), s.seq_id, -1, -1)
+        if s.spec is not None:
+            s.spec.close()
         if s.on_backend:
             L.llama_set_sampler(self.rt.ctx, s.seq_id, None)
         if s.guided is not None:
@@ -299,3 +357,24 @@ class Batch:
             self._free(s)
             self.free_ids.append(s.seq_id)
         self.ended.clear()
+
+
+def run_one(rt: "Runtime", tokens: list[int], g: GenerationConfig, t_received: float,
+            emit: Callable[[str, int, int, float], None],
+            cancelled: Callable[[], bool]) -> "RunResult":
+    """One request decoded alone, with speculation: a batch of one sequence (id 0), whose
+    cells stay in the context for the prefix cache (`Runtime.offer_last`)."""
+    batch = Batch(rt)
+    try:
+        seq = batch.join("", tokens, g, t_received, emit, cancelled)
+        while batch.live:
+            batch.step()
+        if seq.error is not None:
+            raise seq.error
+        r = seq.result()
+        rt.last_tokens = seq.held()
+        batch.ended.remove(seq)
+        batch._free(seq, cells=False)
+        return r
+    finally:
+        batch.close()

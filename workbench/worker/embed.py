@@ -33,7 +33,7 @@ class Embedder:
     """An embedding model and its pooling context."""
 
     def __init__(self, log: Any) -> None:
-        self.log = log  # runtime._Log: llama.cpp's recent messages, for errors
+        self.log = log  # log.Log: llama.cpp's recent messages, for errors
         self.model = self.ctx = self.vocab = None
         self.info: ModelInfo | None = None
         self.pooling = ""

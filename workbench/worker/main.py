@@ -284,6 +284,8 @@ class Worker:
             peak_rss_bytes=peak_rss(),
             n_threads=self.runtime.threads, n_ctx=info.n_ctx, wall_time=time.time(),
             cached_tokens=r.cached_tokens, cache_tier=r.cache_tier,
+            draft_tokens=r.draft_tokens, accepted_tokens=r.accepted_tokens,
+            speculative=r.speculative,
             energy_j=energy1 - energy0 if energy0 is not None and energy1 is not None else None)
         self.send(P.Finished(id=rid, text=r.text, metrics=metrics, logprobs=r.logprobs))
 

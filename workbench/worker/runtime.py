@@ -8,10 +8,7 @@ beyond handing each token on.
 from __future__ import annotations
 
 import codecs
-import collections
 import ctypes
-import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +18,10 @@ import llama_cpp as L
 
 from .. import _paths
 from ..config import GenerationConfig, LoadConfig
-from ..errors import GenerationError, ModelFileError, PromptTooLong, no_model
+from ..errors import GenerationError, ModelFileError, PromptTooLong, WorkbenchError, no_model
 from ..models.gguf_file import read_header
 from ..engine.protocol import Buffer, ModelInfo
+from .log import Log
 from .sampling import Guided, recording
 from .template import render_chat
 from .threads import ThreadGovernor
@@ -32,9 +30,6 @@ _FLASH_ATTN = {"auto": L.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": L.LLAMA_FLASH_ATTN_TY
                "off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED}
 _DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp: pick a random seed
 _GGML_TYPES = {"f16": L.GGML_TYPE_F16, "q8_0": L.GGML_TYPE_Q8_0, "q4_0": L.GGML_TYPE_Q4_0}
-
-
-_BUFFER_LINE = re.compile(r"(\S+)\s+(model|KV|output|compute) buffer size =\s*([\d.]+) MiB")
 
 
 def _model_params(cfg: LoadConfig):
@@ -81,55 +76,6 @@ def _context_params(cfg: LoadConfig):
     return cparams
 
 
-class _Log:
-    """Keeps llama.cpp's recent log messages, so a failure can quote its real cause."""
-
-    _ERROR, _CONT = 4, 5  # ggml_log_level
-
-    def __init__(self, echo: bool) -> None:
-        self.lines: collections.deque[tuple[int, str]] = collections.deque(maxlen=400)
-        self.echo = echo
-        self._buffers: list[Buffer] = []
-        self._cb = L.llama_log_callback(self._on_log)  # keep a reference: C holds it
-        if os.environ.get("WORKBENCH_LLAMA_LOG_CALLBACK", "on") != "off":
-            L.llama_log_set(self._cb, None)
-        # "off" leaves llama.cpp's own logger (stderr): errors then quote no cause, and
-        # loads record no buffer sizes. A switch for diagnosing a build, not for users.
-
-    def _on_log(self, level: int, text: bytes, _user: object) -> None:
-        s = text.decode("utf-8", errors="replace")
-        self.lines.append((level, s))
-        if "buffer size" in s:  # kept apart: a load logs more lines than `lines` holds
-            m = _BUFFER_LINE.search(s)
-            if m:
-                self._buffers.append(Buffer(device=m.group(1), kind=m.group(2),
-                                            bytes=int(float(m.group(3)) * 2**20)))
-        if self.echo:
-            print(s, end="", flush=True)
-
-    def clear(self) -> None:
-        self.lines.clear()
-        self._buffers.clear()
-
-    def buffers(self) -> tuple[Buffer, ...]:
-        """The (non-empty) buffers llama.cpp logged since the last `clear()`."""
-        return tuple(b for b in self._buffers if b.bytes)
-
-    def last_error(self) -> str:
-        """The first error logged since `lines` was last cleared: the cause, where later
-        errors only repeat that loading failed."""
-        msgs, current = [], None
-        for level, text in self.lines:
-            if level == self._ERROR:
-                current = [text]
-                msgs.append(current)
-            elif level == self._CONT and current is not None:
-                current.append(text)
-            else:
-                current = None
-        return "".join(msgs[0]).strip() if msgs else ""
-
-
 @dataclass
 class RunResult:
     text: str
@@ -143,13 +89,16 @@ class RunResult:
     cached_tokens: int = 0
     cache_tier: str = ""
     logprobs: tuple = ()  # TokenLogprob of each generated token, when asked for
+    draft_tokens: int = 0     # tokens drafted and checked (speculative decoding)
+    accepted_tokens: int = 0  # of which the target kept
+    speculative: str = ""     # the draft sources the request used ("" when none)
 
 
 class Runtime:
     """A loaded model and its context, with generation on top."""
 
     def __init__(self, echo_log: bool = False) -> None:
-        self.log = _Log(echo_log)
+        self.log = Log(echo_log)
         L.llama_backend_init()
         self.model = None
         self.ctx = None
@@ -165,6 +114,8 @@ class Runtime:
         self.last_tokens: tuple[int, ...] = ()  # whose KV state the context holds now
         self.notice: Callable[[str], None] = lambda text: None
         self.governor: ThreadGovernor | None = None  # re-chooses threads while decoding
+        self.config: LoadConfig | None = None  # what the loaded model was loaded with
+        self.spec = None  # speculative.Speculation of the loaded model
 
     # ---- loading --------------------------------------------------------
 
@@ -232,6 +183,29 @@ class Runtime:
             n_parallel=cfg.n_parallel, rpc_servers=tuple(cfg.rpc_servers),
             n_vocab=L.llama_vocab_n_tokens(self.vocab),
             adapt_threads=self.governor is not None)
+        self.config = cfg
+        return self._load_draft(cfg)
+
+    def _load_draft(self, cfg: LoadConfig) -> ModelInfo:
+        """Set up speculative decoding as `cfg.draft` asks. A draft model that cannot be
+        used leaves the model loaded without one, and says why in the ModelInfo."""
+        import dataclasses
+
+        from .speculative import MODES, DraftModel, Speculation
+
+        assert self.info is not None
+        self.spec = Speculation(cfg.draft if cfg.draft in MODES else "auto")
+        if cfg.draft in MODES:
+            self.info = dataclasses.replace(self.info, draft=cfg.draft)
+            return self.info
+        try:
+            self.spec.draft = DraftModel(self, cfg.draft, self.info.n_gpu_layers)
+        except WorkbenchError as e:
+            self.info = dataclasses.replace(self.info, draft="auto", draft_error=e.message,
+                                            draft_hint=e.hint)
+        else:
+            self.info = dataclasses.replace(self.info, draft=cfg.draft,
+                                            draft_params=self.spec.draft.n_params)
         return self.info
 
     def _apply_lora(self, model, ctx, cfg: LoadConfig) -> None:
@@ -338,6 +312,9 @@ class Runtime:
         return self._piece_buf.raw[:max(n, 0)].decode("utf-8", errors="replace")
 
     def unload(self) -> None:
+        if self.spec is not None:
+            self.spec.close()
+            self.spec = None
         if self.cache is not None:
             self.cache.close()
             self.cache = None
@@ -463,6 +440,10 @@ class Runtime:
         L.llama_memory_clear(mem, True)
         self.last_tokens = ()
         self.log.clear()
+        if self.spec is not None and self.spec.sources(g.speculative):
+            from .batch import run_one  # drafts checked in batches of the sequence's own
+
+            return run_one(self, tokens, g, t_received, emit, cancelled)
         start, tier = self._restore_prefix(tokens, mem)
         chain = self._sampler(g)
         # On the backend the chain runs inside the graph and only the token id comes back;
