@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
+from pathlib import Path
 from typing import Any, Iterable
 
 from ._tables import KeyValue, mib
@@ -42,6 +43,14 @@ class KVReport(KeyValue):
         return rows
 
 
+def _draft(i: ModelInfo) -> str:
+    if i.draft in ("off", "ngram", "auto"):
+        return {"off": "off", "ngram": "n-gram lookup",
+                "auto": "auto (n-gram lookup, where it pays)"}[i.draft]
+    return (f"draft {Path(i.draft).name} ({i.draft_params / 1e6:,.1f} M parameters), "
+            "with n-gram lookup")
+
+
 class LoadedModel(KeyValue):
     """What `load_model` returns: the model and how it was placed."""
 
@@ -68,6 +77,7 @@ class LoadedModel(KeyValue):
                  if i.adapt_threads else i.threads),
                 ("KV cache", f"K {i.type_k}, V {i.type_v}: {i.kv_bytes_per_token:,} bytes/token, "
                              f"{i.kv_bytes_per_token * i.n_ctx / 2**20:,.0f} MiB at full context"),
+                ("speculative decoding", _draft(i)),
                 ("load time", f"{i.load_seconds:.2f} s"), ("path", i.path)] + (
             [("placement", self._placement())] if self.placement is not None else [])
 

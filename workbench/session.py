@@ -150,6 +150,7 @@ class Session:
         """Load a GGUF model into the worker (replacing the current one). `settings`:
         fields of `LoadConfig`; the planner decides the rest."""
         from .device.planner import resolve
+        from .drafts import MODES, DraftError, resolve_draft
         from .settings import load_defaults
 
         settings = {**load_defaults(), **settings}  # the machine's defaults, then the call's
@@ -171,6 +172,14 @@ class Session:
         if config.set_gpu_power_limit and config.power_cap is None:
             raise WorkbenchError("--set-gpu-power-limit needs --power-cap",
                                  "Give the cap in watts, for example --power-cap 250.")
+        if config.draft not in MODES:  # a file's problems show before anything unloads
+            bar = progress_bar(f"Making the draft {config.draft}", enabled=progress,
+                               lazy=True)
+            try:
+                config = dataclasses.replace(config, draft=resolve_draft(config.draft, path,
+                                                                         bar))
+            finally:
+                bar.close()
         config, placement = resolve(self.engine, path, config, settings)
         if config.set_gpu_power_limit:
             from .power.cap import set_gpu_power_limit
@@ -181,6 +190,9 @@ class Session:
                            total=path.stat().st_size)  # llama.cpp tells fractions of it
         info = self.engine.load(path, config, on_progress=bar)
         bar.close(f"{info.load_seconds:.1f} s")
+        if info.draft_error:
+            raise DraftError(f"{info.name} is loaded and works, without speculation from the "
+                             f"draft model: {info.draft_error}", info.draft_hint)
         return LoadedModel(info, placement)
 
     def leave_cluster(self) -> None:

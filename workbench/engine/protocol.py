@@ -191,6 +191,9 @@ class Tokens(Message):
     token_ids: tuple[int, ...]
     index: int                # index of the first of these among the generated tokens
     t: float                  # time.monotonic() in the worker when the last was produced
+    # speculative decoding so far in this request: tokens drafted, and of those accepted
+    drafted: int = 0
+    accepted: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -71,7 +71,8 @@ class Service:
     def _on_engine(self, kind: str, payload: Any) -> None:
         if kind == "finished":
             self.metrics.generation(payload.finish_reason, payload.generated_tokens,
-                                    payload.prompt_tokens)
+                                    payload.prompt_tokens, payload.draft_tokens,
+                                    payload.accepted_tokens)
 
     # -- plumbing --
     def _authorize(self, request: Request) -> None:

@@ -23,6 +23,7 @@ class ServiceMetrics:
         self.finished: collections.Counter[str] = collections.Counter()
         self.tokens_generated = 0
         self.prompt_tokens = 0
+        self.draft_tokens = self.accepted_tokens = 0  # speculative decoding
         self.ttft_counts = [0] * (len(TTFT_BUCKETS_S) + 1)
         self.ttft_sum = 0.0
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
@@ -36,13 +37,17 @@ class ServiceMetrics:
             self.ttft_counts[bisect.bisect_left(TTFT_BUCKETS_S, seconds)] += 1
             self.ttft_sum += seconds
 
-    def generation(self, reason: str, generated: int, prompt: int) -> None:
-        """A generation ended in the engine (finished, stopped, or cancelled)."""
+    def generation(self, reason: str, generated: int, prompt: int, drafted: int = 0,
+                   accepted: int = 0) -> None:
+        """A generation ended in the engine (finished, stopped, or cancelled), with the
+        tokens speculative decoding drafted for it and of those the model accepted."""
         now = time.monotonic()
         with self._lock:
             self.finished[reason] += 1
             self.tokens_generated += generated
             self.prompt_tokens += prompt
+            self.draft_tokens += drafted
+            self.accepted_tokens += accepted
             self._recent.append((now, generated))
             self._trim(now)
 
@@ -89,6 +94,13 @@ class ServiceMetrics:
                 "# HELP workbench_prompt_tokens_total Prompt tokens processed.",
                 "# TYPE workbench_prompt_tokens_total counter",
                 f"workbench_prompt_tokens_total {self.prompt_tokens}",
+                "# HELP workbench_draft_tokens_total Tokens drafted by speculative decoding "
+                "and checked by the model.",
+                "# TYPE workbench_draft_tokens_total counter",
+                f"workbench_draft_tokens_total {self.draft_tokens}",
+                "# HELP workbench_draft_accepted_tokens_total Drafted tokens the model kept.",
+                "# TYPE workbench_draft_accepted_tokens_total counter",
+                f"workbench_draft_accepted_tokens_total {self.accepted_tokens}",
                 "# HELP workbench_tokens_per_second Generated tokens/s over the last 30 s.",
                 "# TYPE workbench_tokens_per_second gauge",
                 f"workbench_tokens_per_second {tps:.3f}",

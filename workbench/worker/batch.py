@@ -34,7 +34,7 @@ import llama_cpp as L
 from ..config import GenerationConfig
 from ..errors import GenerationError, PromptTooLong
 from .sampling import Guided, token_logprobs
-from .speculative import Speculator
+from .speculative import STEP_LIMIT, Speculator
 
 if TYPE_CHECKING:
     from .runtime import RunResult, Runtime
@@ -46,8 +46,10 @@ class Sequence:
     def __init__(self, rt: "Runtime", seq_id: int, request_id: str, tokens: list[int],
                  g: GenerationConfig, t_received: float,
                  emit: Callable[[str, int, int, float], None],
-                 cancelled: Callable[[], bool]) -> None:
+                 cancelled: Callable[[], bool],
+                 drafts: Callable[[int, int], None] | None = None) -> None:
         self.rt, self.seq_id, self.request_id = rt, seq_id, request_id
+        self.on_drafts = drafts  # told the drafted and accepted counts after each check
         self.tokens, self.g = tokens, g
         self.t_received = t_received
         self.emit, self.cancelled = emit, cancelled
@@ -183,7 +185,8 @@ class Batch:
 
     def join(self, request_id: str, tokens: list[int], g: GenerationConfig,
              t_received: float, emit: Callable[[str, int, int, float], None],
-             cancelled: Callable[[], bool]) -> Sequence:
+             cancelled: Callable[[], bool],
+             drafts: Callable[[int, int], None] | None = None) -> Sequence:
         """Give the request a free sequence; it starts with the next step."""
         if not tokens:
             raise GenerationError("the prompt is empty", "Give some text to complete.")
@@ -200,7 +203,7 @@ class Batch:
         seq = None
         try:
             seq = Sequence(self.rt, seq_id, request_id, tokens, g, t_received, emit,
-                           cancelled)
+                           cancelled, drafts)
             seq.cached_tokens, seq.cache_tier = self.rt._restore_prefix(
                 tokens, L.llama_get_memory(self.rt.ctx), seq_id)
             seq.n_fed = seq.cached_tokens
@@ -228,8 +231,8 @@ class Batch:
         n_tokens, expected = len(gen), float(len(gen))
         for s in gen:
             if s.spec is not None:
-                room = min(self.capacity - n_tokens, self.n_ctx_seq - s.n_fed - 1,
-                           s.g.max_tokens - s.n_gen - 1)
+                room = min(STEP_LIMIT - n_tokens, self.capacity - n_tokens,
+                           self.n_ctx_seq - s.n_fed - 1, s.g.max_tokens - s.n_gen - 1)
                 s.drafts = s.spec.plan(s.sampled, room, n_tokens, expected)
                 if s.drafts:
                     n_tokens += len(s.drafts)
@@ -327,6 +330,8 @@ class Batch:
             L.llama_memory_seq_rm(L.llama_get_memory(self.rt.ctx), s.seq_id, s.n_fed, -1)
         if s.spec is not None and first >= 0:
             s.spec.settle(len(drafts), accepted, first)
+            if drafts and s.on_drafts is not None:
+                s.on_drafts(s.spec.drafted, s.spec.accepted)
 
     def _free(self, s: Sequence, cells: bool = True) -> None:
         if cells:
@@ -361,12 +366,13 @@ class Batch:
 
 def run_one(rt: "Runtime", tokens: list[int], g: GenerationConfig, t_received: float,
             emit: Callable[[str, int, int, float], None],
-            cancelled: Callable[[], bool]) -> "RunResult":
+            cancelled: Callable[[], bool],
+            drafts: Callable[[int, int], None] | None = None) -> "RunResult":
     """One request decoded alone, with speculation: a batch of one sequence (id 0), whose
     cells stay in the context for the prefix cache (`Runtime.offer_last`)."""
     batch = Batch(rt)
     try:
-        seq = batch.join("", tokens, g, t_received, emit, cancelled)
+        seq = batch.join("", tokens, g, t_received, emit, cancelled, drafts)
         while batch.live:
             batch.step()
         if seq.error is not None:

@@ -260,7 +260,7 @@ class Worker:
         out = _Emitter(self.send, msg.id)
         try:
             r = self.runtime.run(tokens, msg.config, t_received, self.fault.emit(msg, out.emit),
-                                 lambda: msg.id in self.cancelled)
+                                 lambda: msg.id in self.cancelled, out.drafts)
         finally:
             out.flush_rest()
         self._finished(msg.id, kind, r, t_received, energy)
@@ -349,7 +349,7 @@ class Worker:
             tokens, kind = self._prompt(msg)
             out = _Emitter(self.send, msg.id)
             batch.join(msg.id, tokens, msg.config, t_received, self.fault.emit(msg, out.emit),
-                       lambda rid=msg.id: rid in self.cancelled)
+                       lambda rid=msg.id: rid in self.cancelled, out.drafts)
         except Exception as e:  # this request fails; the batch goes on
             self.cancelled.discard(msg.id)
             self.send(_failed(msg.id, e, traceback.format_exc()))
@@ -412,10 +412,16 @@ class _Emitter:
         self.first = 0
         self.last_send = 0.0
         self.prev = 0.0
+        self.drafted = self.accepted = 0
+
+    def drafts(self, drafted: int, accepted: int) -> None:
+        """The request's speculative-decoding counts so far, sent with its next tokens."""
+        self.drafted, self.accepted = drafted, accepted
 
     def flush(self, t: float) -> None:
         self.send(P.Tokens(id=self.rid, pieces=tuple(self.pieces), token_ids=tuple(self.ids),
-                           index=self.first, t=t))
+                           index=self.first, t=t, drafted=self.drafted,
+                           accepted=self.accepted))
         self.first += len(self.pieces)
         self.last_send = t
         self.pieces.clear()

@@ -421,9 +421,11 @@ class Runtime:
 
     def run(self, tokens: list[int], g: GenerationConfig, t_received: float,
             emit: Callable[[str, int, int, float], None],
-            cancelled: Callable[[], bool]) -> RunResult:
+            cancelled: Callable[[], bool],
+            drafts: Callable[[int, int], None] | None = None) -> RunResult:
         """Decode `tokens`, then sample until a stop condition; `emit(text, token, index, t)`
-        is called for each generated token as soon as it exists."""
+        is called for each generated token as soon as it exists, `drafts(drafted, accepted)`
+        after each check of drafted tokens."""
         if self.ctx is None or self.info is None:
             raise no_model()
         ctx, vocab = self.ctx, self.vocab
@@ -443,7 +445,7 @@ class Runtime:
         if self.spec is not None and self.spec.sources(g.speculative):
             from .batch import run_one  # drafts checked in batches of the sequence's own
 
-            return run_one(self, tokens, g, t_received, emit, cancelled)
+            return run_one(self, tokens, g, t_received, emit, cancelled, drafts)
         start, tier = self._restore_prefix(tokens, mem)
         chain = self._sampler(g)
         # On the backend the chain runs inside the graph and only the token id comes back;

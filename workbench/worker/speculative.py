@@ -41,6 +41,10 @@ if TYPE_CHECKING:
     from .runtime import Runtime
 
 MAX_DRAFT = 16           # longest draft checked in one decode
+# Most tokens a step with drafts decodes. Up to this size llama.cpp's CPU kernels compute
+# each token exactly as alone (logits measured bit-identical up to 48 tokens, not at 64),
+# so greedy output does not change with drafting.
+STEP_LIMIT = 32
 SOURCES = ("ngram", "model")
 MODES = ("off", "ngram", "auto")  # the load-time settings that load no draft model
 _PRIOR_SLOPE = 0.5       # before any measurement: each extra token costs half a decode
@@ -71,9 +75,12 @@ class CostModel:
             return t[above] * (1 + _PRIOR_SLOPE * (n - 1)) / (1 + _PRIOR_SLOPE * (above - 1))
         if above is not None:
             return t[below] + (t[above] - t[below]) * (n - below) / (above - below)
+        # Beyond what was measured, no steeper than the prior: on a CPU the first extra
+        # token costs most, so the last slope would keep longer drafts from being tried.
+        prior = t[below] * _PRIOR_SLOPE / (1 + _PRIOR_SLOPE * (below - 1))
         lower = max((m for m in t if m < below), default=None)
-        slope = (t[below] - t[lower]) / (below - lower) if lower is not None \
-            else t[below] * _PRIOR_SLOPE / (1 + _PRIOR_SLOPE * (below - 1))
+        slope = prior if lower is None else \
+            min(prior, (t[below] - t[lower]) / (below - lower))
         return t[below] + max(slope, 0.0) * (n - below)
 
 
