@@ -23,6 +23,17 @@ def _cmake_args(gpu: bool) -> list[str]:
 def build_tool(target: str, gpu: bool = False) -> Path:
     """A llama.cpp tool (llama-bench, llama-quantize, ...) built from the llama.cpp vendored
     in this llama-cpp-python, once per version; later calls find it built."""
+    return _build(target, gpu=gpu, examples=False)
+
+
+def build_example(target: str, gpu: bool = False) -> Path:
+    """A llama.cpp example program (llama-lookup, llama-speculative-simple, ...) built like
+    `build_tool`, in the same build folder (so the libraries are compiled once) with the
+    examples switched on."""
+    return _build(target, gpu=gpu, examples=True)
+
+
+def _build(target: str, *, gpu: bool, examples: bool) -> Path:
     import llama_cpp
 
     version = llama_cpp.__version__
@@ -47,14 +58,14 @@ def build_tool(target: str, gpu: bool = False) -> Path:
     print(f"building {target} in {root} (once; log in build.log) ...", file=sys.stderr)
     root.mkdir(parents=True, exist_ok=True)
     logf = open(root / "build.log", "a")
+    # the examples switch only adds targets: tools built before stay built
     subprocess.run(["cmake", "-S", str(src), "-B", str(root / "build"),
                     "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF",
-                    "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+                    "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+                    f"-DLLAMA_BUILD_EXAMPLES={'ON' if examples else 'OFF'}",
                     "-DLLAMA_BUILD_SERVER=OFF", *_cmake_args(gpu)],
                    check=True, stdout=logf, stderr=subprocess.STDOUT)
     subprocess.run(["cmake", "--build", str(root / "build"), "--target", target,
                     "-j", str(os.cpu_count() or 2)], check=True, stdout=logf,
                    stderr=subprocess.STDOUT)
     return exe
-
-
