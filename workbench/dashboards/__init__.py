@@ -1,4 +1,5 @@
-"""The live dashboard: throughput, time to first token and worker memory.
+"""The live dashboard: throughput, time to first token, worker memory, the prefix cache
+and speculative decoding.
 
 Each plot is its own class fed by the engine's events. The dashboard owns one
 refresher thread, started and stopped explicitly; `refresh()` does one update by
@@ -16,10 +17,12 @@ import ipywidgets as widgets
 
 from .cache import CachePlot
 from .memory import MemoryPlot
+from .speculation import SpeculationPlot
 from .throughput import ThroughputPlot
 from .ttft import TTFTPlot
 
-__all__ = ["CachePlot", "Dashboard", "MemoryPlot", "ThroughputPlot", "TTFTPlot"]
+__all__ = ["CachePlot", "Dashboard", "MemoryPlot", "SpeculationPlot", "ThroughputPlot",
+           "TTFTPlot"]
 
 REFRESH_S = 0.25
 
@@ -44,14 +47,15 @@ class Dashboard(widgets.VBox):
         self.ttft = TTFTPlot(t0)
         self.memory = MemoryPlot(t0)
         self.cache = CachePlot(t0)
-        self.plots = (self.throughput, self.ttft, self.memory, self.cache)
+        self.speculation = SpeculationPlot(t0)
+        self.plots = (self.throughput, self.ttft, self.memory, self.cache, self.speculation)
         self.header = widgets.HTML()
         self.stop_button = widgets.Button(description="Stop updates", icon="pause",
                                           layout=widgets.Layout(width="140px"))
         self.stop_button.on_click(lambda _b: self.stop())
         super().__init__([widgets.HBox([self.header, self.stop_button]),
                           widgets.HBox([p.figure for p in self.plots[:3]]),
-                          widgets.HBox([self.cache.figure])])
+                          widgets.HBox([self.cache.figure, self.speculation.figure])])
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._unsubscribe: Any = None
@@ -95,6 +99,7 @@ class Dashboard(widgets.VBox):
     def refresh(self) -> None:
         """Draw what arrived since the last refresh."""
         self.throughput.sample()
+        self.speculation.sample()
         for p in self.plots:
             p.refresh()
         self.header.value = self._header_html()
@@ -107,6 +112,8 @@ class Dashboard(widgets.VBox):
             r = e.records[-1]
             parts.append(f"last request: {r.decode_tps:,.1f} tok/s · TTFT "
                          f"{r.ttft_s * 1000:,.0f} ms · prompt {r.prompt_tps:,.0f} tok/s")
+            if r.draft_tokens:
+                parts.append(f"drafts accepted {r.accepted_tokens / r.draft_tokens:.0%}")
         parts.append(f"requests: {len(e.records)}")
         if e.last_stats:
             parts.append(f"worker RSS {e.last_stats.rss_bytes / 2**20:,.0f} MiB")
