@@ -239,6 +239,8 @@ def summarize(cat: Category, base: str) -> dict[str, Any]:
             lane_out["vs_plain_per_prompt"] = [round(x, 3) for x in ratios]
             pairs = [(a.text, b.text) for mine, theirs in zip(per_prompt, cat.runs[base])
                      for a, b in zip(mine, theirs)]
+            # where each text first parts from the plain one (None: never), to find why
+            lane_out["diverges_at_char"] = [_diverges(a, b) for a, b in pairs]
             if lane.startswith("llama.cpp:"):  # it may stop a draft's length past the limit
                 same = [a.startswith(b) or b.startswith(a) for a, b in pairs]
                 lane_out["prefix_agrees_with_plain"] = sum(same) / len(same)
@@ -246,6 +248,12 @@ def summarize(cat: Category, base: str) -> dict[str, Any]:
                 lane_out["identical_to_plain"] = sum(a == b for a, b in pairs) / len(pairs)
         out["lanes"][lane] = lane_out
     return out
+
+
+def _diverges(a: str, b: str) -> int | None:
+    n = min(len(a), len(b))
+    i = next((i for i in range(n) if a[i] != b[i]), n)
+    return None if i == n and len(a) == len(b) else i
 
 
 def paired(cat: Category, a: str, b: str) -> float:
