@@ -97,6 +97,8 @@ def _metrics_line(m: RequestMetrics) -> str:
             + (f" ({m.cached_tokens} from the KV cache)" if m.cached_tokens else "")
             + f" at {m.prompt_tps:,.0f} tok/s"
             + (f" · {jpt:,.3f} J/token" if jpt is not None else "")
+            + (f" · drafts {m.accepted_tokens}/{m.draft_tokens} accepted ({m.speculative})"
+               if m.draft_tokens else "")
             + f" · {m.finish_reason}")
 
 
@@ -114,6 +116,7 @@ class Completion:
         # with logprobs=N: each generated token's TokenLogprob (token bytes, natural-log
         # probability, the N most likely tokens at its place)
         self.logprobs: tuple = ()
+        self.token_ids: tuple[int, ...] = ()  # the generated tokens' ids
         # A streamed completion has already shown its text: display only the numbers.
         self._streamed = streamed
 

@@ -364,5 +364,6 @@ def finish(s: TokenStream) -> Completion:
     s.result()
     c = Completion(s.text, s.metrics)
     c.logprobs = s.logprobs
+    c.token_ids = tuple(s.token_ids)
     return c
 

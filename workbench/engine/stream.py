@@ -113,6 +113,7 @@ class TokenStream:
         self.logprobs: tuple[P.TokenLogprob, ...] = ()  # with GenerationConfig.logprobs
         self.finish_reason: str | None = None
         self.token_ids: list[int] = []
+        self.drafted = self.accepted = 0  # speculative decoding so far: drafted, kept
         self._done = False
         self._parts: list[str] = []
         self._ready: collections.deque[str] = collections.deque()
@@ -124,6 +125,7 @@ class TokenStream:
         if isinstance(msg, P.Tokens):
             self._parts.extend(msg.pieces)
             self.token_ids.extend(msg.token_ids)
+            self.drafted, self.accepted = msg.drafted, msg.accepted
             self._ready.extend(msg.pieces)
             return
         self._done = True

@@ -336,8 +336,6 @@ class Batch:
     def _free(self, s: Sequence, cells: bool = True) -> None:
         if cells:
             L.llama_memory_seq_rm(L.llama_get_memory(self.rt.ctx), s.seq_id, -1, -1)
-        if s.spec is not None:
-            s.spec.close()
         if s.on_backend:
             L.llama_set_sampler(self.rt.ctx, s.seq_id, None)
         if s.guided is not None:

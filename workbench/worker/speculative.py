@@ -49,7 +49,8 @@ SOURCES = ("ngram", "model")
 MODES = ("off", "ngram", "auto")  # the load-time settings that load no draft model
 _PRIOR_SLOPE = 0.5       # before any measurement: each extra token costs half a decode
 _GAIN = 1.03             # a longer draft must promise 3% more tokens per second
-_PROBE_EVERY = 16        # steps between one-token probes of a draft model left off
+_PROBE_FIRST, _PROBE_MOST = 16, 256  # steps between probes of a draft model left off,
+# doubling after each probe that does not turn it back on
 
 
 class CostModel:
@@ -150,7 +151,9 @@ class NgramLookup:
 
 class DraftModel:
     """A small model with the target's vocabulary, in this worker, with one sequence of
-    its own context per target sequence, kept in step with what the target accepted."""
+    its own context per target sequence, kept in step with what the target accepted. A
+    sequence's cells outlive its request: the next request in that sequence catches up
+    only from where its tokens differ."""
 
     def __init__(self, rt: "Runtime", path: str, n_gpu_layers: int) -> None:
         from ..models.gguf_file import read_header
@@ -244,7 +247,6 @@ class DraftModel:
     def propose(self, seq: int, history: list[int], k: int) -> list[int]:
         """The draft's greedy continuation of `history` (k tokens), decoding only what its
         sequence `seq` does not hold yet."""
-        t0 = time.monotonic()
         fed = self._fed.setdefault(seq, [])
         p = 0
         limit = min(len(fed), len(history) - 1)  # the last token is decoded for its logits
@@ -258,13 +260,13 @@ class DraftModel:
         while len(out) < k:
             tok = self._feed(seq, [tok])
             out.append(tok)
-        dt = (time.monotonic() - t0) / k
-        self.cost_per_token = dt if not self.cost_per_token else \
-            self.cost_per_token + 0.2 * (dt - self.cost_per_token)
         return out
 
     def _feed(self, seq: int, tokens: list[int]) -> int:
-        """Decode `tokens` after what `seq` holds; the greedy next token."""
+        """Decode `tokens` after what `seq` holds; the greedy next token. The time of a
+        one-token decode is what a drafted token costs (catching up on accepted text is
+        part of a check's cost, and the prompt's only once)."""
+        t0 = time.monotonic()
         fed, b = self._fed[seq], self._batch
         for start in range(0, len(tokens), self._n_batch):
             part = tokens[start:start + self._n_batch]
@@ -281,7 +283,12 @@ class DraftModel:
             fed.extend(part)
         logits = np.ctypeslib.as_array(L.llama_get_logits_ith(self.ctx, -1),
                                        shape=(self.n_vocab,))
-        return int(logits.argmax())
+        tok = int(logits.argmax())
+        if len(tokens) == 1:
+            dt = time.monotonic() - t0
+            self.cost_per_token = dt if not self.cost_per_token else \
+                self.cost_per_token + 0.2 * (dt - self.cost_per_token)
+        return tok
 
     def forget(self, seq: int) -> None:
         if self._fed.pop(seq, None):
@@ -349,6 +356,7 @@ class Speculator:
         self.key = ""              # the source of the pending draft
         self.shadow: tuple[str, int] | None = None  # an n-gram guess not drafted
         self.off_steps = 0
+        self.probe_every = _PROBE_FIRST
 
     def _acc(self, key: str) -> Acceptance:
         a = self.acceptance.get(key)
@@ -381,9 +389,13 @@ class Speculator:
             a = self._acc("model").rate
             k = best_length(a, costs, room, base_tokens, base_expected,
                             self.draft.cost_per_token)
-            self.off_steps = 0 if k else self.off_steps + 1
-            if not k and self.off_steps >= _PROBE_EVERY:  # look again now and then
-                k, self.off_steps = 1, 0
+            if k:
+                self.off_steps, self.probe_every = 0, _PROBE_FIRST
+            else:
+                self.off_steps += 1
+                if self.off_steps >= self.probe_every:  # look again now and then
+                    k, self.off_steps = 1, 0
+                    self.probe_every = min(2 * self.probe_every, _PROBE_MOST)
             rate = expected_tokens(a, k) / (costs(base_tokens + k) +
                                             k * self.draft.cost_per_token)
             if k and (best is None or rate > best[0]):
@@ -419,6 +431,3 @@ class Speculator:
     def used(self) -> str:
         return "+".join(self.sources)
 
-    def close(self) -> None:
-        if self.draft is not None:
-            self.draft.forget(self.seq)
