@@ -222,6 +222,9 @@ def test_split_across_three_workers_is_greedy_identical(cluster, reference):
     assert held[0] == 0 and sum(held) == 30 and all(h > 0 for h in held[1:])
     assert plan.shares[-1].output and m.n_gpu_layers == 31
     assert workbench.generate(PROMPT, max_tokens=40, temperature=0).text == reference
+    # speculative decoding across the split: drafts are checked through the nodes
+    spec = workbench.generate(PROMPT, max_tokens=40, temperature=0, speculative="ngram")
+    assert spec.metrics.speculative == "ngram" and spec.text
     pages = [P.status(e) for e in endpoints]
     assert all(len(p["clients"]) == 1 for p in pages)  # each node serves the engine
     text = repr(cluster.status())

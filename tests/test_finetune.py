@@ -261,6 +261,9 @@ def test_a_run_trains_checkpoints_and_exports_a_lora_llama_cpp_loads(trained, de
     assert info.info.lora == str(result.adapter)
     after = workbench.chat(q, system=SYSTEM, temperature=0, max_tokens=24).text
     assert after != before
+    # speculative decoding checks drafts with the adapter applied: it runs, and drafts
+    spec = workbench.chat(q, system=SYSTEM, temperature=0, max_tokens=24, speculative="ngram")
+    assert spec.metrics.speculative == "ngram" and spec.text.split()[:3] == after.split()[:3]
     # merged into a full model, it loads without --lora and says the same
     merged = workbench.merge_lora(None, result.adapter, out=tmp / "merged.F16.gguf",
                                   progress=False)

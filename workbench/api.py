@@ -461,7 +461,8 @@ def metrics(all_sessions: bool = False) -> MetricsTable:
 
 
 def dashboard() -> Dashboard:
-    """The live dashboard widget of this engine: throughput, TTFT and worker memory."""
+    """The live dashboard widget of this engine: throughput, TTFT, worker memory, the
+    prefix cache and speculative decoding."""
     from .dashboards import Dashboard
 
     return Dashboard.for_engine(engine())

@@ -68,9 +68,9 @@ class LoadConfig:
     rpc_servers: tuple[str, ...] = setting((), "RPC nodes (HOST:PORT) holding layers, in "
                                            "tensor_split's order after local GPUs", flag=False)
     lora: str | None = setting(None, "a GGUF LoRA adapter to apply (what %finetune writes)")
-    draft: str = setting("auto", "speculative decoding: auto (n-gram lookup where the text "
-                         "repeats, adaptive), ngram, off, a draft model's GGUF path (same "
-                         "vocabulary, smaller), or pruned:K (this model less K layers)")
+    draft: str = setting("off", "speculative decoding: auto or ngram (n-gram lookup where "
+                         "the text repeats, adaptive), a draft model's GGUF path (same "
+                         "vocabulary, smaller) or pruned:K (this model less K layers), or off")
     lora_scale: float = setting(1.0, "strength of the LoRA adapter (1 = as trained)",
                                 lo=-100.0, hi=100.0)
     gpu_mem_mib: int | None = setting(None, "most memory the planner may use on each GPU, MiB "
@@ -177,8 +177,8 @@ class GenerationConfig:
         "'{\"type\": \"object\"}' for any object): a grammar decides every token",
         flag=False)
     speculative: str = setting(
-        "auto", "speculative decoding for this request: auto (as the model was loaded), "
-        "ngram, model (its draft model), or off; the output is the same either way")
+        "auto", "speculative decoding for this request: auto (as the model was loaded with "
+        "--draft), ngram, model (its draft model), or off")
 
     def validate(self) -> "GenerationConfig":
         _check_bounds(self, GenerationError)

@@ -191,8 +191,8 @@ class Session:
         info = self.engine.load(path, config, on_progress=bar)
         bar.close(f"{info.load_seconds:.1f} s")
         if info.draft_error:
-            raise DraftError(f"{info.name} is loaded and works, without speculation from the "
-                             f"draft model: {info.draft_error}", info.draft_hint)
+            raise DraftError(f"{info.name} is loaded and works, with n-gram lookup but "
+                             f"without the draft model: {info.draft_error}", info.draft_hint)
         return LoadedModel(info, placement)
 
     def leave_cluster(self) -> None:

@@ -195,6 +195,9 @@ class DraftModel:
         self.n_params = header.n_params
         self.file_bytes = header.file_size
         self.cost_per_token = 0.0  # seconds per drafted token, measured
+        # until measured, a drafted token is priced as a decode of the model scaled by the
+        # files' sizes (decoding one token reads every weight once)
+        self.size_ratio = header.file_size / info.file_bytes
         self._fed: dict[int, list[int]] = {}
         self._batch = L.llama_batch_init(cparams.n_batch, 0, 1)
         self._n_batch = cparams.n_batch
@@ -387,8 +390,8 @@ class Speculator:
                     self.shadow = (key, guess[0])
         if self.draft is not None:
             a = self._acc("model").rate
-            k = best_length(a, costs, room, base_tokens, base_expected,
-                            self.draft.cost_per_token)
+            draft_cost = self.draft.cost_per_token or costs(1) * self.draft.size_ratio
+            k = best_length(a, costs, room, base_tokens, base_expected, draft_cost)
             if k:
                 self.off_steps, self.probe_every = 0, _PROBE_FIRST
             else:
@@ -396,8 +399,7 @@ class Speculator:
                 if self.off_steps >= self.probe_every:  # look again now and then
                     k, self.off_steps = 1, 0
                     self.probe_every = min(2 * self.probe_every, _PROBE_MOST)
-            rate = expected_tokens(a, k) / (costs(base_tokens + k) +
-                                            k * self.draft.cost_per_token)
+            rate = expected_tokens(a, k) / (costs(base_tokens + k) + k * draft_cost)
             if k and (best is None or rate > best[0]):
                 best = (rate, "model", self.draft.propose(self.seq, self.history, k))
         if best is None:
