@@ -215,6 +215,31 @@ def test_deploy_with_the_kv_cache_off(tmp_path):
     assert "Traceback" not in r.stderr and not (tmp_path / "bad").exists()
 
 
+def test_a_service_with_speculative_decoding(tmp_path):
+    """--draft ngram: the batch checks n-gram drafts, /metrics counts them."""
+    out = tmp_path / "spec"
+    r = _deploy(out, "--draft", "ngram", "--n-parallel", "2", "--n-ctx-per-request", "1024")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "service.json").read_text())["load"]["draft"] == "ngram"
+    s = Service(out)
+    try:
+        words = "red, green, blue, cyan, magenta, yellow, black, white, orange, purple"
+        reply = s.client().chat.completions.create(
+            model="default", temperature=0, max_tokens=80,
+            messages=[{"role": "user", "content": f"Repeat this list three times: {words}"}])
+        assert reply.choices[0].message.content
+        text = urllib.request.urlopen(f"{s.base}/metrics", timeout=10).read().decode()
+        counts = dict(re.findall(r"^(workbench_draft_\S+) (\d+)$", text, re.M))
+        assert int(counts["workbench_draft_tokens_total"]) > 0
+        assert 0 < int(counts["workbench_draft_accepted_tokens_total"]) <= \
+            int(counts["workbench_draft_tokens_total"])
+    finally:
+        s.stop()
+    r = _deploy(tmp_path / "bad", "--draft", "small.gguf")
+    assert r.returncode == 1 and "draft must be off, ngram or auto" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "bad").exists()
+
+
 def test_deploy_for_a_saved_profile(tmp_path):
     profile = workbench.profile_device(measure=False, save=tmp_path / "target.json")
     data = json.loads((tmp_path / "target.json").read_text())

@@ -50,8 +50,8 @@ def spec_model(default_model):
 def test_greedy_output_is_identical_with_drafts(spec_model, mode):
     drafted = accepted = 0
     for prompt in PROMPTS:
-        plain = workbench.chat(prompt, temperature=0, max_tokens=96, speculative="off")
-        spec = workbench.chat(prompt, temperature=0, max_tokens=96, speculative=mode)
+        plain = workbench.chat(prompt, temperature=0, max_tokens=64, speculative="off")
+        spec = workbench.chat(prompt, temperature=0, max_tokens=64, speculative=mode)
         assert spec.text == plain.text, prompt[:40]
         assert plain.metrics.draft_tokens == 0
         assert spec.metrics.generated_tokens == plain.metrics.generated_tokens

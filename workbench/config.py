@@ -132,6 +132,8 @@ class DeployConfig:
     kv_disk_mib: int | None = setting(
         None, "disk budget of the service's prefix cache, MiB (default: 4 times the RAM "
         "budget, at least 1024, at most a tenth of the free disk; 0: RAM only)", lo=0)
+    draft: str = setting("off", "the service's speculative decoding: ngram or auto (n-gram "
+                         "lookup, adaptive, within the batch) or off")
     check: str | None = setting(None, "start the service in this folder, run a smoke test, "
                                 "stop it")
 

@@ -124,12 +124,13 @@ class Request:
     kv_cache: str = "on"          # the service's prefix cache: on or off
     kv_ram_mib: int | None = None   # its budgets; None: chosen by `kv_budget`
     kv_disk_mib: int | None = None
+    draft: str = "off"            # speculative decoding: off, ngram or auto
 
 
 def check_arguments(*, device: str, quantization: str, output: str | os.PathLike,
                     force: bool, n_parallel: int | None, n_ctx_per_request: int | None,
                     kv_cache: str = "on", kv_ram_mib: int | None = None,
-                    kv_disk_mib: int | None = None) -> Request:
+                    kv_disk_mib: int | None = None, draft: str = "off") -> Request:
     quant = quant_type(quantization)
     if not 1 <= (n_parallel or 1) <= 256:
         raise WorkbenchError(f"n_parallel must be between 1 and 256 (got {n_parallel})",
@@ -140,6 +141,10 @@ def check_arguments(*, device: str, quantization: str, output: str | os.PathLike
     if kv_cache not in ("on", "off"):
         raise WorkbenchError(f"kv_cache must be on or off (got {kv_cache!r})",
                              "Use --kv-cache on or --kv-cache off.")
+    if draft not in ("off", "ngram", "auto"):
+        raise WorkbenchError(f"a service's draft must be off, ngram or auto (got {draft!r})",
+                             "A draft model is not packed into a service folder; use "
+                             "--draft ngram (n-gram lookup needs no file).")
     for name, value in (("kv_ram_mib", kv_ram_mib), ("kv_disk_mib", kv_disk_mib)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                   or value < 0):
@@ -162,7 +167,7 @@ def check_arguments(*, device: str, quantization: str, output: str | os.PathLike
 
     check_writable(out.parent, "Choose another --output.", create=True)
     return Request(quantization, quant, device, target, settings, out, n_parallel,
-                   n_ctx_per_request, kv_cache, kv_ram_mib, kv_disk_mib)
+                   n_ctx_per_request, kv_cache, kv_ram_mib, kv_disk_mib, draft)
 
 
 def deploy(model: Path, r: Request, *, port: int, host: str, quantize: Callable[..., Any],
@@ -190,6 +195,8 @@ def deploy(model: Path, r: Request, *, port: int, host: str, quantize: Callable[
         kv, reasons["kv_cache"] = kv_budget(
             placement, r, disk_free=shutil.disk_usage(output.parent).free)
         load.update(kv)
+        if r.draft != "off":
+            load["draft"] = r.draft
         config = {
             "version": 1,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -48,6 +48,7 @@ STEP_LIMIT = 32
 SOURCES = ("ngram", "model")
 MODES = ("off", "ngram", "auto")  # the load-time settings that load no draft model
 _PRIOR_SLOPE = 0.5       # before any measurement: each extra token costs half a decode
+_HOPEFUL = 0.9          # the acceptance a draft model must pay at to be tried at all
 _GAIN = 1.03             # a longer draft must promise 3% more tokens per second
 _PROBE_FIRST, _PROBE_MOST = 16, 256  # steps between probes of a draft model left off,
 # doubling after each probe that does not turn it back on
@@ -388,9 +389,16 @@ class Speculator:
                     best = (expected_tokens(a, k) / costs(base_tokens + k), key, guess[:k])
                 else:
                     self.shadow = (key, guess[0])
+        draft_cost = 0.0
         if self.draft is not None:
-            a = self._acc("model").rate
             draft_cost = self.draft.cost_per_token or costs(1) * self.draft.size_ratio
+        # Beside n-gram lookup (auto), a draft model is tried only where it could pay if it
+        # were nearly always right: where drafting and checking cost more than decoding (a
+        # CPU, a draft not much smaller) it is never run, not even to catch up on the
+        # prompt. Asked for alone, it runs, with its length sized as for any source.
+        if self.draft is not None and (self.lookup is None or best_length(
+                _HOPEFUL, costs, room, base_tokens, base_expected, draft_cost)):
+            a = self._acc("model").rate
             k = best_length(a, costs, room, base_tokens, base_expected, draft_cost)
             if k:
                 self.off_steps, self.probe_every = 0, _PROBE_FIRST
