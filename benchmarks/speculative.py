@@ -23,6 +23,11 @@ batches, by kind of prompt, against plain decoding and against llama.cpp's own.
 
     python benchmarks/speculative.py [--quick] [--threads N] [--prune K] [--modes ...]
                                      [--native ...] [--categories ...]
+                                     [--model PATH] [--gpu [--bin DIR]]
+
+--gpu (a CUDA build, see benchmarks/gpu/speculative.sh): the engine loads with every layer
+on the GPU (n_gpu_layers=-1), llama.cpp's programs run from DIR (default
+$LLAMA_CPP_LIB_PATH) with -ngl 99, and the results go to speculative_gpu.json.
 """
 
 from __future__ import annotations
@@ -58,6 +63,19 @@ NATIVE: dict[str, tuple[str, tuple[str, ...]]] = {
     "draft": ("llama-speculative-simple", ("--spec-type", "draft-simple", "-md", "{draft}",
                                            "-td", "{t}")),
 }
+
+# --gpu: llama.cpp's programs come from a CUDA build's folder, every layer on the GPU
+GPU_BIN: Path | None = None
+NGL: tuple[str, ...] = ()
+
+
+def _program(name: str, example: bool) -> Path:
+    """llama.cpp's program `name`: from GPU_BIN with --gpu, else built here once."""
+    if GPU_BIN is not None:
+        if not (GPU_BIN / name).exists():
+            raise SystemExit(f"--gpu: {GPU_BIN / name} not found (build it with CUDA first)")
+        return GPU_BIN / name
+    return _native.build_example(name) if example else _native.build_tool(name)
 
 
 # ---- prompts ---------------------------------------------------------------------------
@@ -123,10 +141,12 @@ def native_run(name: str, model: Path, prompt_file: Path, *, threads: int, draft
                max_tokens: int) -> Run:
     """One llama.cpp speculative generation of the rendered prompt in `prompt_file`."""
     program, flags = NATIVE[name]
-    exe = _native.build_example(program)
+    exe = _program(program, example=True)
     args = [a.format(draft=draft, t=threads) for a in flags]
+    if NGL and "-md" in args:  # the draft model on the GPU too
+        args += ["-ngld", NGL[1]]
     cmd = [str(exe), "-m", str(model), "-f", str(prompt_file), "-n", str(max_tokens),
-           "--temp", "0", "-t", str(threads), "-c", str(N_CTX), *KV_FLAGS, *args]
+           "--temp", "0", "-t", str(threads), "-c", str(N_CTX), *KV_FLAGS, *NGL, *args]
     r = subprocess.run(cmd, capture_output=True, text=True)
     m = _DECODED.search(r.stderr)
     if r.returncode != 0 or m is None:
@@ -145,20 +165,21 @@ def native_run(name: str, model: Path, prompt_file: Path, *, threads: int, draft
 
 def llama_bench_tg(model: Path, depth: int, threads: int, reps: int = 3) -> float:
     """llama-bench's tg128 tokens/s with `depth` tokens already in the context."""
-    exe = _native.build_tool("llama-bench")
+    exe = _program("llama-bench", example=False)
     out = subprocess.run([str(exe), "-m", str(model), "-p", "0", "-n", "128", "-d",
                           str(depth), "-t", str(threads), "-r", str(reps), "-o", "json",
-                          *KV_FLAGS],
+                          *KV_FLAGS, *NGL],
                          capture_output=True, text=True, check=True).stdout
     return float(json.loads(out)[0]["avg_ts"])
 
 
 # ---- the workbench ---------------------------------------------------------------------
 
-def load_engine(threads: int, prune: int, modes: list[str]) -> None:
+def load_engine(threads: int, prune: int, modes: list[str], model: str | None = None,
+                gpu: bool = False) -> None:
     import workbench
 
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"n_gpu_layers": -1} if gpu else {}
     if {"model", "auto"} & set(modes):  # the draft's API; the only call to adjust here
         kwargs["draft"] = f"pruned:{prune}"
     # The prefix cache off: a restored prompt computes its last token alone, which can
@@ -166,7 +187,7 @@ def load_engine(threads: int, prune: int, modes: list[str]) -> None:
     # attention computes a lone token past 256 cells differently from a batch (a split-KV
     # reduction), so identity could not be asked of any speculative decoder; llama.cpp
     # runs with the same cache types.
-    workbench.load_model(None, progress=False, threads=threads, n_ctx=N_CTX,
+    workbench.load_model(model, progress=False, threads=threads, n_ctx=N_CTX,
                          kv_cache="off", flash_attn="on", type_v="q8_0", **kwargs)
     workbench.chat("warm up", max_tokens=4, temperature=0)
 
@@ -273,6 +294,8 @@ def paired(cat: Category, a: str, b: str) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--reps", type=int, default=0,
+                    help="repetitions of each prompt (default: 1 with --quick, else 2)")
     ap.add_argument("--quick", action="store_true",
                     help="3 prompts per category, 1 repetition (8 prompts, 2 without)")
     ap.add_argument("--threads", type=int, default=2)
@@ -286,6 +309,14 @@ def main() -> None:
                          "'' for none")
     ap.add_argument("--categories", default=",".join(CATEGORIES))
     ap.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
+    ap.add_argument("--model", default=None, metavar="PATH",
+                    help="GGUF file to measure (default: the default model)")
+    ap.add_argument("--model-note", default=None,
+                    help="how the --model file was made (recorded with its sha256)")
+    ap.add_argument("--gpu", action="store_true",
+                    help="every layer on the GPU (a CUDA build); writes speculative_gpu.json")
+    ap.add_argument("--bin", default=None, metavar="DIR",
+                    help="with --gpu: the CUDA build's programs (default: $LLAMA_CPP_LIB_PATH)")
     args = ap.parse_args()
     split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     modes, native, cats = split(args.modes), split(args.native), split(args.categories)
@@ -294,22 +325,29 @@ def main() -> None:
         if bad := set(got) - set(allowed):
             ap.error(f"unknown {name} {', '.join(sorted(bad))}: choose from {', '.join(allowed)}")
     n_prompts, reps = (3, 1) if args.quick else (8, 2)
+    reps = args.reps or reps
 
     import workbench
     from workbench.api import resolve_model
 
-    model = resolve_model(None)
+    global GPU_BIN, NGL
+    if args.gpu:
+        import os
+
+        GPU_BIN = Path(args.bin or os.environ.get("LLAMA_CPP_LIB_PATH") or "/tmp/llama-build/bin")
+        NGL = ("-ngl", "99")
+    model = resolve_model(args.model)
     scratch = _provenance.scratch("spec-bench-")
     machine = _provenance.machine()
     draft: Path | None = None
     if "draft" in native:  # the same pruned copy the engine drafts with
-        draft = workbench.prune(None, layers=args.prune, out=scratch / "draft.gguf",
+        draft = workbench.prune(args.model, layers=args.prune, out=scratch / "draft.gguf",
                                 progress=False).path
     msgs = messages()
     lanes = modes + [f"llama.cpp:{n}" for n in native]
     base = "off" if "off" in modes else None
     if modes:
-        load_engine(args.threads, args.prune, modes)
+        load_engine(args.threads, args.prune, modes, args.model, args.gpu)
     results: dict[str, Any] = {}
     cat_runs: dict[str, Category] = {}
     turn = 0
@@ -333,10 +371,12 @@ def main() -> None:
         workbench.unload()
 
     keys = result_keys(cat_runs, results, modes, native)
-    _provenance.write("speculative", {
+    _provenance.write("speculative_gpu" if args.gpu else "speculative", {
         "machine": machine,
+        **({"gpu": _gpu_info()} if args.gpu else {}),
         "llama_cpp": _llama_cpp_version(),
-        "model": {"path": str(model), "sha256": _provenance.sha256(model)},
+        "model": {"path": str(model), "sha256": _provenance.sha256(model),
+                  **({"made": args.model_note} if args.model_note else {})},
         "draft": {"prune_layers": args.prune,
                   "sha256": _provenance.sha256(draft) if draft else None},
         "params": {"threads": args.threads, "max_tokens": args.max_tokens, "n_ctx": N_CTX,
@@ -344,7 +384,7 @@ def main() -> None:
                    "stops_at_end_of_turn": True, "modes": modes,
                    "native": {n: {"program": NATIVE[n][0],
                                   "flags": ["-n", str(args.max_tokens), "--temp", "0", "-t",
-                                            str(args.threads), "-c", str(N_CTX),
+                                            str(args.threads), "-c", str(N_CTX), *NGL,
                                             *NATIVE[n][1]]}
                               for n in native},
                    "measure": "decode tokens/s after the first token; per-category ratios "
@@ -402,7 +442,17 @@ def _llama_cpp_version() -> dict[str, Any]:
     import llama_cpp
 
     src = _native.CACHE / f"llama.cpp-{llama_cpp.__version__}" / "src"
+    if GPU_BIN is not None:  # the CUDA build of the same vendored source
+        return {"llama_cpp_python": llama_cpp.__version__, "cuda_build": str(GPU_BIN)}
     return {"llama_cpp_python": llama_cpp.__version__, "vendored_source": str(src)}
+
+
+def _gpu_info() -> dict[str, Any]:
+    """The GPU (--gpu): nvidia-smi's name, memory and driver; where the layers went."""
+    r = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
+                        "--format=csv,noheader"], capture_output=True, text=True)
+    return {"nvidia_smi": r.stdout.strip() or r.stderr.strip()[-200:],
+            "n_gpu_layers": -1, "llama_cpp_flags": list(NGL)}
 
 
 if __name__ == "__main__":
