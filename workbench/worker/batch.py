@@ -233,7 +233,11 @@ class Batch:
             if s.spec is not None:
                 room = min(STEP_LIMIT - n_tokens, self.capacity - n_tokens,
                            self.n_ctx_seq - s.n_fed - 1, s.g.max_tokens - s.n_gen - 1)
-                s.drafts = s.spec.plan(s.sampled, room, n_tokens, expected)
+                try:
+                    s.drafts = s.spec.plan(s.sampled, room, n_tokens, expected)
+                except Exception:  # a draft model that fails: this request goes on without
+                    traceback.print_exc()
+                    s.spec.draft = None
                 if s.drafts:
                     n_tokens += len(s.drafts)
                     expected += s.spec.expected - 1
