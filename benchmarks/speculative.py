@@ -385,7 +385,7 @@ def main() -> None:
                    "native": {n: {"program": NATIVE[n][0],
                                   "flags": ["-n", str(args.max_tokens), "--temp", "0", "-t",
                                             str(args.threads), "-c", str(N_CTX), *NGL,
-                                            *NATIVE[n][1]]}
+                                            *KV_FLAGS, *NATIVE[n][1]]}
                               for n in native},
                    "measure": "decode tokens/s after the first token; per-category ratios "
                               "are the median over prompts of back-to-back pairs",

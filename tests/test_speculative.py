@@ -37,13 +37,18 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture()
 def spec_model(default_model):
     """The default model with a pruned self-draft (the model less 6 of its 30 layers),
-    the prefix cache off, 4096 tokens of context."""
-    m = workbench.load_model(progress=False, n_ctx=4096, draft="pruned:6", **SAME)
-    yield m
-    workbench.load_model(progress=False, n_ctx=2048)
+    4096 tokens of context, loaded as SAME says (reused while the engine holds it)."""
+    from workbench.results import LoadedModel
+
+    e = workbench.engine()
+    info = e.model if e.alive else None
+    if not (info is not None and info.draft.endswith("less6.gguf") and info.n_ctx == 4096
+            and info.type_v == "q8_0" and info.n_parallel == 1):
+        return workbench.load_model(progress=False, n_ctx=4096, draft="pruned:6", **SAME)
+    return LoadedModel(info)
 
 
 @pytest.mark.parametrize("mode", ["ngram", "model", "auto"])
@@ -142,39 +147,41 @@ def _chi2_same(a: collections.Counter, b: collections.Counter) -> float:
 
 
 def test_sampled_output_keeps_the_models_distribution(default_model):
-    """Unseeded draws at temperature 1.2 on a prompt whose text repeats (so drafts are
-    made, and often rejected): the distribution of the tokens at each of the first
-    positions is the same with drafts as without (chi-square, per position)."""
-    workbench.load_model(progress=False, n_ctx=2048, n_parallel=8, **SAME)
+    """Unseeded draws at temperature 1 on a prompt whose text repeats, so drafts are made
+    and some rejected: at each position, the distribution of tokens is the same with
+    drafts as without (a chi-square test per position)."""
+    workbench.load_model(progress=False, n_ctx=2048, **SAME)
     try:
-        prompt = "a b c a b c a b c a b c a b c a b c a b"
-        n = 240
-        kw = dict(temperature=1.2, top_k=0, top_p=1.0, min_p=0.0, max_tokens=6,
+        prompt = "1 2 3 4 5 1 2 3 4 5 1 2 3 4 5 1 2 3 4 5 1 2"
+        n = 160
+        kw = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, max_tokens=16,
                   ignore_eos=True)
         plain = workbench.generate_many([prompt] * n, speculative="off", **kw)
         spec = workbench.generate_many([prompt] * n, speculative="ngram", **kw)
         drafted = sum(c.metrics.draft_tokens for c in spec)
         accepted = sum(c.metrics.accepted_tokens for c in spec)
-        assert drafted > 100 and 0 < accepted < drafted  # drafts were made and rejected
+        assert drafted > 150 and 0 < accepted < drafted  # drafts were made and rejected
         p_values = []
-        for pos in range(4):
-            a = collections.Counter(tuple(c.token_ids[:pos + 1]) for c in plain)
-            b = collections.Counter(tuple(c.token_ids[:pos + 1]) for c in spec)
+        for pos in range(1, 16):
+            a = collections.Counter(c.token_ids[pos] for c in plain)
+            b = collections.Counter(c.token_ids[pos] for c in spec)
             p_values.append(_chi2_same(a, b))
-        # four tests: a family-wise error of 0.4% with this threshold
+        # fifteen tests at 0.001: a family-wise error of 1.5% at most
         assert min(p_values) > 0.001, p_values
-        # and the samples are not all the same text: a test with power
-        assert len({c.text for c in plain}) > 10
+        # and the draws vary: a test with power
+        assert len({c.text for c in plain}) > 40
     finally:
         workbench.load_model(progress=False, n_ctx=2048)
 
 
-def test_the_controller_stops_drafting_where_drafts_fail(spec_model):
-    """Free text gives n-gram lookup little to go on: what is drafted is mostly kept
-    small, so checking it costs next to nothing."""
-    c = workbench.chat("Write a poem about the sea in eight lines.", temperature=0,
-                       max_tokens=160, speculative="ngram")
-    assert c.metrics.draft_tokens < c.metrics.generated_tokens / 2
+def test_the_controller_wastes_few_drafts(spec_model):
+    """Free text: the controller drafts where the text repeats and holds back where it
+    does not, so few drafted tokens are checked in vain."""
+    for prompt in ("Write a poem about the sea in eight lines.",
+                   "What is 12 times 34? Explain."):
+        m = workbench.chat(prompt, temperature=0, max_tokens=160,
+                           speculative="ngram").metrics
+        assert m.draft_tokens - m.accepted_tokens < m.generated_tokens / 4, m
 
 
 def test_metrics_and_streamed_counts(spec_model):
@@ -264,7 +271,6 @@ def test_a_draft_that_does_not_fit(spec_model, default_model):
         workbench.load_model(progress=False, n_ctx=512, ram_mib=160, draft="pruned:6")
     assert "--ram-mib 160" in e.value.message and "ngram" in e.value.hint
     _still_works(spec_model.name)
-    workbench.load_model(progress=False, n_ctx=4096, draft="pruned:6", **SAME)
 
 
 def test_the_chi_square_p_value():
