@@ -185,8 +185,8 @@ def test_the_controller_wastes_few_drafts(spec_model):
 
 
 def test_metrics_and_streamed_counts(spec_model):
-    s = workbench.chat(PROMPTS[0], temperature=0, max_tokens=96, speculative="ngram",
-                       stream=True)
+    s = workbench.generate("1 2 3 4 5 1 2 3 4 5 1 2 3 4 5 1 2", temperature=0,
+                           max_tokens=64, speculative="ngram", stream=True)
     counts = []
     for _ in s:
         counts.append((s.drafted, s.accepted))
@@ -268,8 +268,9 @@ def test_a_draft_that_does_not_fit(spec_model, default_model):
     from workbench.drafts import DraftError
 
     with pytest.raises(DraftError, match="more than the") as e:
-        workbench.load_model(progress=False, n_ctx=512, ram_mib=160, draft="pruned:6")
-    assert "--ram-mib 160" in e.value.message and "ngram" in e.value.hint
+        workbench.load_model(progress=False, n_ctx=8192, ram_mib=450, type_k="f16",
+                             type_v="f16", draft="pruned:6")
+    assert "--ram-mib 450" in e.value.message and "ngram" in e.value.hint
     _still_works(spec_model.name)
 
 

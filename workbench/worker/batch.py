@@ -36,8 +36,10 @@ from ..errors import GenerationError, PromptTooLong
 from .sampling import Guided, token_logprobs
 from .speculative import STEP_LIMIT, Speculator
 
+from .result import RunResult
+
 if TYPE_CHECKING:
-    from .runtime import RunResult, Runtime
+    from .runtime import Runtime
 
 
 class Sequence:
@@ -134,9 +136,7 @@ class Sequence:
         self.emit(text, tok, self.n_gen, now)
         self.n_gen += 1
 
-    def result(self) -> "RunResult":
-        from .runtime import RunResult
-
+    def result(self) -> RunResult:
         if self._pending:
             self._out.append(self._pending)
             self.emit(self._pending, -1, self.n_gen, time.monotonic())
@@ -369,7 +369,7 @@ class Batch:
 def run_one(rt: "Runtime", tokens: list[int], g: GenerationConfig, t_received: float,
             emit: Callable[[str, int, int, float], None],
             cancelled: Callable[[], bool],
-            drafts: Callable[[int, int], None] | None = None) -> "RunResult":
+            drafts: Callable[[int, int], None] | None = None) -> RunResult:
     """One request decoded alone, with speculation: a batch of one sequence (id 0), whose
     cells stay in the context for the prefix cache (`Runtime.offer_last`)."""
     batch = Batch(rt)

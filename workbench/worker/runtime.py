@@ -10,7 +10,6 @@ from __future__ import annotations
 import codecs
 import ctypes
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -22,76 +21,13 @@ from ..errors import GenerationError, ModelFileError, PromptTooLong, WorkbenchEr
 from ..models.gguf_file import read_header
 from ..engine.protocol import Buffer, ModelInfo
 from .log import Log
+from .params import context_params, model_params
+from .result import RunResult
 from .sampling import Guided, recording
 from .template import render_chat
 from .threads import ThreadGovernor
 
-_FLASH_ATTN = {"auto": L.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED,
-               "off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED}
 _DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp: pick a random seed
-_GGML_TYPES = {"f16": L.GGML_TYPE_F16, "q8_0": L.GGML_TYPE_Q8_0, "q4_0": L.GGML_TYPE_Q4_0}
-
-
-def _model_params(cfg: LoadConfig):
-    mparams = L.llama_model_default_params()
-    mparams.n_gpu_layers = cfg.n_gpu_layers  # resolved by the planner
-    if cfg.tensor_split:
-        split = (ctypes.c_float * L.llama_max_devices())(*cfg.tensor_split)
-        mparams.tensor_split = ctypes.cast(split, ctypes.POINTER(ctypes.c_float))
-        mparams._keep_split = split  # C reads it during the load
-    if cfg.rpc_servers:
-        import faulthandler
-
-        # llama.cpp aborts this process when a node is lost: an expected end here, which
-        # the kernel explains; a Python stack dump of every thread would only add noise.
-        faulthandler.disable()
-        from .libs import DEV_GPU, DEV_IGPU, device_array, local_devices, rpc_devices
-
-        # Only the devices the plan names: local GPUs first when it uses them, then each
-        # node's, in tensor_split's order. Layers below n_gpu_layers stay on this CPU.
-        handles = [d.handle for d in local_devices() if d.kind in (DEV_GPU, DEV_IGPU)][:1] \
-            if cfg.device == "gpu" else []
-        # One device per node, its first: the plan sized one share per node, and an
-        # rpc-worker serves one device.
-        for endpoint in cfg.rpc_servers:
-            handles += rpc_devices(endpoint)[:1]
-        devices = device_array(handles)
-        mparams.devices = ctypes.cast(devices, ctypes.c_void_p)
-        mparams._keep_devices = devices
-    return mparams
-
-
-def _context_params(cfg: LoadConfig):
-    cparams = L.llama_context_default_params()
-    cparams.n_ctx = cfg.n_ctx
-    cparams.n_batch = cfg.n_batch
-    cparams.n_ubatch = min(cfg.n_ubatch, cfg.n_batch)
-    cparams.n_seq_max = cfg.n_parallel
-    cparams.n_threads = cfg.threads  # resolved by the planner
-    cparams.n_threads_batch = cfg.threads
-    cparams.flash_attn_type = _FLASH_ATTN[cfg.flash_attn]
-    cparams.type_k = _GGML_TYPES[cfg.type_k]
-    cparams.type_v = _GGML_TYPES[cfg.type_v]
-    cparams.no_perf = True
-    return cparams
-
-
-@dataclass
-class RunResult:
-    text: str
-    prompt_tokens: int
-    prompt_seconds: float
-    t_received: float
-    t_first: float
-    t_last: float
-    generated: int
-    finish_reason: str
-    cached_tokens: int = 0
-    cache_tier: str = ""
-    logprobs: tuple = ()  # TokenLogprob of each generated token, when asked for
-    draft_tokens: int = 0     # tokens drafted and checked (speculative decoding)
-    accepted_tokens: int = 0  # of which the target kept
-    speculative: str = ""     # the draft sources the request used ("" when none)
 
 
 class Runtime:
@@ -123,7 +59,7 @@ class Runtime:
         self.unload()
         header = read_header(path)  # a clear error before llama.cpp sees a bad file
         t0 = time.monotonic()
-        mparams = _model_params(cfg)
+        mparams = model_params(cfg)
 
         def on_progress(fraction: float, _user: object) -> bool:
             progress(fraction)
@@ -139,7 +75,7 @@ class Runtime:
                 "The file's header is valid, so llama.cpp may not support this architecture "
                 f"({header.architecture!r}) or quantization ({header.quantization}); "
                 "try a newer llama-cpp-python.")
-        cparams = _context_params(cfg)
+        cparams = context_params(cfg)
         ctx = L.llama_init_from_model(model, cparams)
         if not ctx:
             L.llama_model_free(model)
@@ -231,7 +167,7 @@ class Runtime:
         measures well: model and KV buffers report zero in a dry run, and the planner
         prices those from the file."""
         read_header(path)
-        mparams = _model_params(cfg)
+        mparams = model_params(cfg)
         mparams.no_alloc = True
         mparams.load_mode = L.LLAMA_LOAD_MODE_NONE  # a dry run maps nothing
         self.log.clear()
@@ -241,7 +177,7 @@ class Runtime:
                                  f"{self.log.last_error() or 'no reason given'}",
                                  "Check the file with workbench.inspect_model().")
         try:
-            ctx = L.llama_init_from_model(model, _context_params(cfg))
+            ctx = L.llama_init_from_model(model, context_params(cfg))
             if not ctx:
                 raise GenerationError(f"llama.cpp could not plan a context of {cfg.n_ctx:,} "
                                       f"tokens: {self.log.last_error() or 'no reason given'}",

@@ -36,6 +36,7 @@ import llama_cpp as L
 import numpy as np
 
 from ..errors import GenerationError, ModelFileError
+from .params import context_params, model_params
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -158,7 +159,6 @@ class DraftModel:
 
     def __init__(self, rt: "Runtime", path: str, n_gpu_layers: int) -> None:
         from ..models.gguf_file import read_header
-        from .runtime import _context_params, _model_params
 
         assert rt.info is not None and rt.model is not None
         info = rt.info
@@ -172,7 +172,7 @@ class DraftModel:
                 "the same vocabulary, or --draft pruned:K (the target less K layers).")
         self._check_memory(rt, header)
         cfg = rt.config
-        mparams = _model_params(type(cfg)(n_gpu_layers=n_gpu_layers))
+        mparams = model_params(type(cfg)(n_gpu_layers=n_gpu_layers))
         rt.log.clear()
         self.model = L.llama_model_load_from_file(self.path.encode(), mparams)
         if not self.model:
@@ -182,7 +182,7 @@ class DraftModel:
         self.ctx = None
         try:
             self._check_vocab(rt)
-            cparams = _context_params(cfg)
+            cparams = context_params(cfg)
             cparams.n_threads = cparams.n_threads_batch = rt.threads
             self.ctx = L.llama_init_from_model(self.model, cparams)
             if not self.ctx:
