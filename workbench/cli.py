@@ -123,6 +123,14 @@ def _deploy(args: argparse.Namespace) -> None:
         return
     if not args.output:
         raise WorkbenchError("--output is required", "For example: --output ./ai-service")
+    if args.update:
+        from .api import resolve_model
+        from .replicas.update import update
+
+        done = update(args.output, resolve_model(args.update), args.ray)
+        print(f"workbench: {done['replicas']} replicas serve {done['model']} (sha256 "
+              f"{done['sha256'][:12]}…) after {done['seconds']:.1f} s")
+        return
     from . import api
     from .config import build, given
 

@@ -134,6 +134,15 @@ class DeployConfig:
         "budget, at least 1024, at most a tenth of the free disk; 0: RAM only)", lo=0)
     draft: str = setting("off", "the service's speculative decoding: ngram or auto (n-gram "
                          "lookup, adaptive, within the batch) or off")
+    replicas: str | None = setting(None, "serve N replicas of the engine (or MIN-MAX, "
+                                   "autoscaled on queue depth) on Ray Serve behind one "
+                                   "endpoint")
+    ray: str | None = setting(None, "the Ray cluster's head, HOST:PORT (default: start Ray "
+                              "on this machine)")
+    router: str = setting("prefix", "how replicas are chosen: prefix (the replica holding "
+                          "the longest cached prefix, guarded by load) or default (Ray's)")
+    update: str | None = setting(None, "roll the running replicas of the service in "
+                                 "--output onto this model, dropping no request")
     check: str | None = setting(None, "start the service in this folder, run a smoke test, "
                                 "stop it")
 
@@ -144,7 +153,7 @@ class DeployConfig:
     def deploy_arguments(self) -> dict[str, Any]:
         """The keyword arguments of `workbench.deploy`."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name != "check"}
+                if f.name not in ("check", "update")}
 
 
 @dataclass(frozen=True)

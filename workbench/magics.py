@@ -348,6 +348,10 @@ class WorkbenchMagics(Magics):
         if not ns.output:
             raise WorkbenchError("%deploy: --output is required",
                                  "For example: %deploy --quantization int8 --output ai-service")
+        if ns.update:  # roll the service's running replicas onto another model
+            from .replicas.update import update
+
+            return update(ns.output, api.resolve_model(ns.update), ns.ray)
         return api.deploy(**build(DeployConfig, _settings(ns, DeployConfig)).deploy_arguments())
 
     @line_magic

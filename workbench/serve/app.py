@@ -128,7 +128,8 @@ class Service:
         return AsciiJSON({"status": "ok" if ok else "unavailable",
                              "model": self.s.model_name, "worker_pid": e.pid if ok else None,
                              "in_flight": self.admission.in_service,
-                             "queue_depth": self.admission.queued},
+                             "queue_depth": self.admission.queued,
+                             **getattr(e, "health_extra", dict)()},
                             status_code=200 if ok else 503)
 
     async def prometheus(self, request: Request) -> Response:
@@ -137,7 +138,8 @@ class Service:
             self.metrics.render(queue_depth=self.admission.queued,
                                 in_flight=self.admission.in_service,
                                 model=self.s.model_name,
-                                kv=stats.kv if stats is not None else None),
+                                kv=stats.kv if stats is not None else None,
+                                extra=getattr(self.engine, "prometheus_lines", list)()),
             media_type="text/plain; version=0.0.4")
 
     async def chat(self, request: Request) -> Response:

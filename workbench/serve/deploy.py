@@ -125,13 +125,18 @@ class Request:
     kv_ram_mib: int | None = None   # its budgets; None: chosen by `kv_budget`
     kv_disk_mib: int | None = None
     draft: str = "off"            # speculative decoding: off, ngram or auto
+    # replicas on Ray Serve (workbench/replicas): replicas, ray, router; {}: one engine
+    replicas: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def check_arguments(*, device: str, quantization: str, output: str | os.PathLike,
                     force: bool, n_parallel: int | None, n_ctx_per_request: int | None,
                     kv_cache: str = "on", kv_ram_mib: int | None = None,
-                    kv_disk_mib: int | None = None, draft: str = "off") -> Request:
+                    kv_disk_mib: int | None = None, draft: str = "off",
+                    replicas: str | None = None, ray: str | None = None,
+                    router: str = "prefix") -> Request:
     quant = quant_type(quantization)
+    scaled = _check_replicas(replicas, ray, router)
     if not 1 <= (n_parallel or 1) <= 256:
         raise WorkbenchError(f"n_parallel must be between 1 and 256 (got {n_parallel})",
                              "Use --n-parallel 8, for example.")
@@ -167,7 +172,19 @@ def check_arguments(*, device: str, quantization: str, output: str | os.PathLike
 
     check_writable(out.parent, "Choose another --output.", create=True)
     return Request(quantization, quant, device, target, settings, out, n_parallel,
-                   n_ctx_per_request, kv_cache, kv_ram_mib, kv_disk_mib, draft)
+                   n_ctx_per_request, kv_cache, kv_ram_mib, kv_disk_mib, draft, scaled)
+
+
+def _check_replicas(replicas: str | None, ray: str | None, router: str) -> dict[str, Any]:
+    from ..replicas.launch import check_router, parse_replicas
+
+    check_router(router)
+    if replicas is None:
+        if ray:
+            raise WorkbenchError("--ray needs --replicas",
+                                 "Add --replicas 2 (or MIN-MAX) to serve replicas on Ray.")
+        return {}
+    return {"replicas": str(parse_replicas(replicas)), "ray": ray or None, "router": router}
 
 
 def deploy(model: Path, r: Request, *, port: int, host: str, quantize: Callable[..., Any],
@@ -208,7 +225,7 @@ def deploy(model: Path, r: Request, *, port: int, host: str, quantize: Callable[
                        "request_timeout_s": 300, "max_body_bytes": 1 << 20,
                        "aliases": ["default"],
                        "default_max_tokens": min(512, load["n_ctx"] // load["n_parallel"]),
-                       "api_key_env": "WORKBENCH_API_KEY"},
+                       "api_key_env": "WORKBENCH_API_KEY", **r.replicas},
             "image": gpu_image() if on_gpu else {"device": "cpu"},
             "reasons": reasons,
             "versions": _versions(),

@@ -63,9 +63,9 @@ class ServiceMetrics:
             return sum(n for _, n in self._recent) / _RATE_WINDOW_S
 
     def render(self, *, queue_depth: int, in_flight: int, model: str,
-               kv: dict | None = None) -> str:
+               kv: dict | None = None, extra: list[str] | None = None) -> str:
         """`kv`: the prefix cache's occupancy and counts (`PrefixCache.occupancy()`), None
-        when the cache is off."""
+        when the cache is off. `extra`: more lines (the replicas' router, replicas/)."""
         tps = self.tokens_per_second()
         with self._lock:
             lines = [
@@ -118,7 +118,7 @@ class ServiceMetrics:
                       "# HELP workbench_model_info The model the service runs.",
                       "# TYPE workbench_model_info gauge",
                       f'workbench_model_info{{model="{model}"}} 1']
-        return "\n".join(lines + _kv_lines(kv)) + "\n"
+        return "\n".join(lines + _kv_lines(kv) + (extra or [])) + "\n"
 
 
 def _kv_lines(kv: dict | None) -> list[str]:

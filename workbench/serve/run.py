@@ -73,6 +73,10 @@ def serve(folder: str | os.PathLike, *, host: str | None = None, port: int | Non
 
     folder = Path(folder).expanduser().resolve()
     config, settings, host, port = settings_for(folder, host, port, api_key)
+    if config["server"].get("replicas"):  # replicas on Ray Serve behind this service
+        from ..replicas.service import serve_replicas
+
+        return serve_replicas(folder, config, settings, host, port, ready)
     import logging
 
     # the service's own log (a request's `user`, failures with their tracebacks) on stderr

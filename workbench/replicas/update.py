@@ -1,0 +1,80 @@
+"""`workbench deploy --update MODEL --output FOLDER`: roll the running replicas of a
+service onto a new model file.
+
+The file is copied into the folder (as model-<sha256>.gguf) and Ray Serve redeploys the
+replicas with it: it starts replicas of the new model, and stops each old one only once its
+requests have finished, so nothing in flight is dropped. Then service.json names the new
+file (a restart serves it) and the old file goes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import WorkbenchError
+from . import launch, service
+
+
+def update(folder: str | os.PathLike, model: str | os.PathLike,
+           ray: str | None = None) -> dict[str, Any]:
+    """Roll the running replicas of the service in `folder` onto `model`; returns what
+    happened, with the seconds until every replica served the new model."""
+    from ..models.gguf_file import read_header
+    from ..models.hashing import file_sha256
+    from ..serve.run import read_config
+
+    folder = Path(folder).expanduser().resolve()
+    config = read_config(folder)
+    server = config["server"]
+    if not server.get("replicas"):
+        raise WorkbenchError(f"{folder} is a service of one engine, not of replicas",
+                             "Deploy it with --replicas N to update it in place; a single "
+                             "engine is updated by deploying again and restarting it.")
+    src = Path(model).expanduser().resolve()
+    read_header(src)  # a damaged file fails here, before any replica is touched
+    sha = file_sha256(src)
+    name = f"model-{sha[:12]}.gguf"
+    if not (folder / name).exists():
+        tmp = folder / f".{name}.tmp"
+        _copy(src, tmp)
+        tmp.replace(folder / name)
+    launch.connect(ray or server.get("ray") or "auto")
+    running = _running()  # the new replicas run as many threads as the old ones
+    t0 = time.monotonic()
+    handle = launch.run(service.app(folder, config, name, sha, running[0]["info"].threads))
+    shas = {i["sha256"] for i in launch.replica_infos(handle)}
+    seconds = time.monotonic() - t0
+    if shas != {sha}:
+        raise WorkbenchError("the update finished but some replicas still serve the old model",
+                             "Run the update again.")
+    old = config["model"]["file"]
+    config["model"].update(file=name, sha256=sha)
+    tmp = folder / ".service.json.tmp"
+    tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(folder / "service.json")
+    if old != name and old.startswith("model-") and (folder / old).exists():
+        (folder / old).unlink()
+    return {"model": str(src), "sha256": sha, "replicas": server["replicas"],
+            "seconds": round(seconds, 2)}
+
+
+def _copy(src: Path, dst: Path) -> None:
+    import shutil
+
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _running() -> list[dict[str, Any]]:
+    from ray import serve
+
+    if launch.APP not in serve.status().applications:
+        raise WorkbenchError("no replicated service is running on this Ray cluster",
+                             "Start it with `workbench serve FOLDER` first.")
+    return launch.replica_infos(serve.get_deployment_handle(launch.DEPLOYMENT, launch.APP))
