@@ -176,6 +176,12 @@ def test_requests_follow_their_prefix(replicated):
     per = _metric(m, "workbench_replica_requests_total")
     assert len(per) == 2 and sum(per.values()) >= 6, per  # both replicas served
     assert float(_metric(m, "workbench_router_prefix_hit_rate")[""]) > 0.5
+    from workbench.dashboards.replicas import ReplicaMonitor
+
+    reading = ReplicaMonitor(base).sample()  # the notebook's live view, one reading
+    assert len(reading["replicas"]) == 2
+    assert all(r["requests"] >= 1 and r["hit"] > 0.3 and r["ttft"] > 0
+               for r in reading["replicas"].values()), reading
 
 
 def test_a_replica_killed_mid_stream_is_retried_with_identical_output(replicated):

@@ -63,8 +63,8 @@ def test_greedy_output_is_identical_with_drafts(spec_model, mode):
         drafted += spec.metrics.draft_tokens
         accepted += spec.metrics.accepted_tokens
     assert drafted > 0 and 0 <= accepted <= drafted
-    if mode == "ngram":  # copying text is what n-gram lookup is for
-        assert accepted / drafted > 0.5
+    if mode == "ngram":  # copying text is what n-gram lookup is for (how long its drafts
+        assert accepted >= 10  # run, and so the share kept, follows the measured costs)
 
 
 def test_greedy_output_is_identical_in_the_batch(default_model):

@@ -20,9 +20,10 @@ from . import launch, service
 
 
 def update(folder: str | os.PathLike, model: str | os.PathLike,
-           ray: str | None = None) -> dict[str, Any]:
+           address: str | None = None) -> dict[str, Any]:
     """Roll the running replicas of the service in `folder` onto `model`; returns what
-    happened, with the seconds until every replica served the new model."""
+    happened, with the seconds until every replica served the new model. `address`: the
+    Ray cluster's (default: the folder's, else the one running on this machine)."""
     from ..models.gguf_file import read_header
     from ..models.hashing import file_sha256
     from ..serve.run import read_config
@@ -42,12 +43,20 @@ def update(folder: str | os.PathLike, model: str | os.PathLike,
         tmp = folder / f".{name}.tmp"
         _copy(src, tmp)
         tmp.replace(folder / name)
-    launch.connect(ray or server.get("ray") or "auto")
-    running = _running()  # the new replicas run as many threads as the old ones
-    t0 = time.monotonic()
-    handle = launch.run(service.app(folder, config, name, sha, running[0]["info"].threads))
-    shas = {i["sha256"] for i in launch.replica_infos(handle)}
-    seconds = time.monotonic() - t0
+    import ray
+
+    joined = not ray.is_initialized()
+    launch.connect(address or server.get("ray") or "auto")
+    try:
+        running = _running()  # the new replicas run as many threads as the old ones
+        t0 = time.monotonic()
+        handle = launch.run(service.app(folder, config, name, sha,
+                                        running[0]["info"].threads))
+        shas = {i["sha256"] for i in launch.replica_infos(handle)}
+        seconds = time.monotonic() - t0
+    finally:
+        if joined:  # leave the cluster (it goes on serving): a kernel must not hold it
+            ray.shutdown()
     if shas != {sha}:
         raise WorkbenchError("the update finished but some replicas still serve the old model",
                              "Run the update again.")
