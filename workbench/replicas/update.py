@@ -24,6 +24,19 @@ def update(folder: str | os.PathLike, model: str | os.PathLike,
     """Roll the running replicas of the service in `folder` onto `model`; returns what
     happened, with the seconds until every replica served the new model. `address`: the
     Ray cluster's (default: the folder's, else the one running on this machine)."""
+    import asyncio
+    import concurrent.futures
+
+    try:  # a notebook's kernel runs an event loop, where Ray's handles must not block
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return _update(folder, model, address)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(_update, folder, model, address).result()
+
+
+def _update(folder: str | os.PathLike, model: str | os.PathLike,
+            address: str | None) -> dict[str, Any]:
     from ..models.gguf_file import read_header
     from ..models.hashing import file_sha256
     from ..serve.run import read_config
