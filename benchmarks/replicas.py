@@ -3,9 +3,10 @@ default router (power of two choices), then a replica killed and a rolling updat
 the same load.
 
 Two replicas of the default model, one thread each (2 cores), each with a prefix cache of
---cache-mib of RAM and no disk tier: room for about two of the four course documents, as a
-lab replica's cache holds a few long documents, not all of them. 16 clients (closed loop,
-greedy, streamed) each ask questions about one of 4 documents of about 2,000 tokens; the
+--cache-mib of RAM and no disk tier: room for the KV states of three of the four course
+documents (an entry is a whole prompt, document and question), as a lab replica's cache
+holds a few long documents, not every one a class uses. 16 clients (closed loop,
+greedy, streamed) each ask 3 questions about one of 4 documents of about 2,000 tokens; the
 documents were each sent once before the measured load (the same warm-up for both routers).
 A request counts as a cache hit when the replica restored at least half its prompt from its
 prefix cache (the usage's cached_tokens). Then the same load with no shared prefix (every
@@ -76,6 +77,14 @@ class Service:
     def health(self) -> dict[str, Any]:
         with urllib.request.urlopen(f"{self.base}/health", timeout=30) as r:
             return json.loads(r.read())
+
+    def metrics(self) -> dict[str, float]:
+        """The router's and the replicas' counters from /metrics."""
+        with urllib.request.urlopen(f"{self.base}/metrics", timeout=30) as r:
+            text = r.read().decode()
+        return {key: float(value) for line in text.splitlines()
+                if line.startswith(("workbench_router_", "workbench_replica_"))
+                for key, _, value in [line.rpartition(" ")]}
 
     def stop(self) -> None:
         from workbench.serve.check import stop
@@ -202,10 +211,13 @@ def main() -> None:
     ap.add_argument("--n-parallel", type=int, default=4)
     ap.add_argument("--n-ctx", type=int, default=3072)
     ap.add_argument("--cache-mib", type=int, default=None,
-                    help="each replica's prefix cache (default: room for 2 documents)")
+                    help="each replica's prefix cache (default: room for 3 documents)")
+    ap.add_argument("--only-update", action="store_true",
+                    help="only the rolling update under load (prefix router): writes "
+                         "replicas_update.json")
     args = ap.parse_args()
     words = args.words or (500 if args.quick else 1500)
-    per_client = args.per_client or (2 if args.quick else 4)
+    per_client = args.per_client or (2 if args.quick else 3)
     if args.quick:
         args.clients = min(args.clients, 8)
         args.n_ctx = 1024
@@ -217,10 +229,12 @@ def main() -> None:
     work = _provenance.scratch("replicas-")
     kv_per_token = 30 * 2 * 192 * 2  # the default model's f16 K and V, bytes per token
     doc_tokens = int(words * 1.35)
-    if args.cache_mib is None:  # two documents' KV states, and a little
-        args.cache_mib = max(16, int(2.3 * doc_tokens * kv_per_token / 2**20))
+    if args.cache_mib is None:  # three documents' KV states, and a little
+        args.cache_mib = max(16, int(3.3 * doc_tokens * kv_per_token / 2**20))
     unique = [document(f"topic {k}", max(60, words // 5)) for k in range(args.clients)]
     runs: dict[str, Any] = {}
+    if args.only_update:
+        return update_only(work, model, docs, per_client, args)
     single = Service(_deployed(work / "svc-single", None, args))
     try:
         runs["single_engine_latency_s"] = latency(single.base, 20)
@@ -236,6 +250,7 @@ def main() -> None:
             runs[router] = load(service.base, docs, args.clients, per_client, args.max_tokens)
             runs[f"{router}_low_sharing"] = load(service.base, unique, args.clients, 1,
                                                  args.max_tokens)
+            runs[f"{router}_metrics"] = service.metrics()
             print(router, json.dumps({k: runs[router][k] for k in
                                       ("ttft_p50", "ttft_p95", "hit_rate", "failed")}),
                   flush=True)
@@ -273,6 +288,32 @@ def main() -> None:
                    "n_parallel": args.n_parallel, "max_tokens": args.max_tokens,
                    "greedy": True},
         "runs": runs, "summary": line})
+    print(_provenance.result_line(line))
+
+
+def update_only(work: Path, model: Path, docs: list[str], per_client: int,
+                args: argparse.Namespace) -> None:
+    import workbench
+
+    folder = _deployed(work / "svc-prefix", "prefix", args)
+    service = Service(folder)
+    try:
+        for d in docs:
+            ask(service.base, d, "What is this about?", 4)
+        new = workbench.prune(model, layers=[28], out=work / "v2.gguf", progress=False).path
+        run = load(service.base, docs, args.clients, per_client, args.max_tokens,
+                   during=lambda: update(folder, new))
+    finally:
+        service.stop()
+    line = {"failed_on_update": run["failed"], "update_s": run["during"]["update_s"],
+            "update_ttft_p95_s": run["ttft_p95"], "requests": run["requests"]}
+    _provenance.write("replicas_update", {
+        "machine": _provenance.machine(), "model": model.name,
+        "model_sha256": _provenance.sha256(model), "llama_cpp": _llama_version(),
+        "params": {"replicas": 2, "clients": args.clients, "requests_per_client": per_client,
+                   "documents": len(docs), "cache_mib_per_replica": args.cache_mib,
+                   "n_parallel": args.n_parallel, "max_tokens": args.max_tokens},
+        "runs": {"update": run}, "summary": line})
     print(_provenance.result_line(line))
 
 

@@ -160,7 +160,10 @@ def _ask(client, system: str, question: str, **kw):
 
 
 def test_requests_follow_their_prefix(replicated):
-    _, base, _ = replicated
+    out, base, _ = replicated
+    config = json.loads((out / "service.json").read_text())
+    assert config["server"]["replicas"] == "2" and config["server"]["router"] == "prefix"
+    assert "ray[serve]==" in (out / "requirements.txt").read_text()
     client = _client(base)
     docs = {"A": "Course A. " + DOC, "B": "Course B. " + DOC.replace("topic", "theme")}
     cached = {}
@@ -176,6 +179,7 @@ def test_requests_follow_their_prefix(replicated):
     per = _metric(m, "workbench_replica_requests_total")
     assert len(per) == 2 and sum(per.values()) >= 6, per  # both replicas served
     assert float(_metric(m, "workbench_router_prefix_hit_rate")[""]) > 0.5
+    assert set(_metric(m, "workbench_replica_in_flight").values()) == {0.0}  # all done
     from workbench.dashboards.replicas import ReplicaMonitor
 
     reading = ReplicaMonitor(base).sample()  # the notebook's live view, one reading

@@ -23,10 +23,11 @@ def _threads(replicas: launch.Replicas, address: str | None, given: int | None) 
 
 
 def app(folder: Path, config: dict[str, Any], model_file: str, sha256: str,
-        threads: int | None = None) -> Any:
-    """The replicas' application for the folder's settings, serving `model_file`."""
+        threads: int | None = None, replicas: launch.Replicas | None = None) -> Any:
+    """The replicas' application for the folder's settings (or `replicas` of them),
+    serving `model_file`."""
     server, load = config["server"], config["load"]
-    replicas = launch.parse_replicas(server["replicas"])
+    replicas = replicas or launch.parse_replicas(server["replicas"])
     import dataclasses
 
     from ..config import LoadConfig
@@ -54,10 +55,13 @@ def serve_replicas(folder: Path, config: dict[str, Any], settings: Any, host: st
 
     server = config["server"]
     replicas = launch.parse_replicas(server["replicas"])
-    launch.connect(server.get("ray"), cpus=_cpus())
+    threads = _threads(replicas, server.get("ray"), config["load"].get("threads"))
+    # A Ray started here gets one replica's cores more than the machine has: an update
+    # (update.py) starts one replica more while it rolls, so capacity never drops
+    launch.connect(server.get("ray"), cpus=_cpus() + threads)
     try:
         handle = launch.run(app(folder, config, config["model"]["file"],
-                                 config["model"]["sha256"]))
+                                config["model"]["sha256"], threads))
         infos = launch.replica_infos(handle)
         engine = RemoteEngine(handle, infos[0]["info"], server.get("router", "prefix"))
         # the service admits what all replicas hold together

@@ -61,10 +61,17 @@ def _update(folder: str | os.PathLike, model: str | os.PathLike,
     joined = not ray.is_initialized()
     launch.connect(address or server.get("ray") or "auto")
     try:
-        running = _running()  # the new replicas run as many threads as the old ones
+        threads = _running()[0]["info"].threads  # the new replicas run as many as the old
         t0 = time.monotonic()
-        handle = launch.run(service.app(folder, config, name, sha,
-                                        running[0]["info"].threads))
+        count = launch.parse_replicas(server["replicas"])
+        surge = launch.Replicas(count.min + 1, count.min + 1)
+        if count.min == count.max and ray.available_resources().get("CPU", 0) >= threads:
+            # Ray Serve's roll stops an old replica before it starts the new one: first one
+            # replica more of the old model, so the roll never serves with fewer than before
+            launch.run(service.app(folder, config, config["model"]["file"],
+                                   config["model"]["sha256"], threads, surge))
+            launch.run(service.app(folder, config, name, sha, threads, surge))
+        handle = launch.run(service.app(folder, config, name, sha, threads))
         shas = {i["sha256"] for i in launch.replica_infos(handle)}
         seconds = time.monotonic() - t0
     finally:

@@ -66,7 +66,10 @@ def write_files(folder: Path, config: dict[str, Any]) -> None:
         f"llama-cpp-python=={llama}",
         f"starlette>={package_version('starlette') or '0.40'}",
         f"uvicorn>={package_version('uvicorn') or '0.30'}",
-        "psutil>=5.9", "jinja2>=3.1", ""]))
+        "psutil>=5.9", "jinja2>=3.1",
+        # replicas (workbench/replicas) run on Ray Serve, the same version on every machine
+        *([f"ray[serve]=={package_version('ray') or '2.60.0'}"] if config["server"].get("replicas")
+          else []), ""]))
     image, port = config["image"], config["server"]["port"]
     gpu = image["device"] == "gpu"
     if gpu:
