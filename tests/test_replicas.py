@@ -289,3 +289,43 @@ for name, (path, digest, expect) in cases.items():
     assert "differs from the service's model" in lines.get("sha256", ""), r.stdout
     assert "did not start" in lines.get("damaged", ""), r.stdout
     assert _ask(_client(base), "You are terse.", "Say hi.").choices[0].message.content
+
+
+def test_min_max_replicas_scale_up_under_load(tmp_path):
+    """--replicas 1-2: one replica idle, a second once requests queue (Ray Serve's
+    autoscaling on ongoing requests per replica)."""
+    import workbench
+    from workbench._net import free_port
+    from workbench.serve.check import start, stop, wait_healthy
+
+    out = tmp_path / "svc"
+    workbench.deploy("default", output=out, replicas="1-2", n_parallel=1,
+                     n_ctx_per_request=512)
+    port = free_port()
+    proc = start(out, port)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(base, proc)
+        client = _client(base)
+        seen: set[str] = set()
+        stop_load = threading.Event()
+
+        def load(k: int) -> None:
+            while not stop_load.is_set():
+                _ask(client, "You are terse.", f"Write about the sea ({k}).", max_tokens=48)
+
+        threads = [threading.Thread(target=load, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and len(seen) < 2:
+                seen |= {r["replica"] for r in json.loads(_get(base, "/health"))["replicas"]}
+                time.sleep(1)
+        finally:
+            stop_load.set()
+            for t in threads:
+                t.join(60)
+        assert len(seen) == 2, seen
+    finally:
+        stop(proc)
