@@ -155,13 +155,15 @@ def load(base: str, systems: list[str], clients: int, per_client: int, max_token
             "during": extra}
 
 
-def deploy(folder: Path, router: str | None, args: argparse.Namespace) -> None:
+def _deployed(folder: Path, router: str | None, args: argparse.Namespace) -> Path:
+    """The service folder: one engine (router None) or 2 replicas routed by `router`."""
     import workbench
 
     scale = {"replicas": 2, "router": router} if router else {}
     workbench.deploy("default", output=folder, force=True, n_parallel=args.n_parallel,
                      n_ctx_per_request=args.n_ctx, kv_ram_mib=args.cache_mib, kv_disk_mib=0,
                      **scale)
+    return folder
 
 
 def latency(base: str, n: int) -> float:
@@ -172,11 +174,6 @@ def latency(base: str, n: int) -> float:
         r = ask(base, "Be brief.", f"Say {i}.", 1)
         times.append(r["total"])
     return sorted(times)[len(times) // 2]
-
-
-def _deployed(folder: Path, router: str | None, args: argparse.Namespace) -> Path:
-    deploy(folder, router, args)
-    return folder
 
 
 def kill_one(service: Service) -> dict[str, Any]:

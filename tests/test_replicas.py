@@ -6,6 +6,7 @@ file), each failing clearly while the service goes on."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -113,15 +114,14 @@ def test_a_replica_checks_versions_and_the_model_file(default_model, tmp_path):
 
 # ---- one service of 2 replicas ---------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def replicated(tmp_path_factory):
+@contextlib.contextmanager
+def _service(out, **deploy):
+    """A service folder deployed with `deploy`, served in the background: (out, base, proc)."""
     import workbench
-    from workbench.serve.check import start, stop, wait_healthy
     from workbench._net import free_port
+    from workbench.serve.check import start, stop, wait_healthy
 
-    out = tmp_path_factory.mktemp("replicas") / "svc"
-    workbench.deploy("default", output=out, replicas=2, n_parallel=2,
-                     n_ctx_per_request=1024)
+    workbench.deploy("default", output=out, **deploy)
     port = free_port()
     proc = start(out, port)
     base = f"http://127.0.0.1:{port}"
@@ -130,6 +130,13 @@ def replicated(tmp_path_factory):
         yield out, base, proc
     finally:
         stop(proc)
+
+
+@pytest.fixture(scope="module")
+def replicated(tmp_path_factory):
+    with _service(tmp_path_factory.mktemp("replicas") / "svc", replicas=2, n_parallel=2,
+                  n_ctx_per_request=1024) as running:
+        yield running
 
 
 def _client(base: str):
@@ -297,18 +304,8 @@ for name, (path, digest, expect) in cases.items():
 def test_min_max_replicas_scale_up_under_load(tmp_path):
     """--replicas 1-2: one replica idle, a second once requests queue (Ray Serve's
     autoscaling on ongoing requests per replica)."""
-    import workbench
-    from workbench._net import free_port
-    from workbench.serve.check import start, stop, wait_healthy
-
-    out = tmp_path / "svc"
-    workbench.deploy("default", output=out, replicas="1-2", n_parallel=1,
-                     n_ctx_per_request=512)
-    port = free_port()
-    proc = start(out, port)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(base, proc)
+    with _service(tmp_path / "svc", replicas="1-2", n_parallel=1,
+                  n_ctx_per_request=512) as (_, base, _proc):
         client = _client(base)
         seen: set[str] = set()
         stop_load = threading.Event()
@@ -330,5 +327,3 @@ def test_min_max_replicas_scale_up_under_load(tmp_path):
             for t in threads:
                 t.join(60)
         assert len(seen) == 2, seen
-    finally:
-        stop(proc)

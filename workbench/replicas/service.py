@@ -50,6 +50,7 @@ def serve_replicas(folder: Path, config: dict[str, Any], settings: Any, host: st
 
     import uvicorn
 
+    from .._cpu import usable_cores
     from ..serve.app import create_app
     from .remote import RemoteEngine
 
@@ -58,7 +59,7 @@ def serve_replicas(folder: Path, config: dict[str, Any], settings: Any, host: st
     threads = _threads(replicas, server.get("ray"), config["load"].get("threads"))
     # A Ray started here gets one replica's cores more than the machine has: an update
     # (update.py) starts one replica more while it rolls, so capacity never drops
-    launch.connect(server.get("ray"), cpus=_cpus() + threads)
+    launch.connect(server.get("ray"), cpus=usable_cores() + threads)
     try:
         handle = launch.run(app(folder, config, config["model"]["file"],
                                 config["model"]["sha256"], threads))
@@ -79,9 +80,3 @@ def serve_replicas(folder: Path, config: dict[str, Any], settings: Any, host: st
                                       timeout_graceful_shutdown=5)).run()
     finally:
         launch.shutdown()
-
-
-def _cpus() -> int:
-    from .._cpu import usable_cores
-
-    return usable_cores()

@@ -39,6 +39,7 @@ def _update(folder: str | os.PathLike, model: str | os.PathLike,
             address: str | None) -> dict[str, Any]:
     from ..models.gguf_file import read_header
     from ..models.hashing import file_sha256
+    from ..serve.deploy import _link_or_copy
     from ..serve.run import read_config
 
     folder = Path(folder).expanduser().resolve()
@@ -54,7 +55,7 @@ def _update(folder: str | os.PathLike, model: str | os.PathLike,
     name = f"model-{sha[:12]}.gguf"
     if not (folder / name).exists():
         tmp = folder / f".{name}.tmp"
-        _copy(src, tmp)
+        _link_or_copy(src, tmp)
         tmp.replace(folder / name)
     import ray
 
@@ -89,15 +90,6 @@ def _update(folder: str | os.PathLike, model: str | os.PathLike,
         (folder / old).unlink()
     return {"model": str(src), "sha256": sha, "replicas": server["replicas"],
             "seconds": round(seconds, 2)}
-
-
-def _copy(src: Path, dst: Path) -> None:
-    import shutil
-
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
 
 
 def _running() -> list[dict[str, Any]]:
