@@ -84,6 +84,11 @@ def test_deploy_refuses_bad_replica_settings_before_any_work(tmp_path):
                         "--replicas", "0"], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "at least one replica" in r.stderr
     assert "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "workbench.cli", "deploy", "--output", str(out),
+                        "--update", "default", "--quantization", "int8"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "not --quantization" in r.stderr  # refused, not ignored
+    assert "Traceback" not in r.stderr
 
 
 def test_a_ray_address_that_does_not_answer_is_a_clear_error():

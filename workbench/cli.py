@@ -125,8 +125,10 @@ def _deploy(args: argparse.Namespace) -> None:
         raise WorkbenchError("--output is required", "For example: --output ./ai-service")
     if args.update:
         from .api import resolve_model
-        from .replicas.update import update
+        from .config import given
+        from .replicas.update import check_update_flags, update
 
+        check_update_flags(given(args, DeployConfig))
         done = update(args.output, resolve_model(args.update), args.ray)
         print(f"workbench: {done['replicas']} replicas serve {done['model']} (sha256 "
               f"{done['sha256'][:12]}…) after {done['seconds']:.1f} s")

@@ -349,8 +349,9 @@ class WorkbenchMagics(Magics):
             raise WorkbenchError("%deploy: --output is required",
                                  "For example: %deploy --quantization int8 --output ai-service")
         if ns.update:  # roll the service's running replicas onto another model
-            from .replicas.update import update
+            from .replicas.update import check_update_flags, update
 
+            check_update_flags(_settings(ns, DeployConfig))
             return update(ns.output, api.resolve_model(ns.update), ns.ray)
         return api.deploy(**build(DeployConfig, _settings(ns, DeployConfig)).deploy_arguments())
 

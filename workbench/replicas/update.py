@@ -19,6 +19,20 @@ from ..errors import WorkbenchError
 from . import launch, service
 
 
+UPDATE_FLAGS = ("update", "output", "ray")  # what an update reads; the folder fixes the rest
+
+
+def check_update_flags(flags: dict[str, Any]) -> None:
+    """An update takes the service folder's settings: any other deploy flag given with
+    --update is refused, not ignored."""
+    extra = sorted(k for k in flags if k not in UPDATE_FLAGS)
+    if extra:
+        names = ", ".join("--" + k.replace("_", "-") for k in extra)
+        raise WorkbenchError(f"--update takes only --output and --ray, not {names}",
+                             "An update keeps the service's settings (service.json); to "
+                             "change them, deploy the folder again with --force.")
+
+
 def update(folder: str | os.PathLike, model: str | os.PathLike,
            address: str | None = None) -> dict[str, Any]:
     """Roll the running replicas of the service in `folder` onto `model`; returns what
