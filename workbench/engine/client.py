@@ -21,7 +21,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from .. import _child, _paths
 from ..config import GenerationConfig, LoadConfig
@@ -213,7 +213,7 @@ class Engine:
             msg = dataclasses.replace(msg, metrics=dataclasses.replace(msg.metrics, ttft_s=ttft))
             self._record(msg.metrics)
         if isinstance(msg, (P.Finished, P.Failed, P.Done, P.ModelLoaded, P.KVResult,
-                            P.DeviceList, P.Embeddings)):
+                            P.DeviceList, P.Embeddings, P.Scores)):
             self._calls.pop(msg.id, None)
         call.deliver(msg)
 
@@ -330,6 +330,24 @@ class Engine:
                                      "Load one with Engine.load_embedder(path, threads).")
             self._ensure()
             call = self._submit(P.Embed(id=self._new_id("embed"), inputs=items), "embed")
+        return self._wait(call)
+
+    def score(self, pairs: Sequence[tuple[Any, Any]], rolling: bool = False) -> P.Scores:
+        """Log-likelihoods of (context, continuation) pairs under the loaded model
+        (worker/score.py): texts, or token ids used as given. `rolling`: pairs are
+        (text, "") and each whole text is scored."""
+        items = []
+        for i, pair in enumerate(pairs):
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+                raise WorkbenchError(f"pair {i} is not (context, continuation): {pair!r}",
+                                     "Give a list of (context, continuation) pairs.")
+            items.append(tuple(_score_part(x, f"pair {i}") for x in pair))
+        with self._lock:
+            if not isinstance(self._last_load, P.LoadModel):
+                raise no_model()
+            self._ensure()
+            call = self._submit(P.Score(id=self._new_id("score"), pairs=tuple(items),
+                                        rolling=rolling), "score")
         return self._wait(call)
 
     def _load(self, req: P.LoadModel | P.LoadEmbedder, on_progress: Callable[[float], None] | None) -> P.ModelInfo:
@@ -456,3 +474,13 @@ def _check_payload(kind: str, payload: Any) -> None:
             check_text(content, f"messages[{i}].content")
     elif isinstance(payload, str):
         check_text(payload, "the prompt")
+
+
+def _score_part(x: Any, where: str) -> str | tuple[int, ...]:
+    if isinstance(x, str):
+        check_text(x, where)
+        return x
+    if isinstance(x, (tuple, list)) and all(isinstance(t, int) for t in x):
+        return tuple(int(t) for t in x)
+    raise WorkbenchError(f"{where} holds {type(x).__name__}, not text or token ids",
+                         "Contexts and continuations are strings (or lists of token ids).")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from ..config import GenerationConfig, LoadConfig
 
-PROTOCOL_VERSION = 8
+PROTOCOL_VERSION = 9
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,6 +86,16 @@ class Embed(Message):
     """Embed each input (text, or token ids used as given) with the model's pooling,
     L2-normalized. The reply is Embeddings."""
     inputs: tuple[str | tuple[int, ...], ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Score(Message):
+    """Log-likelihoods (worker/score.py): each pair is (context, continuation), texts
+    tokenized as lm-eval's Hugging Face model does, or token ids used as given. With
+    `rolling`, each pair is (text, "") and the whole text is scored in windows. The reply
+    is Scores."""
+    pairs: tuple[tuple[str | tuple[int, ...], str | tuple[int, ...]], ...]
+    rolling: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -275,6 +285,17 @@ class Embeddings(Message):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Scores(Message):
+    """Per pair, in order: the continuation's tokens, each token's log-probability
+    (natural log, float64) and whether every token was the most likely one."""
+    tokens: tuple[tuple[int, ...], ...]
+    logprobs: tuple[tuple[float, ...], ...]
+    greedy: tuple[bool, ...]
+    decoded: int      # tokens through the model, contexts counted once per group
+    seconds: float
+
+
+@dataclass(frozen=True, kw_only=True)
 class Done(Message):
     """A request with no other reply (Unload, Cancel) completed."""
 
@@ -299,9 +320,9 @@ class WorkerStats(Message):
 
 
 REQUESTS = (LoadModel, Generate, Chat, Cancel, Unload, Shutdown, KVCommand, ListDevices,
-            LoadEmbedder, Embed)
+            LoadEmbedder, Embed, Score)
 REPLIES = (WorkerReady, LoadProgress, ModelLoaded, Tokens, Finished, Failed, Done, WorkerStats,
-           KVResult, Notice, DeviceList, Buffers, Embeddings)
+           KVResult, Notice, DeviceList, Buffers, Embeddings, Scores)
 
 
 def check(msg: object, expected: tuple[type, ...]) -> Message:

@@ -187,6 +187,8 @@ class Worker:
             self.send(P.KVResult(id=msg.id, data=self._kv(msg)))
         elif isinstance(msg, (P.LoadEmbedder, P.Embed)):
             self._embedding(msg)
+        elif isinstance(msg, P.Score):
+            self._score(msg)
         elif isinstance(msg, P.ListDevices):
             from .libs import backend_devices
 
@@ -211,6 +213,31 @@ class Worker:
         self.send(P.Embeddings(id=msg.id, data=rows.tobytes(), n=rows.shape[0],
                                dim=rows.shape[1], prompt_tokens=tokens,
                                seconds=time.monotonic() - t0, pooling=self.embedder.pooling))
+
+    def _score(self, msg: P.Score) -> None:
+        """Log-likelihoods on a scoring context of the loaded model's (worker/score.py),
+        made on the first request and kept until the model goes."""
+        from .score import Scorer
+
+        rt = self.runtime
+        if rt.info is None:
+            raise no_model()
+        if rt.scorer is None:
+            rt.scorer = Scorer(rt)
+        items = rt.scorer.items(msg.pairs, msg.rolling)
+        logps, greedy, decoded, seconds = rt.scorer.score(
+            items, rt.threads, lambda: msg.id in self.cancelled)
+        n = len(msg.pairs)
+        toks: list[list[int]] = [[] for _ in range(n)]
+        lps: list[list[float]] = [[] for _ in range(n)]
+        best = [True] * n
+        for it, lp, g in zip(items, logps, greedy):  # a rolling text's windows join up
+            toks[it.index] += it.continuation
+            lps[it.index] += lp
+            best[it.index] &= g
+        self.send(P.Scores(id=msg.id, tokens=tuple(map(tuple, toks)),
+                           logprobs=tuple(map(tuple, lps)), greedy=tuple(best),
+                           decoded=decoded, seconds=seconds))
 
     def _kv(self, msg: P.KVCommand) -> dict:
         rt = self.runtime

@@ -52,6 +52,7 @@ class Runtime:
         self.governor: ThreadGovernor | None = None  # re-chooses threads while decoding
         self.config: LoadConfig | None = None  # what the loaded model was loaded with
         self.spec = None  # speculative.Speculation of the loaded model
+        self.scorer = None  # score.Scorer: a scoring context, made on the first request
 
     # ---- loading --------------------------------------------------------
 
@@ -248,6 +249,9 @@ class Runtime:
         return self._piece_buf.raw[:max(n, 0)].decode("utf-8", errors="replace")
 
     def unload(self) -> None:
+        if self.scorer is not None:
+            self.scorer.close()
+            self.scorer = None
         if self.spec is not None:
             self.spec.close()
             self.spec = None
