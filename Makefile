@@ -1,6 +1,6 @@
 # The two commands: `make lab` starts JupyterLab, `make test` runs every test.
-# Both set up .venv first: `make lab` installs the core with the train, report, embed and
-# replicas extras, `make test` adds the test extra (pytest, the browser driver, ...). A stamp per
+# Both set up .venv first: `make lab` installs the core with the train, report, embed,
+# replicas and eval extras, `make test` adds the test extra (pytest, the browser driver, ...). A stamp per
 # set-up: it runs again only when its inputs change.
 VENV ?= .venv
 SETUP_INPUTS := pyproject.toml scripts/setup-env.sh scripts/llama-cmake-args.sh \
@@ -13,7 +13,7 @@ TEST_STAMP := $(VENV)/.workbench-ready-test
 setup: $(LAB_STAMP)
 
 $(LAB_STAMP): $(SETUP_INPUTS)
-	VENV=$(VENV) EXTRAS=train,report,embed,replicas scripts/setup-env.sh
+	VENV=$(VENV) EXTRAS=train,report,embed,replicas,eval scripts/setup-env.sh
 	touch $@
 
 $(TEST_STAMP): $(SETUP_INPUTS)

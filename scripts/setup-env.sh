@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv and installs the workbench (editable) with the extras in EXTRAS
-# (comma-separated: train, report, embed, replicas, test; `make lab` asks for
-# train,report,embed,replicas, `make test` for test, which holds them all).
+# (comma-separated: train, report, embed, replicas, eval, test; `make lab` asks for
+# train,report,embed,replicas,eval, `make test` for test, which holds them all).
 # llama-cpp-python is compiled from source with the arguments that
 # scripts/llama-cmake-args.sh gives (RPC backend on; Metal on macOS, CUDA where there is an
 # NVIDIA GPU). The compiled wheel is cached per build variant, so a second set-up takes
@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 
 venv=${VENV:-.venv}
 python=${PYTHON:-python3}
-extras=${EXTRAS:-train,report,embed,replicas}
+extras=${EXTRAS:-train,report,embed,replicas,eval}
 torch_cpu_index=${WORKBENCH_TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
 
 case $(uname -s) in

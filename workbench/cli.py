@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from .config import DeployConfig, add_flags
+from .config import DeployConfig, EvalConfig, LoadConfig, add_flags
 from .errors import WorkbenchError
 
 
@@ -139,6 +139,15 @@ def _deploy(args: argparse.Namespace) -> None:
     print(repr(api.deploy(**build(DeployConfig, given(args, DeployConfig)).deploy_arguments())))
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from .config import given
+    from .evaluation.run import eval_tasks
+
+    result = eval_tasks(args.model or "default", **given(args, EvalConfig),
+                        **given(args, LoadConfig))
+    print(repr(result))
+
+
 def _serve(args: argparse.Namespace) -> None:
     from .serve.run import serve
 
@@ -186,6 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("deploy", help="write a tuned, OpenAI-compatible service folder")
     add_flags(d, DeployConfig)
     d.set_defaults(func=_deploy)
+    ev = sub.add_parser("eval", help="task accuracy with lm-evaluation-harness through the "
+                        "engine (results and provenance as JSON)")
+    ev.add_argument("model", nargs="?", default=None,
+                    help="a GGUF path or model name (default: the default model)")
+    add_flags(ev, EvalConfig)
+    add_flags(ev, LoadConfig)
+    ev.set_defaults(func=_eval)
     sv = sub.add_parser("serve", help="run a service folder written by deploy")
     sv.add_argument("folder")
     sv.add_argument("--host", default=None, help="default: the folder's service.json")

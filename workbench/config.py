@@ -157,6 +157,28 @@ class DeployConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """Task accuracy through the engine (`workbench eval`, `%eval`): lm-eval's tasks."""
+
+    tasks: str = setting("wb_capitals", "comma-separated tasks: local ones that need no "
+                         "network (wb_capitals, wb_docstrings, wb_pasttense), .jsonl task "
+                         "files, or lm-eval's task names")
+    limit: int | None = setting(None, "documents per task (default: all)", lo=1)
+    num_fewshot: int | None = setting(None, "solved examples before each document "
+                                      "(default: the task's own)", lo=0, hi=64)
+    batch_size: int = setting(128, "(context, continuation) pairs per scoring request",
+                              lo=1, hi=1 << 16)
+    seed: int = setting(1234, "seed of lm-eval's choices (few-shot examples, sampling)",
+                        lo=0, hi=2**32 - 1)
+    output: str | None = setting(None, "the JSON file of lm-eval's results and the "
+                                 "provenance (default: eval-results/MODEL-TIME.json)")
+
+    def validate(self) -> "EvalConfig":
+        _check_bounds(self, WorkbenchError)
+        return self
+
+
+@dataclass(frozen=True)
 class GenerationConfig:
     """How one request samples. temperature=0 means greedy decoding."""
 

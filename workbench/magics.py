@@ -13,8 +13,8 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
 from . import api
 from ._schema import schema_text
-from .config import (DeployConfig, FinetuneConfig, GenerationConfig, LoadConfig, add_flags,
-                     build, given)
+from .config import (DeployConfig, EvalConfig, FinetuneConfig, GenerationConfig, LoadConfig,
+                     add_flags, build, given)
 from .errors import WorkbenchError
 from .results import Completion
 
@@ -68,6 +68,15 @@ def _quantize_parser() -> _Parser:
     p.add_argument("--tensor-type", dest="tensor_type", action="append", default=None,
                    metavar="PATTERN=TYPE", help="give tensors whose name matches the regular "
                    "expression PATTERN the type TYPE (repeatable; the first match wins)")
+    return p
+
+
+def _eval_parser() -> _Parser:
+    p = _parser("%eval", "Task accuracy with lm-evaluation-harness through the engine, with "
+                "95% intervals; writes lm-eval's results and the provenance as JSON. Without "
+                "MODEL: the loaded model (it stays loaded).", EvalConfig, LoadConfig)
+    p.add_argument("model", nargs="?", default=None,
+                   help="what %%load_model takes, loaded in an engine of its own")
     return p
 
 
@@ -223,6 +232,7 @@ PARSERS = {
     "kv": _kv_parser(),
     "models": _models_parser(),
     "quantize": _quantize_parser(),
+    "eval": _eval_parser(),
     "finetune": _finetune_parser(),
 }
 
@@ -391,6 +401,16 @@ class WorkbenchMagics(Magics):
             overrides.append((pattern, kind))
         return api.quantize(ns.model, ns.to, ns.out, overwrite=ns.overwrite, imatrix=ns.imatrix,
                             overrides=overrides or None)
+
+    @line_magic
+    def eval(self, line: str) -> Any:
+        """%eval [MODEL] [--tasks wb_capitals,...] [--limit N] [--num-fewshot K] [--output F]"""
+        ns = parse("eval", line)
+        if ns is None:
+            return None
+        from .evaluation.run import eval_tasks
+
+        return eval_tasks(ns.model, **given(ns, EvalConfig), **given(ns, LoadConfig))
 
     @line_magic
     def finetune(self, line: str) -> Any:
