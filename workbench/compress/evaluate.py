@@ -37,6 +37,8 @@ class ModelQuality:
     load_s: float
     pp_tps: float                  # prompt tokens/s while scoring
     tg_tps: float                  # tokens/s decoding one token at a time
+    # task accuracy (compare(..., tasks=)): {task: (accuracy, 95% low, 95% high)}
+    tasks: dict[str, tuple[float, float, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -91,17 +93,20 @@ class Evaluation:
         return fig
 
     def _table(self) -> list[list[str]]:
+        tasks = list(dict.fromkeys(t for r in self.rows for t in r.tasks))
         head = ["model", "quant", "size", "perplexity", "KL (mean)", "KL (p99)", "top-1",
-                "load", "pp t/s", "tg t/s"]
+                "load", "pp t/s", "tg t/s"] + [f"{t} (95% CI)" for t in tasks]
         out = [head]
         for r in self.rows:
+            acc = [r.tasks.get(t) for t in tasks]
             ref = self.reference is not None and r.path == self.reference
             out.append([r.path.name + (" (reference)" if ref else ""), r.quantization,
                         f"{r.bytes / 2**20:,.1f} MiB", f"{r.perplexity:.3f}",
                         "—" if r.kl_mean is None else f"{r.kl_mean:.5f}",
                         "—" if r.kl_p99 is None else f"{r.kl_p99:.4f}",
                         "—" if r.top1 is None else f"{r.top1:.2%}", f"{r.load_s:.2f} s",
-                        f"{r.pp_tps:,.0f}", f"{r.tg_tps:,.1f}"])
+                        f"{r.pp_tps:,.0f}", f"{r.tg_tps:,.1f}"]
+                       + ["—" if a is None else f"{a[0]:.1%} ({a[1]:.0%}–{a[2]:.0%})" for a in acc])
         return out
 
     def __repr__(self) -> str:

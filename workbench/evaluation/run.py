@@ -122,3 +122,14 @@ def _quiet(offline: bool) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def add_task_accuracy(evaluation: Any, tasks: str | list[str], limit: int | None,
+                      progress: bool) -> None:
+    """Give each row of a `compare` its task accuracy: each task's first proportion
+    (acc, or exact_match), with its 95% interval."""
+    for row in evaluation.rows:
+        result = eval_tasks(row.path, tasks=tasks, limit=limit, progress=progress)
+        for s in result.scores:
+            if s.low is not None and s.task not in row.tasks:
+                row.tasks[s.task] = (s.value, s.low, s.high)
