@@ -162,3 +162,45 @@ def test_log_likelihoods_agree_with_transformers(loaded, default_model):
     a = agreement(loaded, default_model, hf_tokens(default_model, pairs), threads=2)
     assert a.tokens >= 24 and a.max_abs_diff < 1.5 and a.mean_abs_diff < 0.3
     assert a.same_greedy >= 0.9
+
+
+def test_quality_target_refuses_bad_targets_before_any_work(loaded, tmp_path, capsys):
+    out = tmp_path / "t.gguf"
+    cases = [({"min_top1": 1.5}, r"--min-top1 1.5 is not a share in \(0, 1\]"),
+             ({"min_top1": 0}, "not a share"), ({"max_kl": -1.0}, "not a positive number"),
+             ({"max_kl": float("nan")}, "not a positive number"),
+             ({"max_size": 1.2}, "bounds a quality target"),
+             ({"min_top1": 0.9, "max_size": 0}, "not a positive multiple"),
+             ({"min_top1": 0.9, "overrides": {"token_embd": "F16"}}, "chooses the tensor types"),
+             ({"min_top1": 0.9, "to": "F16"}, "no quantized tensors")]
+    for kw, needle in cases:
+        kw = {"to": "int8", **kw}
+        with pytest.raises(WorkbenchError, match=needle):
+            workbench.quantize(out=out, progress=False, **kw)
+        assert not out.exists()
+    sh = InteractiveShell.instance()
+    sh.run_cell("%load_ext workbench", store_history=False)
+    capsys.readouterr()
+    r = sh.run_cell(f"%quantize --to int8 --min-top1 1.5 --out {out}")
+    assert isinstance(r.error_in_exec, WorkbenchError)
+    text = "".join(capsys.readouterr())
+    assert "--min-top1 1.5" in text and "Traceback" not in text
+    assert workbench.generate("1, 2, 3,", max_tokens=3, temperature=0).text.strip()
+
+
+def test_quality_target_met_and_unreachable(loaded, tmp_path):
+    """A target the kept tensors already meet: no search, checked on held-out text. A
+    target no mix within the size limit reaches: the error names the best found."""
+    held = workbench.quantize(to="int8", min_top1=0.9, out=tmp_path / "held.gguf",
+                              threads=2, progress=False)
+    assert held.path.exists() and held.top1 >= 0.9 and held.tokens >= 4000
+    assert held.bytes < held.uniform_bytes  # the source's Q4_1 tensors are kept as they are
+    assert "Q4_1" in held.overrides.values() and held.promoted == ()
+    assert "held-out text: top-1" in repr(held)
+    with pytest.raises(WorkbenchError, match=r"no mix within 0.75x uniform Q8_0's size reaches "
+                                             r"the target; the best found") as e:
+        workbench.quantize(to="int8", min_top1=0.999, max_size=0.75,
+                           out=tmp_path / "never.gguf", threads=2, progress=False)
+    assert "top-1" in e.value.message and not (tmp_path / "never.gguf").exists()
+    assert not list(tmp_path.glob(".wb-target-*"))  # the search's files are gone
+    assert workbench.generate("1, 2, 3,", max_tokens=3, temperature=0).text.strip()

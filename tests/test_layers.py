@@ -16,12 +16,14 @@ PACKAGE = Path(__file__).resolve().parent.parent / "workbench"
 
 # Top to bottom. A module belongs to the floor of the longest prefix that names it.
 FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("faces", ("workbench", "workbench.magics", "workbench.cli", "workbench.labext")),
-    ("the public API", ("workbench.api",)),
+    ("faces", ("workbench", "workbench.magics", "workbench.cli", "workbench.labext",
+               "workbench.evaluation.lm")),
+    ("the public API", ("workbench.api", "workbench.api_quality")),
     ("the session", ("workbench.session", "workbench.results", "workbench.chats")),
     ("features", ("workbench.device", "workbench.compress", "workbench.finetune",
                   "workbench.cluster", "workbench.serve", "workbench.dashboards",
-                  "workbench.report", "workbench.drafts", "workbench.replicas")),
+                  "workbench.report", "workbench.drafts", "workbench.replicas",
+                  "workbench.evaluation")),
     ("the engine, kernel side", ("workbench.engine",)),
     ("the worker side", ("workbench.worker", "workbench.kvcache")),
     ("the protocol", ("workbench.engine.protocol",)),

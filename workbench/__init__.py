@@ -17,13 +17,13 @@ _check_supported()  # on Windows: says to use WSL2, before anything Linux-only i
 # function bound below is never replaced when a submodule of the package loads later.
 from . import finetune as _finetune_package  # noqa: F401
 from .api import (Chat, autotune, calibrate, chat, chat_session, check_updates, compare,
-                  dashboard, deploy, distill, embed, engine, evaluate, finetune, generate,
+                  dashboard, deploy, distill, embed, engine, eval_tasks, evaluate, finetune,
+                  generate,
                   generate_many, inspect_model, kv_evict, kv_list, kv_load, kv_remove, kv_save,
                   kv_stats, list_models, load_model, merge_lora, metrics, mixed_precision, plan,
                   profile_device, prune, quantize, rpc_cluster, start_service, status, unload,
                   update_model)
 from .errors import WorkbenchError
-from .evaluation.run import eval_tasks
 
 __version__ = "0.1.0"
 

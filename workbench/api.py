@@ -19,10 +19,11 @@ from .errors import WorkbenchError
 from .progress import progress_bar
 from .results import Completion, Embeddings, EngineStatus, KVReport, LoadedModel, MetricsTable
 from .session import Session, check_lora
-# the compression functions live with their package; the API is their front
-from .compress.api import compare, distill, evaluate, mixed_precision, prune, quantize
+# the quality functions (compression, evaluation) are the API's too, in a module of their own
+from .api_quality import (compare, distill, eval_tasks, evaluate, mixed_precision, prune,
+                          quantize)
 
-COMPRESSION = (quantize, mixed_precision, prune, distill, evaluate, compare)
+QUALITY = (quantize, mixed_precision, prune, distill, evaluate, compare, eval_tasks)
 
 if TYPE_CHECKING:
     from .cluster.cluster import Cluster

@@ -140,8 +140,8 @@ def _deploy(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
+    from .api import eval_tasks
     from .config import given
-    from .evaluation.run import eval_tasks
 
     result = eval_tasks(args.model or "default", **given(args, EvalConfig),
                         **given(args, LoadConfig))

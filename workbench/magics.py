@@ -68,6 +68,14 @@ def _quantize_parser() -> _Parser:
     p.add_argument("--tensor-type", dest="tensor_type", action="append", default=None,
                    metavar="PATTERN=TYPE", help="give tensors whose name matches the regular "
                    "expression PATTERN the type TYPE (repeatable; the first match wins)")
+    p.add_argument("--min-top1", dest="min_top1", type=float, default=None,
+                   help="a quality target: keep the most sensitive tensors at F16 until top-1 "
+                   "agreement with the model's F16 copy reaches this share on held-out text")
+    p.add_argument("--max-kl", dest="max_kl", type=float, default=None,
+                   help="a quality target: ... until the KL divergence from the F16 copy is "
+                   "at most this (nats)")
+    p.add_argument("--max-size", dest="max_size", type=float, default=None,
+                   help="with a target: the most bytes, as a multiple of the uniform file's")
     return p
 
 
@@ -388,7 +396,7 @@ class WorkbenchMagics(Magics):
     @line_magic
     def quantize(self, line: str) -> Any:
         """%quantize [MODEL] [--to int8|int4|Q6_K|...] [--out PATH] [--overwrite]
-        [--tensor-type PATTERN=TYPE ...]"""
+        [--tensor-type PATTERN=TYPE ...] [--min-top1 0.98 | --max-kl NATS] [--max-size 1.25]"""
         ns = parse("quantize", line)
         if ns is None:
             return None
@@ -400,7 +408,8 @@ class WorkbenchMagics(Magics):
                                      r"For example --tensor-type 'blk\.(0|1)\.=Q4_0'.")
             overrides.append((pattern, kind))
         return api.quantize(ns.model, ns.to, ns.out, overwrite=ns.overwrite, imatrix=ns.imatrix,
-                            overrides=overrides or None)
+                            overrides=overrides or None, min_top1=ns.min_top1, max_kl=ns.max_kl,
+                            max_size=ns.max_size)
 
     @line_magic
     def eval(self, line: str) -> Any:
@@ -408,9 +417,7 @@ class WorkbenchMagics(Magics):
         ns = parse("eval", line)
         if ns is None:
             return None
-        from .evaluation.run import eval_tasks
-
-        return eval_tasks(ns.model, **given(ns, EvalConfig), **given(ns, LoadConfig))
+        return api.eval_tasks(ns.model, **given(ns, EvalConfig), **given(ns, LoadConfig))
 
     @line_magic
     def finetune(self, line: str) -> Any:

@@ -240,6 +240,16 @@ def table_html(rows: dict[str, Any]) -> str:
     return f"<table>{cells}</table>"
 
 
+def rows_html(rows: list[dict[str, Any]]) -> str:
+    """A table of records, one column per key (the quantizations a benchmark compared:
+    size, speed, KL, top-1 and each task's accuracy with its 95% interval)."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(k)))}</td>" for k in keys)
+                   + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
@@ -268,6 +278,8 @@ def render_html(runs: Sequence[BenchmarkRun], prov: dict[str, Any],
                          + html.escape("; ".join(thermal.get("why") or []))
                          + "): these numbers are not this machine's speed.</p>")
         parts.append(table_html(run.result))
+        if run.data and run.data.get("quantizations"):
+            parts.append(rows_html(run.data["quantizations"]))
         if run.data is not None:
             params = run.data.get("params") or {}
             machine = run.data.get("machine") or {}

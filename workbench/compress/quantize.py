@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 from .. import _paths
 from ..errors import WorkbenchError
 from ..models.gguf_file import read_header
+from .target import check_targets, suffix
 
 # name -> llama_ftype (llama.h); int8 and int4 are the names the workbench teaches with
 QUANT_TYPES: dict[str, int] = {"F16": 1, "Q8_0": 7, "Q6_K": 18, "Q5_K_M": 17, "Q4_K_M": 15,
@@ -128,17 +129,26 @@ def quantize(model: str | os.PathLike, to: str = "int8", out: str | os.PathLike 
              *, overwrite: bool = False, prune_layers: Sequence[int] = (),
              threads: int | None = None, same_type: bool = False, ranking: Any = None,
              imatrix: bool | str = False, overrides: Any = None,
-             progress: Callable[[float], None] | None = None) -> Quantized:
+             min_top1: float | None = None, max_kl: float | None = None,
+             max_size: float | None = None, progress: Callable[[float], None] | None = None) -> Any:
     r"""Quantize `model` (a path) to `to`. `prune_layers`: layer indices to drop (the
     rest are renumbered). `out` defaults to `<name>.<QUANT>.gguf` beside the source.
     `same_type`: copy the tensors as they are (with `prune_layers`). `imatrix`: True (the
     calibration text) or a text: measure an importance matrix on it and quantize with it.
     `overrides`: per-tensor types, {regex on the tensor name: type}, e.g.
-    {r"blk\.([0-9]|1[0-4])\.": "Q4_0"} (llama.cpp's --tensor-type)."""
+    {r"blk\.([0-9]|1[0-4])\.": "Q4_0"} (llama.cpp's --tensor-type). `min_top1` / `max_kl`:
+    choose per-tensor types until top-1 agreement / KL against the model's F16 copy holds
+    on held-out text (compress/target.py); returns a TargetedQuantization."""
     from .. import _child
 
     src = Path(model).expanduser()
     tt = tensor_overrides(overrides)
+    targeted = min_top1 is not None or max_kl is not None
+    check_targets(min_top1, max_kl, max_size)
+    if targeted and (tt or prune_layers or imatrix or same_type):
+        raise WorkbenchError("a quality target chooses the tensor types itself",
+                             "Leave out overrides, prune_layers, imatrix and same_type with "
+                             "min_top1 / max_kl.")
     header = read_header(src)  # a clear error for a missing or damaged file
     quant = header.quantization.upper() if same_type else quant_name(to)
     n_layers = int(header.arch_value("block_count", 0))
@@ -151,14 +161,24 @@ def quantize(model: str | os.PathLike, to: str = "int8", out: str | os.PathLike 
         if len(pruned) >= n_layers:
             raise WorkbenchError(f"pruning {len(pruned)} layers would remove every layer of "
                                  f"{src.name} ({n_layers})", "Keep at least one layer.")
-    elif header.quantization.upper() == quant and not tt:
+    elif header.quantization.upper() == quant and not tt and not targeted:
         raise WorkbenchError(f"{src.name} is already {quant}",
                              "Pick another type, or copy the file if a copy is what you want.")
     dst = Path(out).expanduser() if out else default_output(
         src, quant, (f"-pruned{len(pruned)}" if pruned else "") + ("-imatrix" if imatrix else "")
-        + ("-mixed" if tt else ""))
+        + ("-mixed" if tt else "") + (suffix(min_top1, max_kl) if targeted else ""))
     tmp = temporary_output(src, dst, overwrite)
     t0 = time.monotonic()
+    if targeted:
+        from .target import quantize_to_target
+
+        try:
+            result = quantize_to_target(src, quant, dst, tmp, min_top1=min_top1, max_kl=max_kl,
+                                        max_size=max_size, threads=threads, progress=progress)
+            os.replace(tmp, dst)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return result
     importance = None
     if imatrix:
         from .._cpu import idle_cores
@@ -232,3 +252,4 @@ def _quantize_child(src: str, tmp: str, ftype: int, pruned: tuple[int, ...], thr
             f"llama.cpp could not quantize {Path(src).name}: {why}",
             "The disk is full: free some space and run it again." if disk else
             "No file was written. Check the source model with workbench.inspect_model().")
+

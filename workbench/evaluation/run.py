@@ -1,5 +1,5 @@
-"""`eval_tasks`: lm-eval's tasks on a model through the engine, with a progress bar,
-results with intervals, and a JSON file of lm-eval's results and the provenance."""
+"""lm-eval's tasks on a model through the engine: results with intervals, and a JSON
+file of lm-eval's results and the provenance (`workbench.eval_tasks` is the front)."""
 
 from __future__ import annotations
 
@@ -10,66 +10,24 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..config import EvalConfig, build
-from ..errors import WorkbenchError
+from ..config import EvalConfig
 from .results import TaskResults, scores
 
 
-def eval_tasks(model: str | os.PathLike | None = None, *, tasks: str | list[str] = "wb_capitals",
-               limit: int | None = None, num_fewshot: int | None = None,
-               batch_size: int = 128, seed: int = 1234, output: str | os.PathLike | None = None,
-               progress: bool = True, session: Any = None, **settings: Any) -> TaskResults:
-    """Task accuracy of `model` with lm-evaluation-harness: `tasks` are local tasks
-    (wb_capitals, wb_docstrings, wb_pasttense: no network), .jsonl task files or
-    lm-eval's task names. `model`: a path or name, loaded with `settings` in an engine of
-    its own; None: the model loaded in `session` (default: the notebook's), which keeps
-    it. Writes lm-eval's results with the provenance to `output` (default:
-    eval-results/MODEL-TIME.json) and returns them with 95% intervals."""
-    from ..progress import progress_bar
-    from .tasks import resolve
+def run(lm: Any, specs: list[Any], manager: Any, cfg: EvalConfig) -> TaskResults:
+    """lm-eval's tasks `specs` (tasks.resolve) on the model `lm` (lm.WorkbenchLM), with
+    lm-eval's own bars quiet; the results, with the provenance, saved as JSON."""
+    import lm_eval
 
-    cfg: EvalConfig = build(EvalConfig, {
-        "tasks": ",".join(tasks) if isinstance(tasks, (list, tuple)) else tasks,
-        "limit": limit, "num_fewshot": num_fewshot, "batch_size": batch_size, "seed": seed,
-        "output": str(output) if output is not None else None})
-    try:
-        import lm_eval
-    except ImportError:
-        raise WorkbenchError("lm-evaluation-harness is not installed",
-                             "pip install 'gguf-workbench[eval]'") from None
-    specs, manager = resolve(cfg.tasks)  # unknown tasks and bad files: before any load
-    own = None
-    if session is None:
-        from ..api import session as notebook_session
-
-        session = notebook_session()
-    if model is not None or settings or session.engine.model is None:
-        from ..session import Session
-
-        own = session = Session()
-        session.load(model, progress=progress, **settings)
-    from .lm import WorkbenchLM
-
-    info = session.engine.model
-    bar = progress_bar(f"Evaluating {info.name}", enabled=progress)
-
-    def advance(what: str, done: int, total: int) -> None:
-        bar(done / max(total, 1), done, total, "requests")
-
-    lm = WorkbenchLM(session=session, batch_size=cfg.batch_size, progress=advance)
     t0 = time.monotonic()
-    try:
-        with _quiet(offline=all(not isinstance(s, str) for s in specs)):
-            raw = lm_eval.simple_evaluate(
-                model=lm, tasks=specs, task_manager=manager, num_fewshot=cfg.num_fewshot,
-                limit=cfg.limit, log_samples=False, bootstrap_iters=0,
-                random_seed=cfg.seed, numpy_random_seed=cfg.seed,
-                torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed)
-    finally:
-        bar.close()
-        if own is not None:
-            own.close()
+    with _quiet(offline=all(not isinstance(s, str) for s in specs)):
+        raw = lm_eval.simple_evaluate(
+            model=lm, tasks=specs, task_manager=manager, num_fewshot=cfg.num_fewshot,
+            limit=cfg.limit, log_samples=False, bootstrap_iters=0, random_seed=cfg.seed,
+            numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
+            fewshot_random_seed=cfg.seed)
     seconds = time.monotonic() - t0
+    info = lm.info
     result = TaskResults(info.name, scores(raw), raw,
                          provenance(info, specs, cfg, lm, seconds), seconds=seconds)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -123,13 +81,3 @@ def _quiet(offline: bool) -> Iterator[None]:
             else:
                 os.environ[k] = v
 
-
-def add_task_accuracy(evaluation: Any, tasks: str | list[str], limit: int | None,
-                      progress: bool) -> None:
-    """Give each row of a `compare` its task accuracy: each task's first proportion
-    (acc, or exact_match), with its 95% interval."""
-    for row in evaluation.rows:
-        result = eval_tasks(row.path, tasks=tasks, limit=limit, progress=progress)
-        for s in result.scores:
-            if s.low is not None and s.task not in row.tasks:
-                row.tasks[s.task] = (s.value, s.low, s.high)

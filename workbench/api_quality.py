@@ -1,31 +1,33 @@
-"""The compression functions of the public API (re-exported by `workbench.api`):
-quantize, mixed_precision, prune, distill, evaluate and compare, each resolving its
-models and showing a progress bar around the work of this package."""
+"""The quality functions of the public API (re-exported by `workbench.api`): quantize,
+mixed_precision, prune, distill, evaluate, compare and eval_tasks, each resolving its
+models and showing a progress bar around the work of `compress/` and `evaluation/`."""
 
 from __future__ import annotations
 
 import os
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .._extras import require
-from ..errors import WorkbenchError
-from ..progress import progress_bar
+from ._extras import require
+from .errors import WorkbenchError
+from .progress import progress_bar
 
 if TYPE_CHECKING:
-    from .distill import Distilled
-    from .evaluate import Evaluation
-    from .mixed import MixStudy
-    from .quantize import Quantized
+    from .compress.distill import Distilled
+    from .compress.evaluate import Evaluation
+    from .compress.mixed import MixStudy
+    from .compress.quantize import Quantized
+    from .compress.target import TargetedQuantization
+    from .evaluation.results import TaskResults
 
 
 def resolve_model(model: Any, progress: bool = False) -> Any:
-    from ..api import resolve_model as _resolve
+    from .api import resolve_model as _resolve
 
     return _resolve(model, progress)
 
 
 def session() -> Any:
-    from ..api import session as _session
+    from .api import session as _session
 
     return _session()
 
@@ -33,21 +35,27 @@ def session() -> Any:
 def quantize(model: str | os.PathLike | None = None, to: str = "int8",
              out: str | os.PathLike | None = None, *, overwrite: bool = False,
              imatrix: bool | str = False, overrides: Any = None,
-             progress: bool = True) -> Quantized:
+             min_top1: float | None = None, max_kl: float | None = None,
+             max_size: float | None = None, threads: int | None = None,
+             progress: bool = True) -> Quantized | TargetedQuantization:
     """Quantize a model with llama.cpp's quantizer, in a child process. `to`: int8
     (= Q8_0), int4 (= Q4_K_M), Q6_K, Q5_K_M, Q4_0, Q2_K or F16. The file goes next to
     the source as `<name>.<QUANT>.gguf` (the bundled model's: ~/.workbench/models).
     `imatrix`: True (calibration text) or a text of your own: weigh each weight's
     rounding by how large its inputs are on that text (llama.cpp's importance matrix).
     `overrides`: per-tensor types, {regex on tensor names: type}, the first match wins
-    (`mixed_precision` builds them from a placement)."""
-    from .quantize import quantize as _quantize
+    (`mixed_precision` builds them from a placement). `min_top1` / `max_kl`: a quality
+    target instead: per-tensor types are chosen, the most sensitive tensors kept at F16,
+    until top-1 agreement with (or KL from) the model's F16 copy holds on held-out text,
+    within `max_size` x the uniform file's bytes; the result says what it costs. `threads`: CPU threads (default: the idle cores)."""
+    from .compress.quantize import quantize as _quantize
 
     path = resolve_model(model)
     bar = progress_bar(f"Quantizing {path.name}", enabled=progress)
     try:
         result = _quantize(path, to, out, overwrite=overwrite, imatrix=imatrix,
-                           overrides=overrides, progress=bar)
+                           overrides=overrides, min_top1=min_top1, max_kl=max_kl,
+                           max_size=max_size, threads=threads, progress=bar)
     finally:
         bar.close()
     return result
@@ -69,7 +77,7 @@ def mixed_precision(model: str | os.PathLike | None = None, reference: Any = Non
     instead (for another machine). `max_chunks`: the quality is measured on up to that many
     512-token chunks of calibration text. Returns a `MixStudy`; `.chosen.path` is the
     file."""
-    from . import mixed
+    from .compress import mixed
 
     path = resolve_model(model)
     ref = resolve_model(reference) if reference is not None else None
@@ -93,8 +101,8 @@ def prune(model: str | os.PathLike | None = None, layers: Any = None, *,
       measured on calibration text) or as indices;
     - `ffn_keep`: keep that share (0-1) of every layer's FFN channels, the most active.
     Returns the written file's summary."""
-    from .prune import prune as _prune
-    from .prune_ffn import prune_ffn
+    from .compress.prune import prune as _prune
+    from .compress.prune_ffn import prune_ffn
 
     if (layers is None) == (ffn_keep is None):
         raise WorkbenchError("give either layers (whole layers) or ffn_keep (a share of the "
@@ -122,7 +130,7 @@ def distill(student: Any, teacher: Any = None, *, steps: int = 40, seq_len: int 
     Small updates do not survive a coarse type: distil an F16 student (prune the F16
     reference), then quantize. `.figure()` plots the loss."""
     require("train", "distillation")
-    from .distill import distill as _distill
+    from .compress.distill import distill as _distill
 
     s = resolve_model(student)
     t = resolve_model(teacher)
@@ -141,14 +149,14 @@ def evaluate(models: Sequence[Any], reference: Any = None, *, text: str | None =
              n_ctx: int = 512, max_chunks: int = 8, progress: bool = True) -> Evaluation:
     """Perplexity, KL divergence and top-1 agreement against `reference` (all on the same
     tokens), load time and speed of each model; `.figure()` plots quality against size."""
-    from .evaluate import evaluate as _evaluate
+    from .compress.evaluate import evaluate as _evaluate
 
     paths = [resolve_model(m) for m in models]
     ref = resolve_model(reference) if reference is not None else None
     note = ""
     source = getattr(reference, "source", None)  # a `quantize` result knows where it came from
     if source is not None and getattr(reference, "quant", "") == "F16":
-        from ..models.gguf_file import read_header
+        from .models.gguf_file import read_header
 
         was = read_header(source).quantization
         if was.upper() not in ("F16", "F32", "BF16"):
@@ -170,7 +178,50 @@ def compare(models: Sequence[Any], reference: Any = None, *, tasks: Any = None,
     model's task accuracy (`eval_tasks`, `limit` documents a task), with 95% intervals."""
     result = evaluate(models, reference, **kwargs)
     if tasks:
-        from ..evaluation.run import add_task_accuracy
-
-        add_task_accuracy(result, tasks, limit, kwargs.get("progress", True))
+        for row in result.rows:  # each task's first proportion (acc or exact_match)
+            scored = eval_tasks(row.path, tasks=tasks, limit=limit,
+                                progress=kwargs.get("progress", True))
+            for s in scored.scores:
+                if s.low is not None and s.task not in row.tasks:
+                    row.tasks[s.task] = (s.value, s.low, s.high)
     return result
+
+
+def eval_tasks(model: str | os.PathLike | None = None, *, tasks: str | Sequence[str] = "wb_capitals",
+               limit: int | None = None, num_fewshot: int | None = None,
+               batch_size: int = 128, seed: int = 1234, output: str | os.PathLike | None = None,
+               progress: bool = True, **settings: Any) -> TaskResults:
+    """Task accuracy of `model` with lm-evaluation-harness through the engine: `tasks`
+    are local tasks (wb_capitals, wb_docstrings, wb_pasttense: no network), .jsonl task
+    files or lm-eval's task names. `model`: a path or name, loaded with `settings` in an
+    engine of its own; None: the model loaded in this notebook, which stays loaded.
+    Writes lm-eval's results with the provenance (sha256, versions, machine) to `output`
+    (default: eval-results/MODEL-TIME.json); returns the scores with 95% intervals."""
+    from .config import EvalConfig, build
+    from .evaluation.tasks import resolve
+
+    cfg: EvalConfig = build(EvalConfig, {
+        "tasks": tasks if isinstance(tasks, str) else ",".join(tasks), "limit": limit,
+        "num_fewshot": num_fewshot, "batch_size": batch_size, "seed": seed,
+        "output": None if output is None else str(output)})
+    require("eval", "task accuracy")
+    specs, manager = resolve(cfg.tasks)  # unknown tasks and bad files: before any load
+    from .evaluation.lm import WorkbenchLM
+    from .evaluation.run import run
+    from .session import Session
+
+    own = None
+    s = session()
+    if model is not None or settings or s.engine.model is None:
+        own = s = Session()
+        s.load(model, progress=progress, **settings)
+    bar = progress_bar(f"Evaluating {s.engine.model.name}", enabled=progress)
+    try:
+        lm = WorkbenchLM(session=s, batch_size=cfg.batch_size,
+                         progress=lambda what, done, total: bar(done / max(total, 1), done,
+                                                                total, "requests"))
+        return run(lm, specs, manager, cfg)
+    finally:
+        bar.close()
+        if own is not None:
+            own.close()
