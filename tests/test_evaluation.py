@@ -172,7 +172,8 @@ def test_quality_target_refuses_bad_targets_before_any_work(loaded, tmp_path, ca
              ({"max_size": 1.2}, "bounds a quality target"),
              ({"min_top1": 0.9, "max_size": 0}, "not a positive multiple"),
              ({"min_top1": 0.9, "overrides": {"token_embd": "F16"}}, "chooses the tensor types"),
-             ({"min_top1": 0.9, "to": "F16"}, "no quantized tensors")]
+             ({"min_top1": 0.9, "to": "F16"}, "no quantized tensors"),
+             ({"min_top1": 0.9, "check_tokens": 10}, "fewer than one chunk")]
     for kw, needle in cases:
         kw = {"to": "int8", **kw}
         with pytest.raises(WorkbenchError, match=needle):
@@ -192,8 +193,8 @@ def test_quality_target_met_and_unreachable(loaded, tmp_path):
     """A target the kept tensors already meet: no search, checked on held-out text. A
     target no mix within the size limit reaches: the error names the best found."""
     held = workbench.quantize(to="int8", min_top1=0.9, out=tmp_path / "held.gguf",
-                              threads=2, progress=False)
-    assert held.path.exists() and held.top1 >= 0.9 and held.tokens >= 4000
+                              check_tokens=1020, threads=2, progress=False)
+    assert held.path.exists() and held.top1 >= 0.9 and held.tokens == 1020
     assert held.bytes < held.uniform_bytes  # the source's Q4_1 tensors are kept as they are
     assert "Q4_1" in held.overrides.values() and held.promoted == ()
     assert "held-out text: top-1" in repr(held)

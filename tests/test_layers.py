@@ -16,9 +16,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "workbench"
 
 # Top to bottom. A module belongs to the floor of the longest prefix that names it.
 FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("faces", ("workbench", "workbench.magics", "workbench.cli", "workbench.labext",
-               "workbench.evaluation.lm")),
-    ("the public API", ("workbench.api", "workbench.api_quality")),
+    ("faces", ("workbench", "workbench.magics", "workbench.cli", "workbench.labext")),
+    ("the public API", ("workbench.api", "workbench.api_quality", "workbench.evaluation.lm")),
     ("the session", ("workbench.session", "workbench.results", "workbench.chats")),
     ("features", ("workbench.device", "workbench.compress", "workbench.finetune",
                   "workbench.cluster", "workbench.serve", "workbench.dashboards",

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -18,7 +17,7 @@ from .engine.stream import TokenStream
 from .errors import WorkbenchError
 from .progress import progress_bar
 from .results import Completion, Embeddings, EngineStatus, KVReport, LoadedModel, MetricsTable
-from .session import Session, check_lora
+from .session import Session, check_lora, process_session
 # the quality functions (compression, evaluation) are the API's too, in a module of their own
 from .api_quality import (compare, distill, eval_tasks, evaluate, mixed_precision, prune,
                           quantize)
@@ -39,18 +38,10 @@ if TYPE_CHECKING:
     from .serve.check import RunningService
     from .serve.deploy import Deployment
 
-_session: Session | None = None
-_session_lock = threading.Lock()
-
-
 def session() -> Session:
     """This process's session (created on first use). Its engine publishes its state for
     the JupyterLab panel (`engine/status.py`); WORKBENCH_PUBLISH=0 keeps it from doing so."""
-    global _session
-    with _session_lock:
-        if _session is None:
-            _session = Session(publish=os.environ.get("WORKBENCH_PUBLISH", "1") != "0")
-        return _session
+    return process_session()
 
 
 def engine() -> Engine:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from ._extras import require
 from .errors import WorkbenchError
 from .progress import progress_bar
+from .session import process_session as session
 
 if TYPE_CHECKING:
     from .compress.distill import Distilled
@@ -21,23 +22,15 @@ if TYPE_CHECKING:
 
 
 def resolve_model(model: Any, progress: bool = False) -> Any:
-    from .api import resolve_model as _resolve
-
-    return _resolve(model, progress)
-
-
-def session() -> Any:
-    from .api import session as _session
-
-    return _session()
+    return session().resolve_model(model, progress)
 
 
 def quantize(model: str | os.PathLike | None = None, to: str = "int8",
              out: str | os.PathLike | None = None, *, overwrite: bool = False,
              imatrix: bool | str = False, overrides: Any = None,
              min_top1: float | None = None, max_kl: float | None = None,
-             max_size: float | None = None, threads: int | None = None,
-             progress: bool = True) -> Quantized | TargetedQuantization:
+             max_size: float | None = None, check_tokens: int | None = None,
+             threads: int | None = None, progress: bool = True) -> Quantized | TargetedQuantization:
     """Quantize a model with llama.cpp's quantizer, in a child process. `to`: int8
     (= Q8_0), int4 (= Q4_K_M), Q6_K, Q5_K_M, Q4_0, Q2_K or F16. The file goes next to
     the source as `<name>.<QUANT>.gguf` (the bundled model's: ~/.workbench/models).
@@ -47,7 +40,8 @@ def quantize(model: str | os.PathLike | None = None, to: str = "int8",
     (`mixed_precision` builds them from a placement). `min_top1` / `max_kl`: a quality
     target instead: per-tensor types are chosen, the most sensitive tensors kept at F16,
     until top-1 agreement with (or KL from) the model's F16 copy holds on held-out text,
-    within `max_size` x the uniform file's bytes; the result says what it costs. `threads`: CPU threads (default: the idle cores)."""
+    within `max_size` x the uniform file's bytes (checked on `check_tokens` held-out
+    tokens, default 16,320); the result says what it costs. `threads`: CPU threads (default: the idle cores)."""
     from .compress.quantize import quantize as _quantize
 
     path = resolve_model(model)
@@ -55,7 +49,8 @@ def quantize(model: str | os.PathLike | None = None, to: str = "int8",
     try:
         result = _quantize(path, to, out, overwrite=overwrite, imatrix=imatrix,
                            overrides=overrides, min_top1=min_top1, max_kl=max_kl,
-                           max_size=max_size, threads=threads, progress=bar)
+                           max_size=max_size, check_tokens=check_tokens, threads=threads,
+                           progress=bar)
     finally:
         bar.close()
     return result

@@ -367,3 +367,15 @@ def finish(s: TokenStream) -> Completion:
     c.token_ids = tuple(s.token_ids)
     return c
 
+
+_process_session: Session | None = None
+_process_lock = threading.Lock()
+
+
+def process_session() -> Session:
+    """The process's session, made on first use (`workbench.api.session`)."""
+    global _process_session
+    with _process_lock:
+        if _process_session is None:
+            _process_session = Session(publish=os.environ.get("WORKBENCH_PUBLISH", "1") != "0")
+        return _process_session

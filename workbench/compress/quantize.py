@@ -130,7 +130,7 @@ def quantize(model: str | os.PathLike, to: str = "int8", out: str | os.PathLike 
              threads: int | None = None, same_type: bool = False, ranking: Any = None,
              imatrix: bool | str = False, overrides: Any = None,
              min_top1: float | None = None, max_kl: float | None = None,
-             max_size: float | None = None, progress: Callable[[float], None] | None = None) -> Any:
+             max_size: float | None = None, check_tokens: int | None = None, progress: Callable[[float], None] | None = None) -> Any:
     r"""Quantize `model` (a path) to `to`. `prune_layers`: layer indices to drop (the
     rest are renumbered). `out` defaults to `<name>.<QUANT>.gguf` beside the source.
     `same_type`: copy the tensors as they are (with `prune_layers`). `imatrix`: True (the
@@ -145,6 +145,10 @@ def quantize(model: str | os.PathLike, to: str = "int8", out: str | os.PathLike 
     tt = tensor_overrides(overrides)
     targeted = min_top1 is not None or max_kl is not None
     check_targets(min_top1, max_kl, max_size)
+    if check_tokens is not None and (isinstance(check_tokens, bool) or not isinstance(check_tokens, int)
+                                     or check_tokens < 255):
+        raise WorkbenchError(f"check_tokens={check_tokens!r} is fewer than one chunk's 255 tokens",
+                             "Check a target on 255 held-out tokens or more (default 16,320).")
     if targeted and (tt or prune_layers or imatrix or same_type):
         raise WorkbenchError("a quality target chooses the tensor types itself",
                              "Leave out overrides, prune_layers, imatrix and same_type with "
@@ -173,8 +177,9 @@ def quantize(model: str | os.PathLike, to: str = "int8", out: str | os.PathLike 
         from .target import quantize_to_target
 
         try:
-            result = quantize_to_target(src, quant, dst, tmp, min_top1=min_top1, max_kl=max_kl,
-                                        max_size=max_size, threads=threads, progress=progress)
+            result = quantize_to_target(quantize, src, quant, dst, tmp, min_top1=min_top1, max_kl=max_kl,
+                                        max_size=max_size, threads=threads, progress=progress,
+                                        **({"check_tokens": check_tokens} if check_tokens else {}))
             os.replace(tmp, dst)
         finally:
             tmp.unlink(missing_ok=True)

@@ -34,8 +34,9 @@ from ..errors import WorkbenchError
 from ..models.gguf_file import GGML_TYPES, read_header
 
 _FLOAT = ("F32", "F16", "BF16")
-# 512-token chunks (255 tokens scored in each): ranking, trying a mix, checking it
-SENSITIVITY_CHUNKS, SEARCH_CHUNKS, CHECK_CHUNKS = 3, 6, 16
+# 512-token chunks (255 tokens scored in each): ranking groups, trying a mix
+SENSITIVITY_CHUNKS, SEARCH_CHUNKS = 3, 6
+CHECK_TOKENS = 16320  # held-out tokens a mix must meet the target on (64 chunks)
 
 
 @dataclass(frozen=True)
@@ -155,15 +156,17 @@ def base_overrides(header: Any, quant: str) -> dict[str, str]:
     return out
 
 
-def quantize_to_target(src: Path, quant: str, dst: Path, tmp: Path, *, min_top1: float | None,
-                       max_kl: float | None, max_size: float | None, threads: int | None,
+def quantize_to_target(quantize: Callable[..., Any], src: Path, quant: str, dst: Path, tmp: Path,
+                       *, min_top1: float | None, max_kl: float | None,
+                       max_size: float | None, threads: int | None,
+                       check_tokens: int = CHECK_TOKENS,
                        progress: Callable[..., Any] | None = None) -> TargetedQuantization:
-    """The search (module docstring); writes the chosen mix to `tmp` for the caller to
-    rename to `dst`. `max_size`: the most bytes the mix may take, as a multiple of the
-    uniform `quant` file's."""
+    """The search (module docstring) with `quantize` (quantize.quantize); writes the
+    chosen mix to `tmp` for the caller to rename to `dst`. `max_size`: the most bytes the
+    mix may take, as a multiple of the uniform `quant` file's. `check_tokens`: how many
+    held-out tokens the chosen mix is checked on."""
     from ..progress import advance
     from .evaluate import evaluate
-    from .quantize import quantize
     from .text import calibration_text, stdlib_text
 
     if quant in _FLOAT:
@@ -232,7 +235,7 @@ def quantize_to_target(src: Path, quant: str, dst: Path, tmp: Path, *, min_top1:
             step(0.4 / len(groups))
             if not meets(r):
                 continue
-            check = measure([path], held, CHECK_CHUNKS)
+            check = measure([path], held, -(-check_tokens // 255))
             r = check.row(path)
             steps.append(Step(promoted, r.bytes, r.top1, r.kl_mean, "held-out"))
             step(0.1)

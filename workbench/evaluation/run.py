@@ -37,7 +37,6 @@ def run(lm: Any, specs: list[Any], manager: Any, cfg: EvalConfig) -> TaskResults
 
 def provenance(info: Any, specs: list[Any], cfg: EvalConfig, lm: Any, seconds: float) -> dict[str, Any]:
     """Where and on what the accuracy was measured."""
-    from .. import __version__
     from ..device.provenance import machine, package_version
     from ..models.hashing import file_sha256
 
@@ -53,7 +52,7 @@ def provenance(info: Any, specs: list[Any], cfg: EvalConfig, lm: Any, seconds: f
                   "quantization": info.quantization, "n_ctx": info.n_ctx,
                   "threads": info.threads, "lora": info.lora},
         "tasks": tasks, "limit": cfg.limit, "num_fewshot": cfg.num_fewshot, "seed": cfg.seed,
-        "versions": {"workbench": __version__, "lm_eval": package_version("lm_eval"),
+        "versions": {"workbench": package_version("gguf-workbench"), "lm_eval": package_version("lm_eval"),
                      "llama_cpp_python": package_version("llama-cpp-python")},
         "machine": machine(), "seconds": round(seconds, 3),
         "scored_tokens": lm.scored_tokens, "score_seconds": round(lm.score_seconds, 3),
