@@ -291,7 +291,7 @@ class Scores(Message):
     tokens: tuple[tuple[int, ...], ...]
     logprobs: tuple[tuple[float, ...], ...]
     greedy: tuple[bool, ...]
-    decoded: int      # tokens through the model, contexts counted once per group
+    decoded: int      # tokens through the model, a prefix the pairs share counted once
     seconds: float
 
 

@@ -6,11 +6,13 @@ token after everything before it, read from the logits in float64; "greedy" says
 whether every token was the model's most likely one.
 
 The scorer has a context of its own beside the runtime's generation context, with one
-KV cache shared by many sequences (`kv_unified`): the pairs that share a context (the
-choices of one multiple-choice question) are one group; the context's tokens are
-decoded once, tagged with every choice's sequence id, and each choice's tokens follow
-under its own id, so no choice recomputes the question. Groups are packed into batches
-of up to n_batch tokens across questions, and the cache is cleared when it is full.
+KV cache shared by many sequences (`kv_unified`). The pairs of a request are sorted by
+their tokens and laid out as a prefix tree: a token several pairs share at the same
+place (a multiple-choice question, asked once for all its choices; the opening words
+many questions share) is decoded once, tagged with the sequence id of every pair through
+it, so no choice recomputes its question. A fill of the cache holds up to 256 pairs and
+n_batch tokens (a whole long pair where one is longer), so attention spans only the
+cells of the pairs decoded together.
 
 Tokenization follows lm-eval's Hugging Face model: the context's trailing spaces move
 to the continuation, the pair is tokenized whole and the continuation is what follows
@@ -31,7 +33,7 @@ import numpy as np
 
 from ..errors import GenerationError, WorkbenchError
 
-_MAX_SEQ = 64   # sequences per cache fill: the choices of several questions
+_MAX_SEQ = 256  # pairs per cache fill: the choices of many questions
 
 
 @dataclass
@@ -144,92 +146,112 @@ class Scorer:
     def score(self, items: list[Item], threads: int,
               cancelled: Callable[[], bool]) -> tuple[list[list[float]], list[bool], int, float]:
         """Per item: the continuation's token log-probabilities and whether each token was
-        the argmax; with the tokens decoded and the seconds it took."""
+        the argmax; with the tokens decoded and the seconds it took.
+
+        The items are sorted by their tokens and laid out as a prefix tree: a token that
+        several items share at the same place (the question of a multiple-choice item,
+        the opening words of many questions) is decoded once, tagged with each of their
+        sequence ids, and its logits row serves every item that needs it."""
         L.llama_set_n_threads(self.ctx, threads, threads)
         t0 = time.perf_counter()
         logps: list[list[float]] = [[] for _ in items]
         greedy = [True] * len(items)
-        groups: list[list[int]] = []  # items of one context, consecutive
-        room = 0  # cells left in the last group's fill of the cache
-        for j, it in enumerate(items):
-            if groups and items[groups[-1][0]].context == it.context \
-                    and len(groups[-1]) < self.n_seq and len(it.continuation) <= room:
-                groups[-1].append(j)
-            else:
-                groups.append([j])
-                room = self.n_ctx - len(it.context)
-            room -= len(it.continuation)
         mem = L.llama_get_memory(self.ctx)
-        L.llama_memory_clear(mem, True)
-        cells = seq = n = decoded = 0
-        # per output row, in order: (item, token index), or (-1, group) for a context's
-        # last position, which predicts the first token of each of the group's continuations
-        wants: list[tuple[int, int]] = []
+        order = sorted(range(len(items)), key=lambda j: items[j].context + items[j].continuation)
+        decoded = 0
+        fill: list[int] = []       # the items of the cache fill being planned
+        cells = 0                  # the tree's nodes in it
+        prev: list[int] = []       # the last item's tokens, for the shared prefix
 
-        def flush() -> None:
-            nonlocal n, decoded
-            if not n:
-                return
-            if cancelled():
-                raise GenerationError("the scoring was cancelled", "Run it again.")
-            self._batch.n_tokens = n
-            self.rt.log.clear()
-            rc = L.llama_decode(self.ctx, self._batch)
-            if rc != 0:
-                raise GenerationError(f"llama_decode failed while scoring (code {rc}): "
-                                      f"{self.rt.log.last_error() or 'no reason given'}",
-                                      "Reload the model and try again.")
-            decoded += n
-            if wants:
-                rows = np.ctypeslib.as_array(L.llama_get_logits(self.ctx),
-                                             shape=(len(wants), self.n_vocab))
-                self._read(rows, wants, items, groups, logps, greedy)
-            wants.clear()
-            self._out[:n] = 0
-            n = 0
+        def run_fill() -> None:
+            nonlocal decoded
+            L.llama_memory_clear(mem, True)
+            decoded += self._decode_tree(fill, items, logps, greedy, cancelled)
 
-        def put(tok: int, pos: int, seqs: list[int], want: tuple[int, int] | None) -> None:
-            nonlocal n
-            self._tok[n], self._pos[n], self._nseq[n] = tok, pos, len(seqs)
-            self._seq[n, :len(seqs)] = seqs
-            if want is not None:
-                self._out[n] = 1
-                wants.append(want)
-            n += 1
-            if n == self.n_batch:
-                flush()
-
-        for gi, g in enumerate(groups):
-            ctx_toks = items[g[0]].context
-            need = len(ctx_toks) + sum(len(items[j].continuation) for j in g)
-            if cells + need > self.n_ctx or seq + len(g) > self.n_seq:
-                flush()
-                L.llama_memory_clear(mem, True)
-                cells = seq = 0
-            ids = list(range(seq, seq + len(g)))
-            last = len(ctx_toks) - 1
-            for p, tok in enumerate(ctx_toks):  # the shared context: once, every id
-                put(tok, p, ids, (-1, gi) if p == last else None)
-            for s, j in zip(ids, g):
-                cont = items[j].continuation
-                for k, tok in enumerate(cont[:-1]):
-                    put(tok, len(ctx_toks) + k, [s], (j, k + 1))
-            cells += need
-            seq += len(g)
-        flush()
+        for j in order:
+            toks = items[j].context + items[j].continuation[:-1]
+            shared = 0
+            while shared < min(len(toks), len(prev)) and toks[shared] == prev[shared]:
+                shared += 1
+            limit = self.n_batch if len(toks) <= self.n_batch else self.n_ctx
+            if fill and (len(fill) == self.n_seq or cells + len(toks) - shared > limit):
+                run_fill()  # a full fill: attention spans only the cells of its own fill
+                fill, cells, shared = [], 0, 0
+            fill.append(j)
+            cells += len(toks) - shared
+            prev = toks
+        if fill:
+            run_fill()
         return logps, greedy, decoded, time.perf_counter() - t0
 
-    def _read(self, rows: Any, wants: list[tuple[int, int]], items: list[Item],
-              groups: list[list[int]], logps: list[list[float]], greedy: list[bool]) -> None:
-        """Log-probabilities of the wanted tokens, from this batch's logits rows."""
+    def _decode_tree(self, fill: list[int], items: list[Item], logps: list[list[float]],
+                     greedy: list[bool], cancelled: Callable[[], bool]) -> int:
+        """Decode the prefix tree of `fill` (items sorted by their tokens), each node once
+        with the sequence ids of the items through it; read the logits rows they need."""
+        nodes: dict[tuple[int, int], int] = {}   # (parent node, token) -> node index
+        node_tok: list[int] = []
+        node_pos: list[int] = []
+        node_seqs: list[list[int]] = []
+        wants: dict[int, list[tuple[int, int]]] = {}  # node -> (item, continuation index)
+        for s, j in enumerate(fill):
+            it = items[j]
+            toks = it.context + it.continuation[:-1]
+            first = len(it.context) - 1  # this position's logits predict continuation[0]
+            node = -1
+            for p, tok in enumerate(toks):
+                parent = node
+                node = nodes.get((parent, tok), -1)
+                if node < 0:
+                    node = nodes[(parent, tok)] = len(node_tok)
+                    node_tok.append(tok)
+                    node_pos.append(p)
+                    node_seqs.append([])
+                node_seqs[node].append(s)
+                if p >= first:
+                    wants.setdefault(node, []).append((j, p - first))
+        n = 0
+        rows_of: list[int] = []  # the node of each output row of the batch, in order
+        for i in range(len(node_tok) + 1):
+            if i == len(node_tok) or n == self.n_batch:
+                if cancelled():
+                    raise GenerationError("the scoring was cancelled", "Run it again.")
+                self._batch.n_tokens = n
+                self.rt.log.clear()
+                rc = L.llama_decode(self.ctx, self._batch)
+                if rc != 0:
+                    raise GenerationError(f"llama_decode failed while scoring (code {rc}): "
+                                          f"{self.rt.log.last_error() or 'no reason given'}",
+                                          "Reload the model and try again.")
+                if rows_of:
+                    rows = np.ctypeslib.as_array(L.llama_get_logits(self.ctx),
+                                                 shape=(len(rows_of), self.n_vocab))
+                    self._read(rows, [w for node in rows_of for w in [wants[node]]],
+                               items, logps, greedy)
+                self._out[:n] = 0
+                rows_of, n = [], 0
+                if i == len(node_tok):
+                    break
+            seqs = node_seqs[i]
+            self._tok[n], self._pos[n], self._nseq[n] = node_tok[i], node_pos[i], len(seqs)
+            self._seq[n, :len(seqs)] = seqs
+            if i in wants:
+                self._out[n] = 1
+                rows_of.append(i)
+            n += 1
+        return len(node_tok)
+
+    def _read(self, rows: Any, wants: list[list[tuple[int, int]]], items: list[Item],
+              logps: list[list[float]], greedy: list[bool]) -> None:
+        """Log-probabilities of the wanted tokens, from this batch's logits rows: row r
+        serves each (item, continuation index) in wants[r]."""
         top = rows.argmax(axis=1)
         mx = rows[np.arange(len(rows)), top].astype(np.float64)
         lse = np.empty(len(rows))
         for a in range(0, len(rows), 64):  # float32 exponentials, summed in float64
             e = np.exp(rows[a:a + 64] - mx[a:a + 64, None].astype(np.float32))
             lse[a:a + 64] = mx[a:a + 64] + np.log(e.sum(axis=1, dtype=np.float64))
-        for r, (j, k) in enumerate(wants):
-            for jj, kk in ([(j2, 0) for j2 in groups[k]] if j < 0 else [(j, k)]):
-                tok = items[jj].continuation[kk]
-                logps[jj].append(float(rows[r, tok]) - float(lse[r]))
-                greedy[jj] &= bool(top[r] == tok)
+        for r, served in enumerate(wants):
+            for j, k in served:
+                tok = items[j].continuation[k]
+                logps[j].append(float(rows[r, tok]) - float(lse[r]))
+                greedy[j] &= bool(top[r] == tok)
