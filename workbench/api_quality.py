@@ -184,7 +184,7 @@ def compare(models: Sequence[Any], reference: Any = None, *, tasks: Any = None,
 
 def eval_tasks(model: str | os.PathLike | None = None, *, tasks: str | Sequence[str] = "wb_capitals",
                limit: int | None = None, num_fewshot: int | None = None,
-               batch_size: int = 128, seed: int = 1234, output: str | os.PathLike | None = None,
+               batch_size: int = 512, seed: int = 1234, output: str | os.PathLike | None = None,
                progress: bool = True, **settings: Any) -> TaskResults:
     """Task accuracy of `model` with lm-evaluation-harness through the engine: `tasks`
     are local tasks (wb_capitals, wb_docstrings, wb_pasttense: no network), .jsonl task

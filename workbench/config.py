@@ -166,7 +166,8 @@ class EvalConfig:
     limit: int | None = setting(None, "documents per task (default: all)", lo=1)
     num_fewshot: int | None = setting(None, "solved examples before each document "
                                       "(default: the task's own)", lo=0, hi=64)
-    batch_size: int = setting(128, "(context, continuation) pairs per scoring request",
+    batch_size: int = setting(512, "(context, continuation) pairs per scoring request "
+                              "(the worker decodes each shared prefix of a request once)",
                               lo=1, hi=1 << 16)
     seed: int = setting(1234, "seed of lm-eval's choices (few-shot examples, sampling)",
                         lo=0, hi=2**32 - 1)

@@ -19,7 +19,7 @@ from lm_eval.api.model import LM
 
 from ..errors import WorkbenchError
 
-DEFAULT_BATCH = 128  # pairs per scoring request: the worker packs them into decodes
+DEFAULT_BATCH = 512  # pairs per scoring request: the worker lays them out as one prefix tree
 
 # generate_until's options (lm-eval's gen_kwargs) and what each becomes here
 _GEN_KEYS = {"until", "max_gen_toks", "do_sample", "temperature", "top_p", "top_k", "seed",
@@ -32,7 +32,7 @@ class WorkbenchLM(LM):
     `model`: a GGUF path or catalog name, loaded in an engine of its own with
     `settings` (LoadConfig fields, e.g. n_ctx=2048, threads=2). `session`: use that
     session's loaded model instead (what `%eval` does). `batch_size`: pairs per
-    scoring request ("auto" or None: 128). `device`: "cpu" keeps every layer on the
+    scoring request ("auto" or None: 512). `device`: "cpu" keeps every layer on the
     CPU; "cuda"/"gpu" leaves placement to the planner."""
 
     def __init__(self, model: str | None = None, *, session: Any = None,
