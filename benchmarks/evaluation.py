@@ -47,6 +47,26 @@ def per_doc(raw: dict, task: str, metric: str = "acc") -> list[float]:
     return [float(s[metric]) for s in rows]
 
 
+def merge(result: dict, keys: tuple[str, ...], values: dict, incomplete: bool = False) -> None:
+    """A partial run's parts and RESULT values into the full run's file (its own machine
+    and date recorded beside them)."""
+    import json
+
+    full = json.loads((_provenance.RESULTS / "evaluation.json").read_text())
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    full.update({k: result[k] for k in keys})
+    full.setdefault("partial_runs", []).append({"parts": list(keys), "date": stamp,
+                                                "machine": result["machine"]})
+    full["result"].update(values)
+    full.pop("incomplete", None)
+    for k in ("benchmark", "date", "thermal"):
+        full.pop(k, None)
+    if incomplete:
+        full["incomplete"] = True
+    _provenance.write("evaluation", full)
+    print(_provenance.result_line(full["result"]))
+
+
 def timed_eval(lm, task: dict, manager, limit: int | None) -> tuple[float, dict]:
     """One task through `lm`, timed; the task index is built once, outside the timing
     (lm-eval's default index reads every task file it ships: ~16 s here, for either)."""
@@ -62,8 +82,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer documents, rounds, tokens")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--only-speed", action="store_true",
-                    help="parts 1-2 only, merged into the results file of a full run")
+    ap.add_argument("--only", choices=("speed", "quality"), default=None,
+                    help="parts 1-2 (speed) or 4-5 (quality) only, merged into the results "
+                         "file of a full run")
     args = ap.parse_args()
 
     import os
@@ -88,6 +109,14 @@ def main() -> None:
               "params": {"quick": args.quick, "threads": args.threads, "limit": limit,
                          "rounds": rounds, "task": "wb_capitals"}}
     result["llama_cpp_python"] = result["machine"].get("llama_cpp_python")
+
+    if args.only == "quality":
+        f16 = workbench.quantize(src, "F16", out / "f16.gguf", progress=False).path
+        values = quality_target(result, src, f16, out, args)
+        merge(result, ("quality_target",), values, incomplete=True)
+        values.update(quantizations(result, src, f16, out, args))
+        merge(result, ("quality_target", "quantizations"), values)
+        return
 
     # 1-2: speed and accuracy, side by side
     torch.set_num_threads(args.threads)
@@ -130,18 +159,9 @@ def main() -> None:
              "acc_ours": acc_ours, "acc_hf": acc_hf, "acc_diff_vs_hf": abs(diff),
              "acc_diff_ci95_lo": lo, "acc_diff_ci95_hi": hi,
              "acc_diff_within_ci": int(abs(acc_ours - acc_hf) <= half)}
-    if args.only_speed:  # into the full run's file
-        import json
-
-        full = json.loads((_provenance.RESULTS / "evaluation.json").read_text())
-        full.update(speed=result["speed"], accuracy=result["accuracy"],
-                    speed_machine=result["machine"], speed_date=time.strftime("%Y-%m-%dT%H:%M:%SZ"))
-        full["result"].update(speed)
-        for k in ("benchmark", "date", "thermal"):
-            full.pop(k, None)
-        _provenance.write("evaluation", full)
-        print(_provenance.result_line(full["result"]))
+    if args.only == "speed":
         session.close()
+        merge(result, ("speed", "accuracy"), speed)
         return
 
     # 3: token-by-token agreement
@@ -167,6 +187,7 @@ def main() -> None:
               "loglik_max_abs_diff_f16": agree16.max_abs_diff}
     _provenance.write("evaluation", {**result, "result": values, "incomplete": True})
     values.update(quality_target(result, src, f16, out, args))
+    _provenance.write("evaluation", {**result, "result": values, "incomplete": True})
     values.update(quantizations(result, src, f16, out, args))
     result["result"] = values
     path = _provenance.write("evaluation", result)
@@ -221,7 +242,7 @@ def quantizations(result: dict, src: Path, f16: Path, out: Path, args) -> dict:
 
     variants = [src, f16, out / "q8.gguf", out / "target.gguf"]
     variants.append(workbench.quantize(f16, "Q4_K_M", out / "q4km.gguf", progress=False).path)
-    variants.append(workbench.quantize(f16, "Q3_K", out / "q3k.gguf", progress=False).path)
+    variants.append(workbench.quantize(f16, "Q2_K", out / "q2k.gguf", progress=False).path)
     ev = workbench.compare(variants, f16, tasks="wb_capitals,wb_docstrings,wb_pasttense",
                            limit=40 if args.quick else None, max_chunks=8, progress=False)
     table = []
