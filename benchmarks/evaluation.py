@@ -82,9 +82,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer documents, rounds, tokens")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--only", choices=("speed", "quality"), default=None,
-                    help="parts 1-2 (speed) or 4-5 (quality) only, merged into the results "
-                         "file of a full run")
+    ap.add_argument("--only", choices=("speed", "quality", "tg"), default=None,
+                    help="parts 1-2 (speed), 4-5 (quality), or part 4's decode speed of the "
+                         "recorded mix (tg) only, merged into the results file of a full run")
     args = ap.parse_args()
 
     import os
@@ -110,6 +110,10 @@ def main() -> None:
                          "rounds": rounds, "task": "wb_capitals"}}
     result["llama_cpp_python"] = result["machine"].get("llama_cpp_python")
 
+    if args.only == "tg":
+        values = decode_ratio(result, src, out, args)
+        merge(result, ("quality_target",), values)
+        return
     if args.only == "quality":
         f16 = workbench.quantize(src, "F16", out / "f16.gguf", progress=False).path
         values = quality_target(result, src, f16, out, args)
@@ -198,7 +202,6 @@ def main() -> None:
 def quality_target(result: dict, src: Path, f16: Path, out: Path, args) -> dict:
     """4: the quantization held to a top-1 target, against plain Q8_0."""
     import workbench
-    from workbench.compress.mixed import decode_speed
     from workbench.compress.text import stdlib_text
 
     q8 = workbench.quantize(src, "Q8_0", out / "q8.gguf", progress=False)
@@ -217,14 +220,10 @@ def quality_target(result: dict, src: Path, f16: Path, out: Path, args) -> dict:
         n = ev.tokens_scored
         rows[name] = {"bytes": r.bytes, "top1": r.top1, "kl_mean": r.kl_mean,
                       "top1_ci95": wilson(r.top1 * n, n), "perplexity": r.perplexity}
-    session = workbench.api.session()
-    tg = {"q8_0": [], "target": []}
-    settings = {"threads": args.threads, "max_threads": 0, "n_ctx": 1024}
-    for _ in range(3 if args.quick else 5):  # alternating, on the same warm worker
-        for name, p in (("q8_0", q8.path), ("target", target.path)):
-            tg[name].append(decode_speed(session, p, settings, n_gen=64)[0])
+    tg = decode_speeds(q8.path, target.path, args)
     result["quality_target"] = {"rows": rows, "tokens": ev.tokens_scored, "tg_tps": tg,
-                                "mix": target.overrides_text, "seconds": seconds,
+                                "mix": target.overrides_text, "overrides": target.overrides,
+                                "seconds": seconds,
                                 "promoted": list(target.promoted),
                                 "steps": [st.__dict__ for st in target.steps]}
     return {"qtarget_top1": rows["target"]["top1"],
@@ -234,6 +233,41 @@ def quality_target(result: dict, src: Path, f16: Path, out: Path, args) -> dict:
             "q8_top1": rows["q8_0"]["top1"],
             "qtarget_size_vs_q8": rows["target"]["bytes"] / rows["q8_0"]["bytes"],
             "qtarget_tg_vs_q8": statistics.median(tg["target"]) / statistics.median(tg["q8_0"])}
+
+
+def decode_speeds(q8: Path, target: Path, args) -> dict:
+    """Decode tokens/s of plain Q8_0 and the mix, alternating on one warm worker."""
+    import workbench
+    from workbench.compress.mixed import decode_speed
+
+    session = workbench.api.session()
+    tg: dict[str, list[float]] = {"q8_0": [], "target": []}
+    settings = {"threads": args.threads, "max_threads": 0, "n_ctx": 1024}
+    for _ in range(3 if args.quick else 7):
+        for name, p in (("q8_0", q8), ("target", target)):
+            tg[name].append(decode_speed(session, p, settings, n_gen=128)[0])
+    return tg
+
+
+def decode_ratio(result: dict, src: Path, out: Path, args) -> dict:
+    """The recorded mix rebuilt from its overrides, its decode speed against Q8_0's."""
+    import json
+
+    import workbench
+
+    full = json.loads((_provenance.RESULTS / "evaluation.json").read_text())
+    qt = full["quality_target"]
+    overrides = qt.get("overrides") or dict(
+        item.rpartition("=")[::2] for item in qt["mix"].split(", "))
+    q8 = workbench.quantize(src, "Q8_0", out / "q8.gguf", progress=False).path
+    target = workbench.quantize(src, "Q8_0", out / "target.gguf", overrides=overrides,
+                                progress=False)
+    if target.bytes != qt["rows"]["target"]["bytes"]:
+        raise SystemExit(f"the rebuilt mix has {target.bytes} bytes, the recorded one "
+                         f"{qt['rows']['target']['bytes']}")
+    tg = decode_speeds(q8, target.path, args)
+    result["quality_target"] = {**qt, "tg_tps": tg, "overrides": overrides}
+    return {"qtarget_tg_vs_q8": statistics.median(tg["target"]) / statistics.median(tg["q8_0"])}
 
 
 def quantizations(result: dict, src: Path, f16: Path, out: Path, args) -> dict:
