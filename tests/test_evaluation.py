@@ -98,11 +98,11 @@ def test_eval_magic_and_bad_inputs_keep_the_model(loaded, tmp_path, capsys):
     # task files: a malformed document, an empty choice list, an answer out of range
     files = {
         '{"question": "Q?", "choices": ["a", "b"], "answer": 0}\n{"question": "Q?", "choi':
-            "line 2 is not JSON",
+            "line 2 of bad.jsonl is not valid JSON",
         '{"question": "Q?", "choices": [], "answer": 0}': "empty choice list",
         '{"question": "Q?", "choices": ["a", "b"], "answer": 2}': "not the index of a choice",
         '{"question": "Q?", "choices": ["a", "b"], "answer": 0}\n{"context": "c", "target": "t"}':
-            "line 2 lacks",
+            "line 2 of bad.jsonl lacks",
         '["a list"]': "not an object",
         '{"prompt": "p", "answer": ""}': "answer must be non-empty",
     }

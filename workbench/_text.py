@@ -10,7 +10,10 @@ replacement the user did not ask for.
 
 from __future__ import annotations
 
-from .errors import BadText
+import json
+from typing import Any, Iterator
+
+from .errors import BadText, WorkbenchError
 
 
 def check_text(text: str, where: str) -> str:
@@ -26,3 +29,17 @@ def check_text(text: str, where: str) -> str:
             "or from bytes decoded with errors='surrogateescape'.",
             where, e.start) from None
     return text
+
+
+def jsonl_items(content: str, name: str) -> Iterator[tuple[str, Any]]:
+    """("line N of NAME", the parsed value) for each non-blank line of a JSON Lines
+    text; a line that is not JSON is an error that names it."""
+    for n, line in enumerate(content.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"line {n} of {name}"
+        try:
+            yield where, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise WorkbenchError(f"{where} is not valid JSON: {e.msg} (column {e.colno})",
+                                 "Each line must be one JSON object.") from None

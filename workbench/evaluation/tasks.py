@@ -18,10 +18,10 @@ generation `{"prompt": str, "answer": str}` (exact match). Standard lm-eval task
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 from typing import Any
 
+from .._text import jsonl_items
 from ..errors import WorkbenchError
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -42,20 +42,12 @@ def read_docs(path: str | Path, kind: str | None = None) -> tuple[list[dict[str,
     is refused with its line number and what is wrong."""
     path = Path(path).expanduser()
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise WorkbenchError(f"the task file {path} cannot be read ({e})",
                              "Give a UTF-8 .jsonl file, one JSON document per line.") from None
     docs = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path.name}, line {n}"
-        try:
-            doc = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise WorkbenchError(f"{where} is not JSON ({e.msg})",
-                                 "Each line of a task file is one JSON object.") from None
+    for where, doc in jsonl_items(text, path.name):
         if not isinstance(doc, dict):
             raise WorkbenchError(f"{where} is a JSON {type(doc).__name__}, not an object",
                                  "Each line of a task file is one JSON object.")

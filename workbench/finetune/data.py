@@ -8,14 +8,13 @@ trained on; the rest of a conversation is context.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from .._text import check_text
+from .._text import check_text, jsonl_items
 from ..errors import WorkbenchError
 
 ROLES = ("system", "user", "assistant")
@@ -60,18 +59,7 @@ def read_data(data: str | os.PathLike | Sequence[Any]) -> list[Record]:
 
 
 def _read_jsonl(content: str, name: str) -> list[Record]:
-    records = []
-    for n, line in enumerate(content.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"line {n} of {name}"
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise WorkbenchError(f"{where} is not valid JSON: {e.msg} (column {e.colno})",
-                                 "Each line must be one JSON object.") from None
-        records.append(_record(item, where))
-    return records
+    return [_record(item, where) for where, item in jsonl_items(content, name)]
 
 
 def _record(item: Any, where: str) -> Record:

@@ -14,7 +14,6 @@ so filling it costs no Python work per token.
 
 from __future__ import annotations
 
-import ctypes
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from ..errors import GenerationError, ModelFileError, WorkbenchError
 from ..engine.protocol import ModelInfo
 from ..models.embedding import pooling
 from ..models.gguf_file import read_header
+from .npbatch import NumpyBatch
 
 _MAX_SEQ = 64  # sequences per decode: many short texts share one
 
@@ -39,8 +39,6 @@ class Embedder:
         self.pooling = ""
 
     def load(self, path: str, threads: int, n_gpu_layers: int, n_batch: int) -> ModelInfo:
-        import numpy as np
-
         self.unload()
         header = read_header(path)
         self.pooling = pooling(header)  # a chat model is refused before llama.cpp loads it
@@ -77,20 +75,8 @@ class Embedder:
         self.dim = L.llama_model_n_embd(model)
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
         # the batch: numpy arrays that a llama_batch points into
-        self._tok = np.zeros(n_batch, np.int32)
-        self._pos = np.zeros(n_batch, np.int32)
-        self._nseq = np.ones(n_batch, np.int32)
-        self._seq = np.zeros(n_batch, np.int32)
-        self._seqp = self._seq.ctypes.data + 4 * np.arange(n_batch, dtype=np.uint64)
-        self._out = np.ones(n_batch, np.int8)
-        b = L.llama_batch()
-        b.token = self._tok.ctypes.data_as(ctypes.POINTER(L.llama_token))
-        b.pos = self._pos.ctypes.data_as(ctypes.POINTER(L.llama_pos))
-        b.n_seq_id = self._nseq.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
-        b.seq_id = ctypes.cast(self._seqp.ctypes.data,
-                               ctypes.POINTER(ctypes.POINTER(L.llama_seq_id)))
-        b.logits = self._out.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
-        self._batch = b
+        nb = self._nb = NumpyBatch(n_batch, logits=True)  # the batch, in numpy arrays
+        self._tok, self._pos, self._seq, self._batch = nb.tok, nb.pos, nb.seq, nb.batch
         self.info = ModelInfo(
             path=str(path), name=Path(path).name, architecture=header.architecture,
             quantization=header.quantization, n_params=header.n_params,

@@ -32,6 +32,7 @@ import llama_cpp as L
 import numpy as np
 
 from ..errors import GenerationError, WorkbenchError
+from .npbatch import NumpyBatch
 
 _MAX_SEQ = 256  # pairs per cache fill: the choices of many questions
 
@@ -75,21 +76,9 @@ class Scorer:
         self.n_vocab = L.llama_vocab_n_tokens(rt.vocab)
         bos = L.llama_vocab_bos(rt.vocab)
         self.prefix = bos if bos >= 0 else L.llama_vocab_eos(rt.vocab)
-        n = self.n_batch
-        self._tok = np.zeros(n, np.int32)
-        self._pos = np.zeros(n, np.int32)
-        self._nseq = np.ones(n, np.int32)
-        self._seq = np.zeros((n, self.n_seq), np.int32)
-        self._seqp = self._seq.ctypes.data + 4 * self.n_seq * np.arange(n, dtype=np.uint64)
-        self._out = np.zeros(n, np.int8)
-        b = L.llama_batch()
-        b.token = self._tok.ctypes.data_as(ctypes.POINTER(L.llama_token))
-        b.pos = self._pos.ctypes.data_as(ctypes.POINTER(L.llama_pos))
-        b.n_seq_id = self._nseq.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
-        b.seq_id = ctypes.cast(self._seqp.ctypes.data,
-                               ctypes.POINTER(ctypes.POINTER(L.llama_seq_id)))
-        b.logits = self._out.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
-        self._batch = b
+        self._nb = NumpyBatch(self.n_batch, self.n_seq)
+        self._tok, self._pos, self._nseq = self._nb.tok, self._nb.pos, self._nb.nseq
+        self._seq, self._out, self._batch = self._nb.seq, self._nb.out, self._nb.batch
 
     def close(self) -> None:
         if self.ctx:
