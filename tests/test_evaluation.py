@@ -124,6 +124,10 @@ def test_eval_magic_and_bad_inputs_keep_the_model(loaded, tmp_path, capsys):
 
     with pytest.raises(WorkbenchError, match="num_beams"):
         generation_params({"until": ["\n"], "num_beams": 4})
+    from workbench.evaluation.lm import WorkbenchLM
+
+    with pytest.raises(WorkbenchError, match="got device"):  # it would be ignored
+        WorkbenchLM(session=workbench.api.session(), device="cuda")
     # after all of it, the same model answers
     assert loaded.model is not None
     assert workbench.generate("1, 2, 3,", max_tokens=4, temperature=0).text.strip()

@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 from .. import _paths
 from ..errors import WorkbenchError
 from ..models.gguf_file import read_header
-from .target import check_targets, suffix
+from .target import CHECK_TOKENS, check_targets, suffix
 
 # name -> llama_ftype (llama.h); int8 and int4 are the names the workbench teaches with
 QUANT_TYPES: dict[str, int] = {"F16": 1, "Q8_0": 7, "Q6_K": 18, "Q5_K_M": 17, "Q4_K_M": 15,
@@ -144,11 +144,8 @@ def quantize(model: str | os.PathLike, to: str = "int8", out: str | os.PathLike 
     src = Path(model).expanduser()
     tt = tensor_overrides(overrides)
     targeted = min_top1 is not None or max_kl is not None
-    check_targets(min_top1, max_kl, max_size)
-    if check_tokens is not None and (isinstance(check_tokens, bool) or not isinstance(check_tokens, int)
-                                     or check_tokens < 255):
-        raise WorkbenchError(f"check_tokens={check_tokens!r} is fewer than one chunk's 255 tokens",
-                             "Check a target on 255 held-out tokens or more (default 16,320).")
+    check_tokens = CHECK_TOKENS if check_tokens is None else check_tokens
+    check_targets(min_top1, max_kl, max_size, check_tokens)
     if targeted and (tt or prune_layers or imatrix or same_type):
         raise WorkbenchError("a quality target chooses the tensor types itself",
                              "Leave out overrides, prune_layers, imatrix and same_type with "
@@ -178,8 +175,8 @@ def quantize(model: str | os.PathLike, to: str = "int8", out: str | os.PathLike 
 
         try:
             result = quantize_to_target(quantize, src, quant, dst, tmp, min_top1=min_top1, max_kl=max_kl,
-                                        max_size=max_size, threads=threads, progress=progress,
-                                        **({"check_tokens": check_tokens} if check_tokens else {}))
+                                        max_size=max_size, threads=threads,
+                                        check_tokens=check_tokens, progress=progress)
             os.replace(tmp, dst)
         finally:
             tmp.unlink(missing_ok=True)

@@ -88,7 +88,8 @@ class TargetedQuantization:
         return f"<pre>{self!r}</pre>"
 
 
-def check_targets(min_top1: Any, max_kl: Any, max_size: Any = None) -> None:
+def check_targets(min_top1: Any, max_kl: Any, max_size: Any = None,
+                  check_tokens: Any = CHECK_TOKENS) -> None:
     if min_top1 is not None and (isinstance(min_top1, bool) or not isinstance(min_top1, (int, float))
                                  or not 0 < min_top1 <= 1):
         raise WorkbenchError(f"--min-top1 {min_top1!r} is not a share in (0, 1]",
@@ -102,6 +103,9 @@ def check_targets(min_top1: Any, max_kl: Any, max_size: Any = None) -> None:
         raise WorkbenchError(f"--max-size {max_size!r} is not a positive multiple",
                              "Give the most bytes as a multiple of the uniform file's, e.g. "
                              "--max-size 1.25.")
+    if isinstance(check_tokens, bool) or not isinstance(check_tokens, int) or check_tokens < 255:
+        raise WorkbenchError(f"check_tokens={check_tokens!r} is fewer than one chunk's 255 tokens",
+                             "Check a target on 255 held-out tokens or more (default 16,320).")
     if max_size is not None and min_top1 is None and max_kl is None:
         raise WorkbenchError("--max-size bounds a quality target, and none is given",
                              "Add --min-top1 or --max-kl.")

@@ -53,9 +53,11 @@ class WorkbenchLM(LM):
             session = Session()
             self._finalizer = weakref.finalize(self, session.close)
             session.load(model, progress=False, **settings)
-        elif model is not None or settings:
+        elif model is not None or settings or device is not None:
+            given = ["model"] * (model is not None) + ["device"] * (device is not None) \
+                + list(settings)
             raise WorkbenchError("the workbench model takes either a session or a model with "
-                                 f"settings, not both (got {', '.join(['model'] * (model is not None) + list(settings))})",
+                                 f"settings, not both (got {', '.join(given)})",
                                  "Leave out the model and settings to use the session's.")
         self.session = session
         self.engine = session.engine

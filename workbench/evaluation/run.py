@@ -62,9 +62,9 @@ def provenance(info: Any, specs: list[Any], cfg: EvalConfig, lm: Any, seconds: f
 
 @contextlib.contextmanager
 def _quiet(offline: bool) -> Iterator[None]:
-    """lm-eval's own bars and info lines off (ours shows the progress); the Hub off when
-    every task is local, so nothing waits on a network that is not there."""
-    keys = ["TQDM_DISABLE"] + (["HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"] if offline else [])
+    """lm-eval's info lines off (ours shows the progress); the Hub off when every task is
+    local, so nothing waits on a network that is not there."""
+    keys = ["HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"] if offline else []
     saved = {k: os.environ.get(k) for k in keys}
     logger = logging.getLogger("lm_eval")
     level = logger.level
