@@ -209,3 +209,14 @@ def test_quality_target_met_and_unreachable(loaded, tmp_path):
     assert "top-1" in e.value.message and not (tmp_path / "never.gguf").exists()
     assert not list(tmp_path.glob(".wb-target-*"))  # the search's files are gone
     assert workbench.generate("1, 2, 3,", max_tokens=3, temperature=0).text.strip()
+
+
+def test_eval_on_a_busy_machine_takes_the_idle_cores(default_model, busy_core, tmp_path):
+    """With other processes keeping cores busy, the model eval_tasks loads takes the cores
+    that are idle, and the run completes."""
+    from workbench._cpu import usable_cores
+
+    r = workbench.eval_tasks(default_model, tasks="wb_capitals", limit=6, n_ctx=1024,
+                             output=tmp_path / "busy.json", progress=False)
+    assert r.score("wb_capitals", "acc").n == 6
+    assert r.provenance["model"]["threads"] <= max(1, usable_cores() - busy_core)
